@@ -1,0 +1,322 @@
+"""Robust-xID losses: xID, Weighted-xID, Soft-xID and Robust-xID.
+
+Morgado, Misra, Vasconcelos. Robust Audio-Visual Instance Discrimination. CVPR 2021.
+Read beside the paper; symbols follow ../shared/paper/METHOD.md:
+
+    v_i, a_i     L2-normalised video / audio embeddings of instance i       (B, d)
+    v̄, ā         memory banks, one slot per training instance               (N, d)
+    C_i          candidates of i: i itself (column 0) + K shared negatives  (1+K,)
+    P(ā_j|v_i)   softmax_j(v_i·ā_j / τ) over C_i
+    s_i          alignment score v̄_i·ā_i;  μ, σ  its mean and std over all N slots
+    W(s)         faulty-positive weight  (Weighted-xID)
+    S(j|i)       softening scores; T(j|i) = (1-λ)·1[j=i] + λ·S(j|i)  (Soft-xID)
+
+Defaults (METHOD.md): τ = 0.07, K = 1024, m = 0.5, w_min = 0.25, κ = 0.5, δ = -2,
+λ = 0.5, τ_s = 0.07, softening strategy `cycle`.
+
+Everything the losses compute in the bank's space is done in float32 with autocast off, so the
+module is safe to call from inside a bf16/fp16 autocast region.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODES = ("xid", "weighted", "soft", "robust")
+STRATEGIES = ("bootstrap", "swapped", "neighbor", "cycle")
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory banks v̄, ā
+# ----------------------------------------------------------------------------------------------
+class MemoryBank(nn.Module):
+    """Two banks v̄, ā with one slot per training instance, and the scores s_i = v̄_i·ā_i.
+
+    Slots start as random unit vectors. After each step the batch's slots move towards the new
+    embeddings: v̄_i <- normalize(m·v̄_i + (1-m)·v_i), likewise ā_i. The banks are buffers, never
+    parameters, so no gradient reaches them; `state_dict()` saves them for a checkpoint.
+    s is kept up to date slot by slot, so μ and σ over all N slots cost one pass over N floats,
+    not over the (N, d) banks.
+    """
+
+    def __init__(self, num_instances, dim=128, momentum=0.5, seed=0):
+        super().__init__()
+        if num_instances < 2:
+            raise ValueError(f"a memory bank needs at least 2 instances, got {num_instances}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"bank momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("v_bar", F.normalize(torch.randn(num_instances, dim, generator=g), dim=1))
+        self.register_buffer("a_bar", F.normalize(torch.randn(num_instances, dim, generator=g), dim=1))
+        self.register_buffer("s", (self.v_bar * self.a_bar).sum(1))  # (N,)
+
+    @property
+    def num_instances(self):
+        return self.v_bar.shape[0]
+
+    def check_index(self, index):
+        """Out-of-range indices are a bug upstream (a wrong dataset size), never wrapped around."""
+        if index.numel() and (index.min() < 0 or index.max() >= self.num_instances):
+            raise IndexError(f"bank index out of range: got [{int(index.min())}, {int(index.max())}], "
+                             f"the bank has {self.num_instances} slots (one per training instance)")
+
+    def score_stats(self):
+        """μ, σ of the alignment scores s_i over all N slots (sample std, as in the supplement).
+        σ is floored at 1e-6 so that W(s) stays defined when every score is equal."""
+        return self.s.mean(), self.s.std().clamp_min(1e-6)
+
+    @torch.no_grad()
+    def update(self, index, v, a):
+        """Momentum update of the batch's slots. Under torch.distributed every rank's embeddings and
+        indices are gathered first, so all ranks apply the same update and hold identical banks."""
+        index, v, a = index.to(self.v_bar.device), v.detach().float(), a.detach().float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            index, v, a = (_gather_from_all_ranks(t) for t in (index, v, a))
+        self.check_index(index)
+        m = self.momentum
+        self.v_bar[index] = F.normalize(m * self.v_bar[index] + (1 - m) * v, dim=1)
+        self.a_bar[index] = F.normalize(m * self.a_bar[index] + (1 - m) * a, dim=1)
+        self.s[index] = (self.v_bar[index] * self.a_bar[index]).sum(1)
+
+
+def _gather_from_all_ranks(t):
+    """Concatenate a tensor from every rank along dim 0 (equal shapes on every rank)."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def sample_negatives(num_instances, K, generator):
+    """K distinct slots drawn uniformly, shared by the whole batch (METHOD.md allows one shared set).
+    Drawn on the CPU from a seeded generator: every rank of a multi-GPU run draws the same set."""
+    if not 0 < K < num_instances:
+        raise ValueError(f"K (number of negatives) must be in [1, N-1] = [1, {num_instances - 1}], got {K}")
+    return torch.randperm(num_instances, generator=generator)[:K]
+
+
+# ----------------------------------------------------------------------------------------------
+# The equations, one function each
+# ----------------------------------------------------------------------------------------------
+def candidate_logits(x, y_pos, y_neg):
+    """x_i·y_j for every candidate j of C_i: column 0 the positive y_i, then the K shared negatives.
+    x, y_pos: (B, d), y_neg: (K, d) -> (B, 1+K). Never forms a (B, K, d) tensor."""
+    pos = (x * y_pos).sum(1, keepdim=True)  # (B, 1)
+    neg = x @ y_neg.t()                     # (B, K)
+    return torch.cat([pos, neg], dim=1)     # (B, 1+K)
+
+
+def faulty_positive_weights(s, mu, sigma, delta=-2.0, kappa=0.5, w_min=0.25):
+    """W(s) = w_min + (1 - w_min) · sigmoid((s - (μ + δσ)) / (κσ))   (our reading of the sigmoid form).
+
+    Mid-point μ + δσ, where W = (1 + w_min)/2; κ sets how sharp the step is; W lies in [w_min, 1].
+    Low alignment s (audio unlike its own video) -> likely faulty positive -> low weight."""
+    return w_min + (1 - w_min) * torch.sigmoid((s - (mu + delta * sigma)) / (kappa * sigma))
+
+
+def _masked_log_softmax(logits, mask):
+    """log softmax over the candidates (B, 1+K). mask (B, K) marks negatives that are the row's own
+    instance: they are not candidates, their probability is exactly 0."""
+    if mask is not None:
+        logits = logits.masked_fill(F.pad(mask, (1, 0)), float("-inf"))
+    return logits.log_softmax(dim=1)
+
+
+def _cycle_scores(x_pos, y_pos, x_neg, y_neg, lse_neg, tau_s, mask):
+    """S_x(j|i) ∝ P(y_j | x_i) · P(x_i | y_j): j is a target when the cycle x_i -> y_j -> x_i closes.
+
+    P(x_i | y_j) is normalised over the candidate x's {x_k : k ∈ C_i} = {x_i} ∪ negatives.
+    lse_neg[n] = log Σ_{m ∈ negatives} exp(y_n·x_m / τ_s) is shared by every row (K,)."""
+    xy = candidate_logits(x_pos, y_pos, y_neg) / tau_s                 # x_i·y_j/τ_s      (B, 1+K)
+    log_forward = _masked_log_softmax(xy, mask)                         # log P(y_j | x_i) (B, 1+K)
+    # back from the positive y_i: normalised over x_i and the negatives' x.
+    back_pos = _masked_log_softmax(candidate_logits(y_pos, x_pos, x_neg) / tau_s, mask)[:, :1]  # (B, 1)
+    # back from a negative y_n: y_n·x_i/τ_s = xy[:, 1:], over x_i and the negatives' x. If x_i is
+    # itself among the negatives (masked), lse_neg already counts it once.
+    has_self = mask.any(1, keepdim=True) if mask is not None else torch.zeros_like(back_pos, dtype=torch.bool)
+    log_z = torch.where(has_self, lse_neg[None, :], torch.logaddexp(lse_neg[None, :], xy[:, 1:]))
+    back_neg = xy[:, 1:] - log_z                                         # log P(x_i | y_n) (B, K)
+    log_back = torch.cat([back_pos, back_neg], dim=1)                   # (B, 1+K)
+    return _masked_log_softmax(log_forward + log_back, mask).exp()
+
+
+@torch.no_grad()
+def softening_scores(strategy, v_pos, a_pos, v_neg, a_neg, tau_s=0.07, mask=None):
+    """Softening scores S_v(j|i), S_a(j|i) over the candidates, from the memory banks (our reading).
+
+    v_pos, a_pos: the batch's own bank rows (B, d); v_neg, a_neg: the K shared negatives' rows (K, d).
+    mask (B, K), optional: True where a negative is the row's own instance (it gets no mass).
+    Returns (S_v, S_a), each (B, 1+K), rows summing to 1, column 0 the positive.
+
+      bootstrap  S_v(j|i) = softmax_j(v̄_i·ā_j / τ_s)   the model's own cross-modal prediction
+      swapped    S_v(j|i) = softmax_j(ā_i·v̄_j / τ_s)   the other modality's prediction
+      neighbor   S_v(j|i) = softmax_j(v̄_i·v̄_j / τ_s)   within-modal similarity
+      cycle      S_v(j|i) ∝ P(ā_j|v̄_i) · P(v̄_i|ā_j)    the cycle v_i -> a_j -> v_i closes
+    S_a swaps the roles of v and a.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"softening strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "cycle":
+        g = a_neg @ v_neg.t() / tau_s                 # ā_n·v̄_m/τ_s over the negatives (K, K)
+        S_v = _cycle_scores(v_pos, a_pos, v_neg, a_neg, g.logsumexp(1), tau_s, mask)
+        S_a = _cycle_scores(a_pos, v_pos, a_neg, v_neg, g.logsumexp(0), tau_s, mask)
+        return S_v, S_a
+    logits_v, logits_a = {                             # each (B, 1+K)
+        "bootstrap": (candidate_logits(v_pos, a_pos, a_neg), candidate_logits(a_pos, v_pos, v_neg)),
+        "swapped": (candidate_logits(a_pos, v_pos, v_neg), candidate_logits(v_pos, a_pos, a_neg)),
+        "neighbor": (candidate_logits(v_pos, v_pos, v_neg), candidate_logits(a_pos, a_pos, a_neg)),
+    }[strategy]
+    return (_masked_log_softmax(logits_v / tau_s, mask).exp(),
+            _masked_log_softmax(logits_a / tau_s, mask).exp())
+
+
+def soft_targets(S, lam):
+    """T(j|i) = (1 - λ)·1[j = i] + λ·S(j|i); the positive is column 0. λ = 0 gives xID's one-hot."""
+    one_hot = torch.zeros_like(S)
+    one_hot[:, 0] = 1.0
+    return (1 - lam) * one_hot + lam * S
+
+
+def soft_cross_entropy(logits, targets, mask=None):
+    """-Σ_j T(j|i) log P(j|i) per row (B,). Masked negatives have T = 0 and are left out."""
+    log_p = _masked_log_softmax(logits, mask)
+    if mask is not None:
+        log_p = log_p.masked_fill(F.pad(mask, (1, 0)), 0.0)  # 0 · (-inf) would be NaN
+    return -(targets * log_p).sum(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss: xID, Weighted-xID, Soft-xID, Robust-xID
+# ----------------------------------------------------------------------------------------------
+class RobustXIDLoss(nn.Module):
+    """L = Σ_i w_i L_Soft(i) / Σ_i w_i, with
+        L_Soft(i) = -Σ_j T_v(j|i) log P(ā_j | v_i) - Σ_j T_a(j|i) log P(v̄_j | a_i).
+
+    mode      w_i            T
+    xid       1              one-hot               L_xID(i) = -log P(ā_i|v_i) - log P(v̄_i|a_i)
+    weighted  W(s_i)         one-hot               faulty positives down-weighted
+    soft      1              (1-λ)·1 + λ·S         faulty negatives softened
+    robust    W(s_i)         (1-λ)·1 + λ·S         both
+
+    During warm-up (banks still near random, so neither W nor S means anything) every mode is xID.
+    Owns the memory banks and the seeded generator of negatives; its state_dict holds both.
+    """
+
+    def __init__(self, num_instances, dim=128, mode="robust", num_negatives=1024, tau=0.07,
+                 bank_momentum=0.5, delta=-2.0, kappa=0.5, w_min=0.25, lam=0.5, strategy="cycle",
+                 tau_s=0.07, seed=0):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"softening strategy must be one of {STRATEGIES}, got {strategy!r}")
+        for name, value, ok, rule in [("tau", tau, tau > 0, "> 0"), ("tau_s", tau_s, tau_s > 0, "> 0"),
+                                      ("kappa", kappa, kappa > 0, "> 0"),
+                                      ("lam", lam, 0 <= lam <= 1, "in [0, 1]"),
+                                      ("w_min", w_min, 0 <= w_min <= 1, "in [0, 1]")]:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {value}")
+        if not 0 < num_negatives < num_instances:
+            raise ValueError(f"K (number of negatives) must be in [1, N-1] = [1, {num_instances - 1}], "
+                             f"got {num_negatives}")
+        self.bank = MemoryBank(num_instances, dim, bank_momentum, seed)
+        self.mode, self.K, self.tau, self.tau_s = mode, num_negatives, tau, tau_s
+        self.delta, self.kappa, self.w_min, self.lam, self.strategy = delta, kappa, w_min, lam, strategy
+        self.generator = torch.Generator().manual_seed(seed + 1)
+
+    def get_extra_state(self):  # the negatives' generator travels with the banks in a checkpoint
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state):
+        self.generator.set_state(state["generator"])
+
+    def forward(self, v, a, index, warmup=False, negatives=None):
+        """v, a: (B, d) L2-normalised embeddings; index: (B,) bank slots of the batch.
+        negatives (K,), optional: bank slots to use instead of a fresh draw (tests pass their own).
+        Returns (loss, diagnostics). Call `self.bank.update(index, v, a)` after the optimizer step."""
+        bank = self.bank
+        index = index.to(bank.v_bar.device)
+        bank.check_index(index)
+        if negatives is None:
+            negatives = sample_negatives(bank.num_instances, self.K, self.generator)
+        negatives = negatives.to(bank.v_bar.device)
+        weighted = self.mode in ("weighted", "robust") and not warmup
+        lam = self.lam if self.mode in ("soft", "robust") and not warmup else 0.0
+
+        with torch.autocast(v.device.type, enabled=False):
+            v, a = v.float(), a.float()
+            v_pos, a_pos = bank.v_bar[index], bank.a_bar[index]                 # (B, d)
+            v_neg, a_neg = bank.v_bar[negatives], bank.a_bar[negatives]         # (K, d)
+            mask = negatives[None, :] == index[:, None]                         # (B, K) own slot
+            mask = mask if mask.any() else None
+
+            logits_v = candidate_logits(v, a_pos, a_neg) / self.tau             # v_i·ā_j/τ (B, 1+K)
+            logits_a = candidate_logits(a, v_pos, v_neg) / self.tau             # a_i·v̄_j/τ (B, 1+K)
+
+            with torch.no_grad():
+                mu, sigma = bank.score_stats()
+                s = bank.s[index]                                               # (B,)
+                w = (faulty_positive_weights(s, mu, sigma, self.delta, self.kappa, self.w_min)
+                     if weighted else torch.ones_like(s))                       # (B,)
+                if lam > 0:
+                    S_v, S_a = softening_scores(self.strategy, v_pos, a_pos, v_neg, a_neg,
+                                                self.tau_s, mask)
+                    T_v, T_a = soft_targets(S_v, lam), soft_targets(S_a, lam)   # (B, 1+K)
+                else:
+                    T_v = T_a = soft_targets(torch.zeros_like(logits_v), 0.0)  # one-hot
+
+            loss_v = (w * soft_cross_entropy(logits_v, T_v, mask)).sum() / w.sum()  # -log P(ā|v) terms
+            loss_a = (w * soft_cross_entropy(logits_a, T_a, mask)).sum() / w.sum()  # -log P(v̄|a) terms
+
+        diagnostics = {
+            "loss_v2a": loss_v.detach(), "loss_a2v": loss_a.detach(),
+            "weights": w, "mean_weight": w.mean(), "min_weight": w.min(),
+            "mu": mu, "sigma": sigma,
+            "target_on_positive": 0.5 * (T_v[:, 0].mean() + T_a[:, 0].mean()),
+            "negatives": negatives, "targets_v": T_v, "targets_a": T_a,
+        }
+        return loss_v + loss_a, diagnostics
+
+
+if __name__ == "__main__":
+    # Benchmark: forward + backward of the loss alone at paper-scale shapes, on this machine.
+    import argparse
+    import statistics
+    import time
+
+    p = argparse.ArgumentParser(description="Time the loss alone (forward + backward) for each mode.")
+    p.add_argument("--batch", type=int, default=64, help="B, embeddings per step")
+    p.add_argument("--dim", type=int, default=128, help="d, embedding size")
+    p.add_argument("--instances", type=int, default=240_000, help="N, bank slots (Kinetics ~240k)")
+    p.add_argument("--negatives", type=int, nargs="+", default=[1024, 8192], help="K values to time")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs per setting; the median is shown")
+    p.add_argument("--strategy", choices=STRATEGIES, default="cycle", help="softening strategy of soft/robust")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+
+    dev = torch.device(args.device)
+    print(f"device={dev} threads={torch.get_num_threads()} B={args.batch} d={args.dim} N={args.instances} "
+          f"strategy={args.strategy}")
+    print(f"{'K':>6} {'mode':>9} {'median ms':>10} {'x xid':>6}")
+    for K in args.negatives:
+        base = None
+        for mode in MODES:
+            crit = RobustXIDLoss(args.instances, args.dim, mode=mode, num_negatives=K,
+                                 strategy=args.strategy).to(dev)
+            times = []
+            for r in range(args.repeats + 3):
+                v = F.normalize(torch.randn(args.batch, args.dim, device=dev), dim=1).requires_grad_()
+                a = F.normalize(torch.randn(args.batch, args.dim, device=dev), dim=1).requires_grad_()
+                index = torch.randint(args.instances, (args.batch,), device=dev)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                loss, _ = crit(v, a, index)
+                loss.backward()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                if r >= 3:  # first runs warm up the allocator
+                    times.append(time.perf_counter() - t0)
+            med = statistics.median(times) * 1e3
+            base = base or med
+            print(f"{K:>6} {mode:>9} {med:>10.2f} {med / base:>6.2f}")

@@ -1,0 +1,678 @@
+"""Audio-visual data: the embedded toy dataset, Kinetics / UCF101 / HMDB51 listings, a scan that names
+every broken file, PyAV clip decoding, and faulty-positive injection (n₀).
+
+    files on disk -> scan -> AVClips[i] = {video (3,T,H,W), audio (1,F,S), index, label, faulty}
+
+Command line:
+    python data.py make-toy --root data/toy      # write the embedded dataset (about 10 s)
+    python data.py scan ROOT                     # sort every video under ROOT into usable / broken
+    python data.py bench ROOT                    # loader clips/s against raw PyAV decoding
+"""
+import argparse
+import csv
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torchaudio
+from torch.utils.data import Dataset, default_collate
+from torchvision.transforms import v2
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
+
+
+@dataclass(frozen=True, order=True)
+class Video:
+    path: str
+    label: int = -1          # class index; -1 when unknown
+    duration: float = 0.0    # seconds of usable audio+video, filled in by scan()
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """What one training clip is. Paper scale: 8 frames at 16 fps, 112 px, 2 s of audio at 24 kHz."""
+    frames: int = 8
+    fps: float = 8.0
+    size: int = 32
+    audio_seconds: float = 1.0
+    sample_rate: int = 16000
+    n_mels: int = 40
+    need_audio: bool = True
+
+    @property
+    def video_seconds(self):
+        return self.frames / self.fps
+
+    @property
+    def seconds(self):  # the shortest usable file
+        return max(self.video_seconds, self.audio_seconds if self.need_audio else 0.0)
+
+
+class ClipError(RuntimeError):
+    """A file that cannot give the clip asked of it (named, counted, never replaced by another)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding with PyAV: seek, decode only the window, resample video to fps and audio to rate/mono
+# ----------------------------------------------------------------------------------------------
+def _origin(container):
+    """Clip times count from the first video frame; audio is read at the same absolute times, so a
+    file whose streams do not start at zero (or not together) keeps sound and picture aligned."""
+    if container.streams.video and container.streams.video[0].start_time is not None:
+        v = container.streams.video[0]
+        return float(v.start_time * v.time_base)
+    return container.start_time / av.time_base if container.start_time is not None else 0.0
+
+
+def _decode_frames(container, start, num_frames, fps):
+    """num_frames RGB frames (T, H, W, 3) at times start + k/fps: for each, the last frame shown at that
+    time, so a file with a lower fps repeats frames and a higher one drops them."""
+    stream = container.streams.video[0]
+    times = _origin(container) + start + np.arange(num_frames) / fps
+    container.seek(int(max(times[0], 0) / stream.time_base), stream=stream, backward=True)
+    picked, shown = [], None  # frames are converted to RGB only once they are picked
+    for frame in container.decode(stream):
+        if frame.time is None:
+            continue
+        while len(picked) < num_frames and frame.time > times[len(picked)] + 1e-6:
+            picked.append(shown if shown is not None else frame)
+        if len(picked) == num_frames:
+            break
+        shown = frame
+    if shown is None and not picked:
+        raise ClipError(f"no video frame at {start:.2f}s")
+    picked += [shown] * (num_frames - len(picked))  # the stream ended inside the window: hold the last
+    rgb = {id(f): f.to_ndarray(format="rgb24") for f in picked}
+    return np.stack([rgb[id(f)] for f in picked])
+
+
+def _decode_audio(container, start, seconds, rate):
+    """Mono float waveform (rate·seconds,) from start, resampled by FFmpeg (any rate, any channels).
+    The window's frames are joined first and resampled in one call: per-frame calls cost more than
+    decoding them."""
+    stream = container.streams.audio[0]
+    t0 = _origin(container) + start
+    container.seek(int(max(t0, 0) / stream.time_base), stream=stream, backward=True)
+    chunks, first, fmt, layout, in_rate = [], None, None, None, None
+    for frame in container.decode(stream):
+        if frame.time is None or frame.time + frame.samples / frame.sample_rate < t0:
+            continue
+        if first is None:
+            first, fmt, layout, in_rate = frame.time, frame.format.name, frame.layout.name, frame.sample_rate
+        chunks.append(frame.to_ndarray())
+        if frame.time > t0 + seconds:
+            break
+    if first is None:
+        raise ClipError(f"no audio at {start:.2f}s")
+    joined = av.AudioFrame.from_ndarray(np.concatenate(chunks, axis=1), format=fmt, layout=layout)
+    joined.sample_rate = in_rate
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+    wave = np.concatenate([f.to_ndarray().reshape(-1) for f in resampler.resample(joined) + resampler.resample(None)])
+    offset, n = int(round((t0 - first) * rate)), int(round(seconds * rate))
+    if offset < 0:  # the audio stream starts after t0: silence before it
+        wave, offset = np.concatenate([np.zeros(-offset, np.float32), wave]), 0
+    wave = wave[offset:offset + n]
+    return np.pad(wave, (0, n - len(wave)))
+
+
+def decode_clip(path, video_start, spec, audio_path=None, audio_start=None):
+    """Decode one clip: frames (T, H, W, 3) uint8 and waveform (S,) float32, or None without audio.
+    The audio may come from another file (an injected faulty positive)."""
+    audio_path = audio_path or path
+    audio_start = video_start if audio_start is None else audio_start
+    try:
+        with av.open(str(path)) as c:
+            frames = _decode_frames(c, video_start, spec.frames, spec.fps)
+            if not spec.need_audio:
+                return frames, None
+            if str(audio_path) == str(path):
+                return frames, _decode_audio(c, audio_start, spec.audio_seconds, spec.sample_rate)
+        with av.open(str(audio_path)) as c:
+            return frames, _decode_audio(c, audio_start, spec.audio_seconds, spec.sample_rate)
+    except (av.FFmpegError, IndexError, ClipError) as e:  # IndexError: a stream is missing
+        raise ClipError(f"{path if audio_path == path else f'{path} (audio {audio_path})'}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset: decode -> augment -> tensors
+# ----------------------------------------------------------------------------------------------
+class AVClips(Dataset):
+    """Clips of a list of videos. Item i is instance i (its memory-bank slot).
+
+    train=True: one random clip, random resized crop, flip, colour jitter, volume jitter.
+    train=False: `num_clips` uniformly spaced clips, resize + centre crop (video (n, 3, T, H, W)).
+    audio_source[i] = j gives instance i the audio of video j (faulty-positive injection).
+    A clip that fails to decode comes back as {"index", "error"}; collate_clips drops and reports it.
+    """
+
+    def __init__(self, videos, spec=ClipSpec(), train=True, num_clips=1, audio_source=None):
+        self.videos, self.spec, self.train, self.num_clips = videos, spec, train, num_clips
+        self.audio_source = audio_source if audio_source is not None else torch.arange(len(videos))
+        if train:
+            self.video_tf = v2.Compose([v2.RandomResizedCrop(spec.size, scale=(0.4, 1.0), antialias=True),
+                                        v2.RandomHorizontalFlip(),
+                                        v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)])
+        else:
+            self.video_tf = v2.Compose([v2.Resize(spec.size, antialias=True), v2.CenterCrop(spec.size)])
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            spec.sample_rate, n_fft=spec.sample_rate // 25, hop_length=spec.sample_rate // 100,
+            n_mels=spec.n_mels)  # 40 ms windows, 100 frames per second
+
+    def __len__(self):
+        return len(self.videos)
+
+    def _starts(self, video):
+        free = max(video.duration - self.spec.video_seconds, 0.0)
+        if self.train:
+            return [random.uniform(0.0, free)]
+        return list(np.linspace(0.0, free, self.num_clips))
+
+    def _clip(self, video, audio_video, start):
+        spec = self.spec
+        # the audio window is centred on the video window (same moment), clipped to its file
+        a_start = start + (spec.video_seconds - spec.audio_seconds) / 2
+        a_start = min(max(a_start, 0.0), max(audio_video.duration - spec.audio_seconds, 0.0))
+        frames, wave = decode_clip(video.path, start, spec, audio_video.path, a_start)
+        x = self.video_tf(torch.from_numpy(frames).permute(0, 3, 1, 2))      # (T, 3, H, W) uint8
+        x = (x.float() / 255.0 - 0.45) / 0.225
+        video_t = x.permute(1, 0, 2, 3).contiguous()                          # (3, T, H, W)
+        if wave is None:
+            return video_t, torch.zeros(1, spec.n_mels, 1)
+        wave = torch.from_numpy(wave)
+        if self.train:
+            wave = wave * random.uniform(0.7, 1.3)                             # volume jitter
+        audio_t = torch.log(self.mel(wave) + 1e-6)[None]                      # (1, F, S)
+        return video_t, audio_t
+
+    def __getitem__(self, i):
+        video = self.videos[i]
+        j = int(self.audio_source[i])
+        try:
+            clips = [self._clip(video, self.videos[j], s) for s in self._starts(video)]
+        except ClipError as e:
+            return {"index": i, "error": str(e)}
+        v, a = (torch.stack(t) for t in zip(*clips))
+        return {"video": v if not self.train else v[0], "audio": a if not self.train else a[0],
+                "index": i, "label": video.label, "faulty": j != i}
+
+
+def collate_clips(items):
+    """Batch the clips that decoded; the failures are reported by name in batch["errors"]."""
+    good = [it for it in items if "error" not in it]
+    batch = default_collate(good) if good else {}
+    batch["errors"] = [it["error"] for it in items if "error" in it]
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Faulty positives injected on purpose (n₀)
+# ----------------------------------------------------------------------------------------------
+def inject_faulty_positives(num_instances, n0, seed=0):
+    """A seeded fraction n₀ of instances gets the audio of another, random instance (never its own).
+    Returns (audio_source (N,), injected pairs [(instance, audio donor), ...]), fixed for the run."""
+    if not 0.0 <= n0 < 1.0:
+        raise ValueError(f"--n0 must be in [0, 1), got {n0}")
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(num_instances, generator=g)[: int(round(n0 * num_instances))].sort().values
+    donors = torch.randint(num_instances - 1, (len(chosen),), generator=g)
+    donors = donors + (donors >= chosen).long()       # skip the instance itself: never its own audio
+    audio_source = torch.arange(num_instances)
+    audio_source[chosen] = donors
+    return audio_source, list(zip(chosen.tolist(), donors.tolist()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Listings of real datasets (sorted, so bank slots are the same on every machine)
+# ----------------------------------------------------------------------------------------------
+def kinetics_folder(root, split):
+    """root/<split>/<class>/*.mp4 -> (videos, classes)."""
+    base = Path(root) / split
+    if not base.is_dir():
+        raise FileNotFoundError(f"no folder {base}: expected Kinetics laid out as ROOT/<split>/<class>/<video>")
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    videos = [Video(str(f), label) for label, c in enumerate(classes)
+              for f in sorted((base / c).iterdir()) if f.suffix.lower() in VIDEO_EXTENSIONS]
+    return videos, classes
+
+
+def kinetics_csv(csv_path, root, split):
+    """The official CSV (label, youtube_id, time_start, time_end, split) with clips stored as
+    root/<split>/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4 (the common downloaders' naming).
+    Rows whose file is missing are kept: the scan reports them."""
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == split]
+    if not rows:
+        raise ValueError(f"{csv_path}: no row with split == {split!r}")
+    classes = sorted({r["label"] for r in rows})
+    videos = sorted(Video(str(Path(root) / split / r["label"] /
+                              f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}.mp4"),
+                          classes.index(r["label"])) for r in rows)
+    return videos, classes
+
+
+def select_subset(videos, classes, class_names=None, num_videos=None, seed=0):
+    """Keep the named classes (relabelled 0..C-1), then a class-balanced, seeded subset of num_videos."""
+    if class_names:
+        missing = sorted(set(class_names) - set(classes))
+        if missing:
+            raise ValueError(f"--classes names classes not in the dataset: {missing}")
+        keep = sorted(set(class_names))
+        videos = [replace(v, label=keep.index(classes[v.label])) for v in videos if classes[v.label] in keep]
+        classes = keep
+    if num_videos and num_videos < len(videos):
+        rng = random.Random(seed)
+        per_class = [[v for v in videos if v.label == c] for c in range(len(classes))]
+        for vs in per_class:
+            rng.shuffle(vs)
+        picked = []
+        while len(picked) < num_videos:  # round robin over classes: balanced as far as each allows
+            for vs in per_class:
+                if vs and len(picked) < num_videos:
+                    picked.append(vs.pop())
+        videos = sorted(picked, key=lambda v: v.path)
+    return videos, classes
+
+
+def ucf101(root, splits_dir, fold=1, split="train"):
+    """UCF101: classInd.txt ("1 ApplyEyeMakeup"), trainlist0F.txt ("Class/v_x.avi 1"), testlist0F.txt."""
+    splits_dir = Path(splits_dir)
+    with open(splits_dir / "classInd.txt") as f:
+        classes = [line.split()[1] for line in f if line.strip()]
+    with open(splits_dir / f"{split}list0{fold}.txt") as f:
+        rels = [line.split()[0] for line in f if line.strip()]
+    return sorted(Video(str(Path(root) / r), classes.index(r.split("/")[0])) for r in rels), classes
+
+
+def hmdb51(root, splits_dir, fold=1, split="train"):
+    """HMDB51: <class>_test_split<F>.txt with lines "video.avi 1|2|0" (1 train, 2 test, 0 unused)."""
+    wanted = {"train": "1", "test": "2"}[split]
+    files = sorted(Path(splits_dir).glob(f"*_test_split{fold}.txt"))
+    if not files:
+        raise FileNotFoundError(f"no *_test_split{fold}.txt in {splits_dir}")
+    classes = [f.name[: -len(f"_test_split{fold}.txt")] for f in files]
+    videos = []
+    for label, f in enumerate(files):
+        for line in f.read_text().splitlines():
+            if line.strip() and line.split()[1] == wanted:
+                videos.append(Video(str(Path(root) / classes[label] / line.split()[0]), label))
+    return sorted(videos), classes
+
+
+# ----------------------------------------------------------------------------------------------
+# The scan: open every file once, sort it into usable or broken with a reason, cache the result
+# ----------------------------------------------------------------------------------------------
+def probe(path, need_audio=True, min_seconds=0.0):
+    """(duration, None) for a usable file, (0, reason) for a broken one."""
+    p = Path(path)
+    if not p.exists():
+        return 0.0, "missing file"
+    if p.stat().st_size == 0:
+        return 0.0, "zero bytes"
+    try:
+        with av.open(str(p)) as c:
+            if not c.streams.video:
+                return 0.0, "no video stream"
+            if need_audio and not c.streams.audio:
+                return 0.0, "no audio stream"
+            streams = [c.streams.video[0]] + ([c.streams.audio[0]] if need_audio else [])
+            lengths = [float(s.duration * s.time_base) if s.duration else c.duration / av.time_base
+                       for s in streams if s.duration or c.duration]
+            if not lengths:
+                return 0.0, "unknown duration"
+            for s in streams:  # one packet decoded per stream: catches corrupt data the header hides
+                next(c.decode(s))
+                c.seek(0)
+    except StopIteration:
+        return 0.0, "corrupt: a stream has no decodable frame"
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        return 0.0, f"cannot open / corrupt: {type(e).__name__}"
+    duration = min(lengths)
+    if duration < min_seconds:
+        return duration, f"too short: {duration:.2f}s < {min_seconds:.2f}s"
+    return duration, None
+
+
+def scan(videos, spec=ClipSpec(), cache_path=None, name="dataset", log=print):
+    """Probe every video once (cached by path, size and mtime) -> (usable videos with durations, broken
+    [(path, reason)]). Prints a summary with counts per reason; no usable file is an error."""
+    cache = {}
+    if cache_path and Path(cache_path).exists():
+        cache = json.loads(Path(cache_path).read_text())
+    key_of = lambda p: (f"{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}:{spec.need_audio}:{spec.seconds}"
+                        if os.path.exists(p) else "missing")
+    usable, broken, fresh = [], [], {}
+    for v in videos:
+        key = key_of(v.path)
+        hit = cache.get(v.path)
+        duration, reason = (hit["duration"], hit["reason"]) if hit and hit["key"] == key else \
+            probe(v.path, spec.need_audio, spec.seconds)
+        fresh[v.path] = {"key": key, "duration": duration, "reason": reason}
+        if reason:
+            broken.append((v.path, reason))
+        else:
+            usable.append(replace(v, duration=duration))
+    if cache_path:
+        try:
+            _atomic_write(cache_path, json.dumps(fresh))
+        except OSError as e:
+            log(f"scan: cannot write the cache {cache_path} ({e}); the next run will scan again")
+    counts = {}
+    for _, reason in broken:
+        counts[reason.split(":")[0]] = counts.get(reason.split(":")[0], 0) + 1
+    log(f"scan {name}: {len(usable)} usable, {len(broken)} broken" +
+        "".join(f"\n  {n:5d}  {r}" for r, n in sorted(counts.items())))
+    if not usable:
+        raise FileNotFoundError(f"no usable video in {name}: {len(broken)} files, all broken "
+                                f"(first: {broken[0] if broken else 'no files at all'})")
+    return usable, broken
+
+
+def _atomic_write(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    Path(tmp).write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded toy dataset: bouncing shapes that click when they hit a wall
+# ----------------------------------------------------------------------------------------------
+PALETTE = {"red": (225, 50, 45), "green": (50, 200, 70), "blue": (60, 100, 235), "yellow": (235, 215, 50),
+           "magenta": (215, 60, 205), "cyan": (50, 205, 215), "white": (235, 235, 235)}
+# Pre-training classes: picture (shape, colour, direction of motion) and sound (pitch, timbre) together.
+TOY_KINETICS = [("circle", "red", "horizontal", 262, "sine"), ("square", "blue", "vertical", 330, "square"),
+                ("triangle", "green", "diagonal", 392, "saw"), ("diamond", "yellow", "horizontal", 440, "square"),
+                ("cross", "magenta", "vertical", 523, "sine"), ("ring", "cyan", "diagonal", 587, "saw"),
+                ("circle", "blue", "vertical", 659, "saw"), ("square", "green", "diagonal", 698, "sine"),
+                ("triangle", "yellow", "vertical", 784, "square"), ("ring", "red", "horizontal", 880, "sine")]
+# Downstream classes need what pre-training should teach, in combinations it never showed.
+TOY_UCF = [(s, m) for s in ("circle", "square", "triangle") for m in ("horizontal", "vertical")]
+TOY_HMDB = [(s, sp) for s in ("cross", "diamond") for sp in ("slow", "fast")]
+TOY_VERSION = 1  # bump when the generator changes: existing copies are then regenerated
+SPEEDS = {"normal": (35.0, 80.0), "slow": (20.0, 35.0), "fast": (80.0, 120.0)}  # pixels/s at 64 px
+
+
+def _shape_mask(shape, dx, dy, r):
+    d = np.hypot(dx, dy)
+    return {"circle": d <= r, "ring": (d <= r) & (d >= 0.55 * r),
+            "square": np.maximum(abs(dx), abs(dy)) <= 0.85 * r, "diamond": abs(dx) + abs(dy) <= 1.15 * r,
+            "triangle": (abs(dy) <= 0.8 * r) & (abs(dx) <= 0.6 * (dy + 0.8 * r)),
+            "cross": ((abs(dx) <= r / 3) & (abs(dy) <= r)) | ((abs(dy) <= r / 3) & (abs(dx) <= r))}[shape]
+
+
+def _bounce(u0, speed, length, t):
+    """Reflecting motion on [0, length]: positions at times t and the times of wall hits."""
+    u = u0 + speed * t
+    pos = np.abs((u + length) % (2 * length) - length)
+    k = np.arange(1, int((u0 + speed * t[-1]) // length) + 1)
+    hits = (k * length - u0) / speed
+    return pos, hits[hits > 0]
+
+
+def _tone(pitch, timbre, t):
+    phase = 2 * np.pi * pitch * t
+    if timbre == "sine":
+        return np.sin(phase)
+    harmonics = range(1, 8, 2) if timbre == "square" else range(1, 6)
+    return sum(np.sin(h * phase) / h for h in harmonics) * 0.7
+
+
+def _render_clip(rng, shape, colour, motion, speed_range, pitch, timbre, audio_kind, size, fps, seconds, rate):
+    """Frames (T, H, W, 3) and waveform of one instance, and its event times (the wall hits)."""
+    t_video = np.arange(int(seconds * fps)) / fps
+    r = 0.12 * size
+    speed = rng.uniform(*speed_range) * size / 64
+    length = size - 2 * r - 2
+    axes = {"horizontal": (1, 0), "vertical": (0, 1), "diagonal": (1, 1)}[motion]
+    pos, events = [], []
+    for moving in axes:
+        if moving:
+            p, e = _bounce(rng.uniform(0, 2 * length), speed * rng.uniform(0.8, 1.2), length, t_video)
+            pos.append(r + 1 + p)
+            events.append(e)
+        else:
+            pos.append(np.full_like(t_video, rng.uniform(r + 1, size - r - 1)))
+    events = np.sort(np.concatenate(events))
+    events = events[events < seconds]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    background = rng.uniform(20, 90) + rng.uniform(-15, 15) * (xx / size)
+    frames = np.empty((len(t_video), size, size, 3), np.uint8)
+    for k in range(len(t_video)):
+        img = np.repeat(background[..., None], 3, axis=2)
+        img[_shape_mask(shape, xx - pos[0][k], yy - pos[1][k], r)] = PALETTE[colour]
+        frames[k] = np.clip(img + rng.normal(0, 3, img.shape), 0, 255)
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.01 * rng.standard_normal(len(t))
+    if audio_kind == "events":            # a click and a decaying tone at every wall hit
+        for e in events:
+            after = t >= e
+            dt = t[after] - e
+            wave[after] += 0.5 * np.exp(-dt / 0.05) * _tone(pitch, timbre, dt)
+            wave[after] += 0.4 * (dt < 0.003) * rng.standard_normal(after.sum())
+    elif audio_kind == "music":           # natural faulty positive: unrelated background music
+        for start in np.arange(0, seconds, 0.25):
+            on = (t >= start) & (t < start + 0.25)
+            wave[on] += 0.25 * _tone(rng.choice([196, 247, 294, 349, 415, 494]), "sine", t[on])
+    else:                                  # natural faulty positive: a voice-over-like babble
+        babble = np.convolve(rng.standard_normal(len(t)), np.ones(8) / 8, mode="same")
+        wave += 0.4 * babble * (0.5 + 0.5 * np.sin(2 * np.pi * 4.0 * t + rng.uniform(0, 6)))
+    return frames, wave.astype(np.float32), events
+
+
+def write_av_file(path, frames, wave, fps, rate):
+    """H.264 video + AAC mono audio in an .mp4, with PyAV."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=int(fps))
+        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        # constant quantiser, one thread: x264's CRF rate control was seen to give different bytes
+        # for the same frames from run to run, and the seed must fix what is decoded
+        vs.codec_context.options = {"preset": "veryfast", "qp": "20", "threads": "1"}
+        vs.codec_context.thread_count = 1
+        aus = out.add_stream("aac", rate=rate)
+        aus.layout = "mono"
+        for f in frames:
+            out.mux(vs.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(vs.encode())
+        af = av.AudioFrame.from_ndarray(np.clip(wave, -1, 1)[None], format="fltp", layout="mono")
+        af.sample_rate, af.pts = rate, 0
+        out.mux(aus.encode(af))
+        out.mux(aus.encode())
+
+
+def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=24, faulty_share=0.1,
+             size=64, fps=16, seconds=3.0, rate=16000, log=print):
+    """Write the embedded dataset under root: kinetics/{train,val}/<class>/<id>.mp4 (+ the official-style
+    CSV and annotations.csv marking natural faulty positives), ucf/ and hmdb/ with split files."""
+    root, t0 = Path(root), time.time()
+    rng = np.random.default_rng(seed)
+    events_of = {}
+
+    def clip(rel, shape, colour, motion, speed, pitch, timbre, audio_kind="events"):
+        frames, wave, events = _render_clip(rng, shape, colour, motion, SPEEDS[speed], pitch, timbre,
+                                            audio_kind, size, fps, seconds, rate)
+        write_av_file(root / rel, frames, wave, fps, rate)
+        events_of[rel] = [round(float(e), 4) for e in events]
+
+    # pre-training set: Kinetics layout, 80% train / 20% val, a share of natural faulty positives
+    annotations, csv_rows = [], []
+    for shape, colour, motion, pitch, timbre in TOY_KINETICS:
+        name = f"{colour}_{shape}_{motion}"
+        for k in range(per_class):
+            split = "train" if k < int(0.8 * per_class) else "val"
+            kind = "events" if rng.random() >= faulty_share else str(rng.choice(["music", "voice-over"]))
+            yid = f"{name[:3]}{seed:02d}{k:04d}"
+            rel = f"kinetics/{split}/{name}/{yid}_000000_{int(seconds):06d}.mp4"
+            clip(rel, shape, colour, motion, "normal", pitch, timbre, kind)
+            annotations.append({"path": rel, "split": split, "label": name, "audio": kind,
+                                "faulty_positive": int(kind != "events")})
+            csv_rows.append({"label": name, "youtube_id": yid, "time_start": 0, "time_end": int(seconds), "split": split})
+    for fname, rows in [("annotations.csv", annotations), ("kinetics_toy.csv", csv_rows)]:
+        with open(root / "kinetics" / fname, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    # UCF101 stand-in: shape x direction, any colour, any pitch; three folds by groups, like UCF101
+    lists = {f: ([], []) for f in (1, 2, 3)}
+    for shape, motion in TOY_UCF:
+        name = f"{shape.capitalize()}{motion.capitalize()}"
+        for k in range(downstream_per_class):
+            group = k // 2 + 1
+            rel = f"{name}/v_{name}_g{group:02d}_c{k % 2 + 1:02d}.mp4"
+            clip(f"ucf/videos/{rel}", shape, str(rng.choice(list(PALETTE))), motion, "normal",
+                 float(rng.uniform(200, 900)), str(rng.choice(["sine", "square", "saw"])))
+            for fold in (1, 2, 3):
+                test = group % 3 == fold - 1
+                lists[fold][test].append(rel if test else f"{rel} {TOY_UCF.index((shape, motion)) + 1}")
+    splits = root / "ucf" / "ucfTrainTestlist"
+    splits.mkdir(parents=True, exist_ok=True)
+    (splits / "classInd.txt").write_text("".join(f"{i + 1} {s.capitalize()}{m.capitalize()}\n"
+                                                 for i, (s, m) in enumerate(TOY_UCF)))
+    for fold, (train, test) in lists.items():
+        (splits / f"trainlist0{fold}.txt").write_text("\n".join(train) + "\n")
+        (splits / f"testlist0{fold}.txt").write_text("\n".join(test) + "\n")
+
+    # HMDB51 stand-in: shape x speed; 70/30 per class and fold, HMDB's split-file format
+    splits = root / "hmdb" / "testTrainMulti_7030_splits"
+    splits.mkdir(parents=True, exist_ok=True)
+    for shape, speed in TOY_HMDB:
+        name = f"{shape}_{speed}"
+        names = [f"{name}_{k:03d}.mp4" for k in range(downstream_per_class)]
+        for n in names:
+            clip(f"hmdb/videos/{name}/{n}", shape, str(rng.choice(list(PALETTE))),
+                 str(rng.choice(["horizontal", "vertical", "diagonal"])), speed,
+                 float(rng.uniform(200, 900)), str(rng.choice(["sine", "square", "saw"])))
+        for fold in (1, 2, 3):
+            test = set(np.random.default_rng(seed * 10 + fold).permutation(len(names))[: round(0.3 * len(names))])
+            (splits / f"{name}_test_split{fold}.txt").write_text(
+                "".join(f"{n} {2 if k in test else 1}\n" for k, n in enumerate(names)))
+
+    _atomic_write(root / "events.json", json.dumps(events_of))
+    params = dict(version=TOY_VERSION, seed=seed, per_class=per_class, downstream_per_class=downstream_per_class,
+                  faulty_share=faulty_share, size=size, fps=fps, seconds=seconds, rate=rate)
+    _atomic_write(root / "toy.json", json.dumps(params, indent=1))  # written last: marks a complete set
+    log(f"wrote the embedded dataset to {root} in {time.time() - t0:.1f}s "
+        f"({len(events_of)} clips, {size}px, {fps} fps, {rate} Hz)")
+    return root
+
+
+def ensure_toy(root="data/toy", log=print, **params):
+    """The embedded dataset under root, generated on first use (a partial one is regenerated)."""
+    marker = Path(root) / "toy.json"
+    if marker.exists():
+        have = json.loads(marker.read_text())
+        if have.get("version") == TOY_VERSION and all(have.get(k) == v for k, v in params.items()):
+            return Path(root)
+        log(f"{root} holds a toy dataset made with other settings {have}: regenerating")
+    log(f"generating the embedded dataset in {root} (first use)")
+    return make_toy(root, log=log, **params)
+
+
+def toy_splits(root):
+    """(pre-train, downstream) listings of the embedded dataset, through the real-data parsers."""
+    root = Path(root)
+    return {"kinetics": lambda split: kinetics_folder(root / "kinetics", split),
+            "ucf": lambda split, fold=1: ucf101(root / "ucf" / "videos", root / "ucf" / "ucfTrainTestlist", fold, split),
+            "hmdb": lambda split, fold=1: hmdb51(root / "hmdb" / "videos", root / "hmdb" / "testTrainMulti_7030_splits", fold, split)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def _raw_decode(path, start, spec):
+    """The floor for the loader: plain PyAV decoding of the same window, no resampling or transforms."""
+    with av.open(str(path)) as c:
+        vs, aus = c.streams.video[0], c.streams.audio[0]
+        end = start + spec.video_seconds
+        c.seek(int(start / vs.time_base), stream=vs, backward=True)
+        frames = [f.to_ndarray(format="rgb24") for f in _until(c.decode(vs), end) if f.time >= start]
+        c.seek(int(start / aus.time_base), stream=aus, backward=True)
+        audio = [f.to_ndarray() for f in _until(c.decode(aus), start + spec.audio_seconds)]
+    return frames, audio
+
+
+def _until(frames, end):
+    for f in frames:
+        if f.time > end:
+            return
+        yield f
+
+
+def _bench(root, num, spec):
+    """Clips/s of the training loader (one worker) against raw PyAV decoding of the same windows."""
+    kinetics = Path(root) / "kinetics"
+    videos, _ = kinetics_folder(kinetics if kinetics.is_dir() else root, "train")
+    videos, _ = scan(videos[:num], spec)
+    ds = AVClips(videos, spec, train=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=1, collate_fn=collate_clips,
+                                         persistent_workers=True)
+    next(iter(loader))  # start the worker outside the timing
+    rates = {"raw": [], "loader": []}
+    for _ in range(3):
+        t = time.perf_counter()
+        for v in videos:
+            _raw_decode(v.path, random.uniform(0, v.duration - spec.seconds), spec)
+        rates["raw"].append(len(videos) / (time.perf_counter() - t))
+        t = time.perf_counter()
+        n = sum(len(b["index"]) for b in loader)
+        rates["loader"].append(n / (time.perf_counter() - t))
+    raw, ld = (float(np.median(r)) for r in rates.values())
+    print(f"raw PyAV decode      {raw:7.1f} clips/s (median of 3)\n"
+          f"AVClips, 1 worker    {ld:7.1f} clips/s (median of 3)\nloader / raw         {ld / raw:7.2f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make-toy", help="write the embedded audio-visual dataset")
+    m.add_argument("--root", default="data/toy", help="output folder")
+    m.add_argument("--seed", type=int, default=0, help="same seed, same clips")
+    m.add_argument("--per-class", type=int, default=60, help="pre-training clips per class (80%% train, 20%% val)")
+    m.add_argument("--downstream-per-class", type=int, default=24, help="clips per class of the UCF/HMDB stand-ins")
+    m.add_argument("--faulty-share", type=float, default=0.1,
+                   help="share of pre-training clips with unrelated audio (natural faulty positives)")
+    m.add_argument("--size", type=int, default=64, help="frame width and height in pixels (even)")
+    m.add_argument("--fps", type=int, default=16, help="frames per second")
+    m.add_argument("--seconds", type=float, default=3.0, help="clip length")
+    m.add_argument("--rate", type=int, default=16000, help="audio sample rate (Hz)")
+    s = sub.add_parser("scan", help="sort the videos under ROOT into usable and broken")
+    s.add_argument("root")
+    s.add_argument("--no-audio", action="store_true", help="do not require an audio stream")
+    s.add_argument("--min-seconds", type=float, default=ClipSpec().seconds, help="shortest usable file")
+    s.add_argument("--broken-list", default=None, help="where to write the broken files (default ROOT/broken.txt)")
+    b = sub.add_parser("bench", help="loader clips/s against raw PyAV decoding")
+    b.add_argument("root", nargs="?", default="data/toy")
+    b.add_argument("--clips", type=int, default=200, help="how many training videos to read")
+    b.add_argument("--crop", type=int, default=ClipSpec().size, help="crop size in pixels")
+    b.add_argument("--frames", type=int, default=ClipSpec().frames, help="frames per clip")
+    b.add_argument("--fps", type=float, default=ClipSpec().fps, help="clip frame rate")
+    args = p.parse_args()
+    if args.cmd == "make-toy":
+        if args.size % 2:
+            p.error("--size must be even (H.264 with 4:2:0 chroma)")
+        make_toy(args.root, args.seed, args.per_class, args.downstream_per_class, args.faulty_share,
+                 args.size, args.fps, args.seconds, args.rate)
+    elif args.cmd == "scan":
+        root = Path(args.root)
+        if not root.is_dir():
+            p.error(f"{root} is not a folder")
+        videos = [Video(str(f)) for f in sorted(root.rglob("*")) if f.suffix.lower() in VIDEO_EXTENSIONS]
+        spec = ClipSpec(need_audio=not args.no_audio, frames=1, fps=1 / max(args.min_seconds, 1e-3))
+        _, broken = scan(videos, spec, root / ".scan-cache.json", name=str(root))
+        out = Path(args.broken_list or root / "broken.txt")
+        out.write_text("".join(f"{path}\t{reason}\n" for path, reason in broken))
+        print(f"broken files listed in {out}")
+    else:
+        ensure_toy(args.root) if args.root == "data/toy" else None
+        _bench(args.root, args.clips, ClipSpec(frames=args.frames, fps=args.fps, size=args.crop))
+
+
+if __name__ == "__main__":
+    main()

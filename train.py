@@ -1,0 +1,482 @@
+"""Pre-train video and audio encoders with xID, Weighted-xID, Soft-xID or Robust-xID.
+
+    python train.py                                   # embedded dataset, small encoders, Robust-xID (CPU ok)
+    python train.py --n0 0.3 --mode weighted          # inject 30% faulty positives, down-weight them
+    torchrun --nproc_per_node=8 train.py --data-root /data/kinetics --video-arch r2plus1d_18 \\
+        --audio-arch avid --crop 112 --fps 16 --audio-seconds 2 --sample-rate 24000 --lr 2e-4 --batch-size 256
+
+One folder per run (--out): args.json, log.jsonl, injection.json, checkpoint.pt, results.json.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import data
+import evaluate
+from losses import MODES, STRATEGIES, RobustXIDLoss, faulty_positive_weights
+from model import AUDIO_ENCODERS, VIDEO_ENCODERS, AVModel
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("loss (METHOD.md)")
+    g.add_argument("--mode", choices=MODES, default="robust", help="xid | weighted (faulty positives) | "
+                   "soft (faulty negatives) | robust (both)")
+    g.add_argument("--delta", type=float, default=-2.0, help="δ: W(s) mid-point at μ + δσ; -2 down-weights only clear outliers")
+    g.add_argument("--kappa", type=float, default=0.5, help="κ > 0: sharpness of W(s); smaller is a harder step")
+    g.add_argument("--w-min", type=float, default=0.25, help="w_min in [0, 1]: the lowest weight a pair can get")
+    g.add_argument("--lam", type=float, default=0.5, help="λ in [0, 1]: soft-target mixing; paper's best 0.25-0.5")
+    g.add_argument("--strategy", choices=STRATEGIES, default="cycle", help="softening scores S(j|i)")
+    g.add_argument("--tau", type=float, default=0.07, help="τ > 0: temperature of P(ā_j | v_i)")
+    g.add_argument("--tau-s", type=float, default=0.07, help="τ_s > 0: temperature of the softening scores")
+    g.add_argument("--num-negatives", type=int, default=None,
+                   help="K: negatives per step; default 1024 (the paper's) or N/2 on a smaller dataset")
+    g.add_argument("--bank-momentum", type=float, default=0.5, help="m in [0, 1): memory-bank momentum")
+    g.add_argument("--warmup-epochs", type=int, default=3,
+                   help="epochs of plain xID before weights and soft targets switch on (banks start random)")
+    g.add_argument("--n0", type=float, default=0.0, help="n₀ in [0, 1): share of instances given another's audio")
+    g.add_argument("--seed", type=int, default=0, help="seeds injection, negatives, init and augmentation")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-root", default=None, help="Kinetics as ROOT/<split>/<class>/*.mp4; "
+                   "default: the embedded dataset in --toy-root (generated on first use)")
+    g.add_argument("--toy-root", default="data/toy", help="where the embedded dataset lives")
+    g.add_argument("--csv", default=None, help="official Kinetics CSV (label,youtube_id,time_start,time_end,split)")
+    g.add_argument("--split", default="train", help="split folder / CSV split to pre-train on")
+    g.add_argument("--val-split", default="val", help="held-out split for the retrieval printed at the end")
+    g.add_argument("--subset", type=int, default=None, help="class-balanced, seeded subset of this many videos")
+    g.add_argument("--classes", default=None, help="file with one class name per line (e.g. Kinetics-Sounds)")
+    g = p.add_argument_group("clips")
+    g.add_argument("--frames", type=int, default=8, help="frames per video clip (paper: 8)")
+    g.add_argument("--fps", type=float, default=8.0, help="clip frame rate (paper: 16)")
+    g.add_argument("--crop", type=int, default=32, help="crop size in pixels (paper: 112)")
+    g.add_argument("--audio-seconds", type=float, default=1.0, help="audio clip length (paper: 2)")
+    g.add_argument("--sample-rate", type=int, default=16000, help="audio rate in Hz (paper: 24000)")
+    g.add_argument("--n-mels", type=int, default=40, help="mel bands of the log spectrogram")
+    g = p.add_argument_group("model and optimisation")
+    g.add_argument("--video-arch", choices=list(VIDEO_ENCODERS), default="small", help="small (CPU) or r2plus1d_18")
+    g.add_argument("--audio-arch", choices=list(AUDIO_ENCODERS), default="small", help="small (CPU) or avid")
+    g.add_argument("--epochs", type=int, default=15, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=32, help="clips per step over all GPUs (paper: 256)")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 2e-4 at batch 256)")
+    g.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (paper: 1e-5)")
+    g.add_argument("--workers", type=int, default=2, help="data-loading processes per GPU")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="mixed precision: auto = bf16 on a GPU that has it, else fp16; off on the CPU")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/default", help="run folder (checkpoint, logs, results)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--log-every", type=int, default=20, help="also log every this many steps")
+    g.add_argument("--bench", action="store_true", help="time some steps (no checkpoint) and print the split of step time")
+    g.add_argument("--bench-steps", type=int, default=30, help="steps timed by --bench (after 5 warm-up steps)")
+    g.add_argument("--no-eval", action="store_true", help="skip the retrieval / detection summary at the end")
+    args = p.parse_args(argv)
+
+    checks = [("--lam", 0 <= args.lam <= 1, "must be in [0, 1]"), ("--kappa", args.kappa > 0, "must be > 0"),
+              ("--w-min", 0 <= args.w_min <= 1, "must be in [0, 1]"), ("--n0", 0 <= args.n0 < 1, "must be in [0, 1)"),
+              ("--tau", args.tau > 0, "must be > 0"), ("--tau-s", args.tau_s > 0, "must be > 0"),
+              ("--bank-momentum", 0 <= args.bank_momentum < 1, "must be in [0, 1)"),
+              ("--epochs", args.epochs >= 1, "must be >= 1"), ("--batch-size", args.batch_size >= 2, "must be >= 2"),
+              ("--lr", args.lr > 0, "must be > 0"), ("--warmup-epochs", args.warmup_epochs >= 0, "must be >= 0"),
+              ("--workers", args.workers >= 0, "must be >= 0"), ("--frames", args.frames >= 1, "must be >= 1"),
+              ("--fps", args.fps > 0, "must be > 0"), ("--audio-seconds", args.audio_seconds > 0, "must be > 0"),
+              ("--num-negatives", args.num_negatives is None or args.num_negatives >= 1, "must be >= 1"),
+              ("--crop", args.crop >= 16, "must be >= 16")]
+    for flag, ok, rule in checks:
+        if not ok:
+            p.error(f"{flag} {rule}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    if args.data_root and not Path(args.data_root).is_dir():
+        p.error(f"--data-root {args.data_root} is not a folder")
+    if args.csv and not Path(args.csv).is_file():
+        p.error(f"--csv {args.csv} does not exist")
+    if args.classes and not Path(args.classes).is_file():
+        p.error(f"--classes {args.classes} does not exist")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is available here")
+    if (Path(args.out) / "checkpoint.pt").exists() and not args.resume and not args.bench:
+        p.error(f"--out {args.out} already holds a checkpoint: pass --resume to continue it, or another --out")
+    if args.resume and not (Path(args.out) / "checkpoint.pt").exists():
+        p.error(f"--resume: no checkpoint.pt in --out {args.out}")
+    return p, args
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up: processes, data, logging
+# ----------------------------------------------------------------------------------------------
+def setup_distributed(device_flag):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train.py` is one process."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if device_flag == "auto" and torch.cuda.is_available()
+                              else "cpu" if device_flag == "auto" else device_flag)
+        return 0, 1, device
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    cuda = torch.cuda.is_available() and device_flag != "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def load_split(args, split, spec, log):
+    """Listing -> subset -> scan. Returns (usable videos, classes, broken [(path, reason)])."""
+    root = Path(args.data_root) if args.data_root else Path(args.toy_root) / "kinetics"
+    if args.csv:
+        videos, classes = data.kinetics_csv(args.csv, root, split)
+    else:
+        videos, classes = data.kinetics_folder(root, split)
+    class_names = Path(args.classes).read_text().split("\n") if args.classes else None
+    videos, classes = data.select_subset(videos, classes, [c for c in class_names or [] if c.strip()] or None,
+                                        args.subset if split == args.split else None, args.seed)
+    usable, broken = data.scan(videos, spec, root / f".scan-cache-{split}.json", name=f"{root} [{split}]", log=log)
+    return usable, classes, broken
+
+
+def natural_faulty_flags(args, videos):
+    """The embedded dataset marks clips whose audio is unrelated to the picture (annotations.csv)."""
+    ann = (Path(args.data_root) if args.data_root else Path(args.toy_root) / "kinetics") / "annotations.csv"
+    if not ann.exists():
+        return None
+    import csv
+    marked = {str(Path(ann.parent.parent) / r["path"]) for r in csv.DictReader(open(ann)) if r["faulty_positive"] == "1"}
+    return np.array([v.path in marked for v in videos])
+
+
+class RunLog:
+    """log.jsonl, one JSON object per line; rank 0 only."""
+
+    def __init__(self, out, active):
+        self.path, self.active = Path(out) / "log.jsonl", active
+
+    def write(self, **record):
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def atomic_save(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def reseed(seed, epoch, rank):
+    """Every epoch starts from RNGs fixed by (seed, epoch, rank): a resumed run draws the same."""
+    s = seed * 1_000_003 + epoch * 1_009 + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Epoch statistics
+# ----------------------------------------------------------------------------------------------
+def bank_statistics(criterion, injected, natural):
+    """Weights of every slot under the current μ, σ, and how well they find the faulty pairs."""
+    bank = criterion.bank
+    mu, sigma = bank.score_stats()
+    w = faulty_positive_weights(bank.s, mu, sigma, criterion.delta, criterion.kappa, criterion.w_min)
+    stats = {"mu": mu.item(), "sigma": sigma.item(), "w_mean": w.mean().item(), "w_min": w.min().item(),
+             "w_share_below_half": (w < 0.5).float().mean().item()}
+    s = bank.s.cpu().numpy()
+    if injected.any():
+        stats.update({f"injected_{k}": v for k, v in evaluate.detection_metrics(s, injected).items()})
+    if natural is not None and natural.any():
+        stats.update({f"natural_{k}": v for k, v in evaluate.detection_metrics(s, natural & ~injected).items()})
+    return stats
+
+
+def same_class_target_mass(diag, index, labels):
+    """Of the target mass Soft-xID moves off the positive, the share that lands on same-class
+    negatives (faulty negatives found), and the share of same-class negatives (chance)."""
+    same = labels[diag["negatives"]][None, :] == labels[index][:, None]          # (B, K)
+    moved = diag["targets_v"][:, 1:] + diag["targets_a"][:, 1:]                   # (B, K)
+    total = moved.sum()
+    return ((moved * same).sum() / total).item() if total > 0 else float("nan"), same.float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+def main(argv=None):
+    parser, args = get_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    is_main = rank == 0
+    out = Path(args.out)
+    log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
+    if args.batch_size % world:
+        parser.error(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            (out / "log.jsonl").unlink(missing_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+    if not args.data_root:
+        if is_main:
+            data.ensure_toy(args.toy_root, log=log)
+        if world > 1:
+            dist.barrier()
+
+    # data: the scan names broken files; injection is seeded and saved with the run
+    spec = data.ClipSpec(frames=args.frames, fps=args.fps, size=args.crop, audio_seconds=args.audio_seconds,
+                         sample_rate=args.sample_rate, n_mels=args.n_mels)
+    videos, classes, broken = load_split(args, args.split, spec, log)
+    N = len(videos)
+    K = args.num_negatives or min(1024, N // 2)
+    if K >= N:
+        parser.error(f"--num-negatives {K} must be smaller than the dataset ({N} usable videos)")
+    if args.batch_size // world > N:
+        parser.error(f"--batch-size {args.batch_size} is larger than the dataset ({N} usable videos)")
+    audio_source, pairs = data.inject_faulty_positives(N, args.n0, args.seed)
+    injected = (audio_source != torch.arange(N)).numpy()
+    natural = natural_faulty_flags(args, videos)
+    if is_main:
+        atomic_write_json(out / "injection.json", {"n0": args.n0, "seed": args.seed, "num_instances": N,
+                                                   "pairs": [{"instance": i, "audio_from": j, "video": videos[i].path,
+                                                              "audio_video": videos[j].path} for i, j in pairs]})
+        (out / "broken.txt").write_text("".join(f"{p}\t{r}\n" for p, r in broken))
+    labels = torch.tensor([v.label for v in videos], device=device)
+    dataset = data.AVClips(videos, spec, train=True, audio_source=audio_source)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    cuda = device.type == "cuda"
+    loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.workers,
+                        collate_fn=data.collate_clips, pin_memory=cuda, drop_last=True,
+                        persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
+
+    # model, loss (owns the memory banks), optimiser
+    torch.manual_seed(args.seed)
+    model = AVModel(args.video_arch, args.audio_arch).to(device)
+    criterion = RobustXIDLoss(N, 128, args.mode, K, args.tau, args.bank_momentum, args.delta, args.kappa,
+                              args.w_min, args.lam, args.strategy, args.tau_s, seed=args.seed).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    amp = args.amp if args.amp != "auto" else ("off" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    start_epoch = 0
+    if args.resume:
+        ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
+        if ckpt["num_instances"] != N:
+            parser.error(f"--resume: the checkpoint has {ckpt['num_instances']} bank slots, the data now {N} "
+                         f"usable videos (files changed?)")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        criterion.load_state_dict(ckpt["criterion"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = ckpt["epoch"] + 1
+        log(f"resumed {out} after epoch {ckpt['epoch'] + 1}")
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+
+    log(f"{args.mode}: {N} videos ({len(classes)} classes, {len(broken)} broken left out), K={K}, "
+        f"n0={args.n0} ({len(pairs)} injected), device={device}x{world}, amp={amp}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    if args.bench:
+        return bench(args, ddp, criterion, optimizer, scaler, loader, device, amp_dtype)
+
+    runlog = RunLog(out, is_main)
+    step = start_epoch * len(loader)
+    for epoch in range(start_epoch, args.epochs):
+        reseed(args.seed, epoch, rank)
+        sampler.set_epoch(epoch)
+        model.train()
+        warmup = epoch < args.warmup_epochs
+        sums, n_batches, clips, data_errors = {}, 0, 0, []
+        wait = compute = 0.0
+        t_epoch = t_last = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}{' (warm-up: xID)' if warmup else ''}",
+                   disable=not (is_main and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
+        for batch in bar:
+            t_ready = time.perf_counter()
+            wait += t_ready - t_last
+            for e in batch["errors"]:
+                data_errors.append(e)
+                log(f"data error (clip left out of this step, not replaced): {e}")
+            if "video" not in batch:
+                t_last = time.perf_counter()
+                continue
+            video = batch["video"].to(device, non_blocking=True)                # (B, 3, T, H, W)
+            audio = batch["audio"].to(device, non_blocking=True)                # (B, 1, F, S)
+            index = batch["index"].to(device, non_blocking=True)                # (B,)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                v, a = ddp(video, audio)                                         # (B, 128) each
+            loss, diag = criterion(v, a, index, warmup=warmup)
+            if not torch.isfinite(loss):
+                bad = [k for k in ("loss_v2a", "loss_a2v") if not torch.isfinite(diag[k])]
+                raise SystemExit(f"non-finite loss at epoch {epoch + 1}, step {step}: {', '.join(bad) or 'loss'} "
+                                 f"= {[diag[k].item() for k in ('loss_v2a', 'loss_a2v')]}; "
+                                 f"try a lower --lr or --amp bf16/off")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            criterion.bank.update(index, v, a)
+            compute += time.perf_counter() - t_ready
+
+            record = {"loss": loss.item(), "loss_v2a": diag["loss_v2a"].item(), "loss_a2v": diag["loss_a2v"].item(),
+                      "batch_mean_weight": diag["mean_weight"].item(), "target_on_positive": diag["target_on_positive"].item()}
+            if (labels >= 0).all() and not warmup and criterion.lam > 0 and args.mode in ("soft", "robust"):
+                record["soft_mass_same_class"], record["same_class_share"] = same_class_target_mass(diag, index, labels)
+            for k, val in record.items():
+                sums[k] = sums.get(k, 0.0) + val
+            n_batches += 1
+            clips += len(index) * world
+            step += 1
+            bar.set_postfix(loss=f"{record['loss']:.3f}", w=f"{record['batch_mean_weight']:.2f}",
+                            clips_s=f"{clips / (time.perf_counter() - t_epoch):.0f}")
+            if step % args.log_every == 0:
+                runlog.write(kind="step", epoch=epoch + 1, step=step, **record)
+            t_last = time.perf_counter()
+
+        elapsed = time.perf_counter() - t_epoch
+        summary = {k: v / max(n_batches, 1) for k, v in sums.items()}
+        summary.update(bank_statistics(criterion, injected, natural))
+        summary.update(clips_per_s=clips / elapsed, data_wait_fraction=wait / max(wait + compute, 1e-9),
+                       data_errors=len(data_errors), bank_spread_across_ranks=bank_spread(criterion, world))
+        runlog.write(kind="epoch", epoch=epoch + 1, step=step, warmup=warmup, **summary)
+        log(f"epoch {epoch + 1}/{args.epochs}: loss {summary.get('loss', float('nan')):.3f}  "
+            f"w mean {summary['w_mean']:.2f}  "
+            + (f"injected AUC {summary['injected_auc']:.2f}  " if "injected_auc" in summary else "")
+            + (f"natural AUC {summary['natural_auc']:.2f}  " if "natural_auc" in summary else "")
+            + f"{summary['clips_per_s']:.0f} clips/s  data wait {100 * summary['data_wait_fraction']:.0f}%"
+            + (f"  data errors {len(data_errors)}" if data_errors else ""))
+        if is_main:
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "criterion": criterion.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                         "num_instances": N, "classes": classes, "videos": [v.path for v in videos],
+                         "injected_pairs": pairs, "args": vars(args)}, out / "checkpoint.pt")
+            # RNGs need no saving: reseed() fixes them at every epoch start from (seed, epoch, rank),
+            # and the negatives' generator is part of the criterion's state.
+
+    if is_main and not args.no_eval:
+        final_summary(args, model, criterion, videos, injected, natural, spec, device, out, log)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def atomic_write_json(path, obj):
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def bank_spread(criterion, world):
+    """max - min over ranks of a checksum of the banks: 0 when every rank holds the same banks."""
+    if world == 1:
+        return 0.0
+    c = (criterion.bank.v_bar.double().sum() + 2 * criterion.bank.a_bar.double().sum()).reshape(1)
+    parts = [torch.zeros_like(c) for _ in range(world)]
+    dist.all_gather(parts, c)
+    return (max(parts) - min(parts)).item()
+
+
+def final_summary(args, model, criterion, videos, injected, natural, spec, device, out, log):
+    """What the run learned: video retrieval on held-out clips, and faulty-positive detection."""
+    t = time.perf_counter()
+    results = {}
+    try:
+        val, _, _ = load_split(args, args.val_split, spec, log)
+    except FileNotFoundError as e:
+        log(f"no held-out split for retrieval ({e})")
+        val = None
+    if val:
+        eval_spec = spec
+        gallery = evaluate.extract_video_features(model, data.AVClips(videos, eval_spec, False, num_clips=2), device,
+                                                  workers=args.workers)
+        queries = evaluate.extract_video_features(model, data.AVClips(val, eval_spec, False, num_clips=2), device,
+                                                  workers=args.workers)
+        r = evaluate.recall_at_k(queries[0], gallery[0], queries[1], gallery[1], ks=(1, 5))
+        results["pretrain_retrieval"] = r
+        log(f"video retrieval, {len(val)} held-out {args.val_split} clips -> {len(videos)} {args.split} clips: "
+            + "  ".join(f"{k} {v:.3f}" for k, v in r.items()) + f"  (chance R@1 ~ {chance(gallery[1], queries[1]):.3f})")
+    s = criterion.bank.s.cpu().numpy()
+    if injected.any():
+        d = evaluate.detection_metrics(s, injected)
+        results["detection_injected"] = d
+        log(f"injected faulty positives ({d['n_faulty']}): ROC AUC {d['auc']:.3f}, "
+            f"precision of the {d['n_faulty']} lowest-scored {d['precision_at_n']:.3f} (chance {injected.mean():.3f})")
+    if natural is not None and (natural & ~injected).any():
+        d = evaluate.detection_metrics(s, natural & ~injected)
+        results["detection_natural"] = d
+        log(f"natural faulty positives ({d['n_faulty']}, marked in annotations.csv): ROC AUC {d['auc']:.3f}, "
+            f"precision at n {d['precision_at_n']:.3f} (chance {(natural & ~injected).mean():.3f})")
+    path = out / "results.json"
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(results)
+    atomic_write_json(path, merged)
+    log(f"summary in {time.perf_counter() - t:.0f}s, written to {path}")
+
+
+def chance(gallery_labels, query_labels):
+    """Expected R@1 of random features: the share of gallery items of the query's class."""
+    counts = torch.bincount(gallery_labels).float() / len(gallery_labels)
+    return counts[query_labels].mean().item()
+
+
+def bench(args, model, criterion, optimizer, scaler, loader, device, amp_dtype):
+    """Time --bench-steps steps: data wait, forward, loss, backward (+ optimizer), bank update."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    parts = {k: [] for k in ("data", "forward", "loss", "backward", "bank")}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    it, n = iter(loader), 0
+    model.train()
+    while n < args.bench_steps + 5:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
+        if "video" not in batch:
+            continue
+        video, audio = batch["video"].to(device, non_blocking=True), batch["audio"].to(device, non_blocking=True)
+        index = batch["index"].to(device)
+        sync()
+        t1 = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            v, a = model(video, audio)
+        sync()
+        t2 = time.perf_counter()
+        loss, _ = criterion(v, a, index, warmup=False)
+        sync()
+        t3 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        sync()
+        t4 = time.perf_counter()
+        criterion.bank.update(index, v, a)
+        sync()
+        t5 = time.perf_counter()
+        if n >= 5:
+            for k, (x, y) in zip(parts, [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5)]):
+                parts[k].append(y - x)
+        n += 1
+    med = {k: float(np.median(v)) for k, v in parts.items()}
+    step = sum(med.values())
+    per_step = len(index)
+    print(f"bench: {args.bench_steps} steps, batch {per_step}, {args.mode}/{args.strategy}, K={criterion.K}, "
+          f"{args.video_arch}+{args.audio_arch}, {args.frames}x{args.crop}x{args.crop}, device {device}")
+    print(f"  clips/s {per_step / step:.1f}   data-wait fraction {med['data'] / step:.3f}   step {1e3 * step:.1f} ms (medians)")
+    print("  " + "  ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items()))
+    if device.type == "cuda":
+        print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    else:
+        import resource
+        print(f"  peak process memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    return med
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -304,6 +304,30 @@ def hmdb51(root, splits_dir, fold=1, split="train"):
     return sorted(videos), classes
 
 
+def pretraining_split(root, split, spec, csv_path=None, classes_file=None, subset=None, seed=0, log=print):
+    """Kinetics-style listing (folder or CSV) -> class list / subset -> scan.
+    Returns (usable videos, classes, broken [(path, reason)]); the scan is cached beside the data."""
+    root = Path(root)
+    videos, classes = kinetics_csv(csv_path, root, split) if csv_path else kinetics_folder(root, split)
+    names = [c.strip() for c in Path(classes_file).read_text().splitlines() if c.strip()] if classes_file else None
+    videos, classes = select_subset(videos, classes, names, subset, seed)
+    usable, broken = scan(videos, spec, root / f".scan-cache-{split}.json", name=f"{root} [{split}]", log=log)
+    return usable, classes, broken
+
+
+def natural_faulty_flags(videos):
+    """Which videos the embedded dataset marks as natural faulty positives (annotations.csv beside
+    the split folders); None for data without such a file."""
+    if not videos:
+        return None
+    ann = Path(videos[0].path).parents[2] / "annotations.csv"
+    if not ann.exists():
+        return None
+    with open(ann, newline="") as f:
+        marked = {str(ann.parent.parent / r["path"]) for r in csv.DictReader(f) if r["faulty_positive"] == "1"}
+    return np.array([v.path in marked for v in videos])
+
+
 # ----------------------------------------------------------------------------------------------
 # The scan: open every file once, sort it into usable or broken with a reason, cache the result
 # ----------------------------------------------------------------------------------------------

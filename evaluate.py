@@ -1,43 +1,57 @@
-"""Evaluation: retrieval R@K from video features, and faulty-positive detection from the bank scores.
+"""Evaluate a pre-trained run (METHOD.md, "Evaluation"): transfer to UCF101 / HMDB51 by retrieval,
+fine-tuning and a linear probe; per-class R@1 and top-4 retrievals on the pre-training set; and
+faulty-positive detection against the injected (and, on the embedded data, natural) faulty pairs.
 
-The protocols are in METHOD.md ("Evaluation"). train.py calls these to print what a run learned.
+    python evaluate.py runs/default                 # the embedded downstream sets, fold 1
+    python evaluate.py runs/k400/checkpoint.pt --ucf-root UCF-101 --ucf-splits ucfTrainTestlist \\
+        --hmdb-root hmdb51 --hmdb-splits testTrainMulti_7030_splits --fold 1
+
+Prints a table and merges everything into RUN_DIR/results.json (plots.py reads it).
 """
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from data import collate_clips
+import data
+from model import AVModel
 
 
-@torch.no_grad()
-def extract_video_features(model, dataset, device, batch_size=32, kind="pooled", workers=0):
-    """One feature per video: the mean over the dataset's clips (eval mode: video (n, 3, T, H, W)).
-    Returns features (N, D), labels (N,), and the names of videos that failed to decode (their
-    rows are left out; `kept` gives the indices that remain)."""
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_clips)
-    feats, labels, kept, errors = [], [], [], []
-    for batch in loader:
-        errors += batch["errors"]
-        if "video" not in batch:
-            continue
-        video = batch["video"].to(device, non_blocking=True)               # (B, n, 3, T, H, W)
-        b, n = video.shape[:2]
-        f = model.video_features(video.flatten(0, 1), kind).float()        # (B*n, D)
-        feats.append(f.view(b, n, -1).mean(1).cpu())
-        labels.append(batch["label"])
-        kept.append(batch["index"])
-    return torch.cat(feats), torch.cat(labels), torch.cat(kept), errors
-
-
+# ----------------------------------------------------------------------------------------------
+# Metrics (pure functions, tested on hand-made inputs)
+# ----------------------------------------------------------------------------------------------
 def recall_at_k(query, gallery, query_labels, gallery_labels, ks=(1, 5, 10, 20)):
     """R@K: the share of queries with at least one same-class item among their K nearest gallery
     items (Euclidean distance)."""
-    dist = torch.cdist(query.float(), gallery.float())                     # (Q, G)
-    k_max = min(max(ks), gallery.shape[0])
-    nearest = dist.topk(k_max, dim=1, largest=False).indices               # (Q, K)
-    hit = gallery_labels[nearest] == query_labels[:, None]                 # (Q, K)
-    return {f"R@{k}": hit[:, :k].any(1).float().mean().item() for k in ks if k <= k_max}
+    nearest = nearest_neighbours(query, gallery, min(max(ks), gallery.shape[0]))     # (Q, K)
+    hit = gallery_labels[nearest] == query_labels[:, None]                            # (Q, K)
+    return {f"R@{k}": hit[:, :k].any(1).float().mean().item() for k in ks if k <= gallery.shape[0]}
+
+
+def nearest_neighbours(query, gallery, k):
+    return torch.cdist(query.float(), gallery.float()).topk(k, dim=1, largest=False).indices
+
+
+def per_class_recall_at_1(query, gallery, query_labels, gallery_labels, classes):
+    """R@1 averaged over the queries of each class (Figure 3)."""
+    hit = (gallery_labels[nearest_neighbours(query, gallery, 1)[:, 0]] == query_labels).float()
+    return {classes[c]: hit[query_labels == c].mean().item() for c in query_labels.unique().tolist()}
+
+
+def clip_and_video_top1(clip_logits, labels):
+    """clip_logits (N, n_clips, C): clip-level top-1 (every clip on its own) and video-level top-1
+    (the mean softmax over a video's clips, then the argmax)."""
+    clip = (clip_logits.argmax(-1) == labels[:, None]).float().mean().item()
+    video = (clip_logits.softmax(-1).mean(1).argmax(-1) == labels).float().mean().item()
+    return clip, video
 
 
 def roc_auc(score, positive):
@@ -47,8 +61,7 @@ def roc_auc(score, positive):
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
-    first_rank = np.cumsum(counts) - counts + 1
-    ranks = (first_rank + (counts - 1) / 2.0)[inverse]                     # average rank of ties
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]                 # average rank of ties
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -60,3 +73,263 @@ def detection_metrics(s, faulty):
     lowest = np.argsort(s, kind="stable")[:n]
     return {"auc": roc_auc(-s, faulty), "precision_at_n": float(faulty[lowest].mean()) if n else float("nan"),
             "n_faulty": n}
+
+
+# ----------------------------------------------------------------------------------------------
+# Features
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def extract_video_features(model, dataset, device, batch_size=16, workers=0):
+    """Per video: "pooled" and "map" features averaged over the dataset's clips (eval mode gives
+    video (n, 3, T, H, W)). Returns (features {kind: (N, D)}, labels (N,), kept indices, errors);
+    a video that fails to decode is named in errors and left out, never replaced."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=data.collate_clips)
+    feats, labels, kept, errors = {"pooled": [], "map": []}, [], [], []
+    for batch in loader:
+        errors += batch["errors"]
+        if "video" not in batch:
+            continue
+        video = batch["video"].to(device, non_blocking=True)                   # (B, n, 3, T, H, W)
+        b, n = video.shape[:2]
+        for kind, f in model.video_features(video.flatten(0, 1)).items():      # (B*n, D)
+            feats[kind].append(f.float().view(b, n, -1).mean(1).cpu())
+        labels.append(batch["label"])
+        kept.append(batch["index"])
+    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels), torch.cat(kept), errors
+
+
+# ----------------------------------------------------------------------------------------------
+# Transfer: linear probe and fine-tuning
+# ----------------------------------------------------------------------------------------------
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, steps=300):
+    """A linear classifier on frozen, standardised video features (full-batch Adam). Video top-1."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    clf = nn.Linear(train_x.shape[1], num_classes)
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(clf((train_x - mean) / std), train_y).backward()
+        opt.step()
+    with torch.no_grad():
+        return (clf((test_x - mean) / std).argmax(1) == test_y).float().mean().item()
+
+
+class Classifier(nn.Module):
+    """The pre-trained video encoder + dropout 0.5 + a linear layer (the fine-tuning protocol)."""
+
+    def __init__(self, encoder, num_classes):
+        super().__init__()
+        self.encoder, self.dropout, self.fc = encoder, nn.Dropout(0.5), nn.Linear(encoder.dim, num_classes)
+
+    def forward(self, video):                                                   # (B, 3, T, H, W)
+        return self.fc(self.dropout(self.encoder.feature_map(video).mean(dim=(2, 3, 4))))  # (B, C)
+
+
+def finetune(model, train_set, test_set, num_classes, device, epochs, lr, batch_size, workers):
+    """Train encoder + classifier on random clips, then score 10-clip videos: (clip top-1, video top-1)."""
+    net = Classifier(copy.deepcopy(model.video), num_classes).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-5)
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
+                        collate_fn=data.collate_clips, drop_last=len(train_set) > batch_size)
+    for _ in range(epochs):
+        net.train()
+        for batch in loader:
+            if "video" not in batch:
+                continue
+            loss = nn.functional.cross_entropy(net(batch["video"].to(device)), batch["label"].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in DataLoader(test_set, batch_size=8, num_workers=workers, collate_fn=data.collate_clips):
+            if "video" not in batch:
+                continue
+            video = batch["video"].to(device)                                   # (B, n, 3, T, H, W)
+            logits.append(net(video.flatten(0, 1)).view(*video.shape[:2], -1).cpu())
+            labels.append(batch["label"])
+    return clip_and_video_top1(torch.cat(logits), torch.cat(labels))
+
+
+def evaluate_downstream(name, model, listing, spec, args, device, log):
+    """Retrieval (test videos query train videos), linear probe and fine-tuning on one labelled set."""
+    (train_v, classes), (test_v, _) = listing("train"), listing("test")
+    scan = lambda vs, split: data.scan(vs, spec, name=f"{name} [{split}]", log=log)[0]  # noqa: E731
+    train_v, test_v = scan(train_v, "train"), scan(test_v, "test")
+    t = time.perf_counter()
+    gal, gal_y, _, err_g = extract_video_features(model, data.AVClips(train_v, spec, False, args.clips), device,
+                                                  workers=args.workers)
+    qry, qry_y, _, err_q = extract_video_features(model, data.AVClips(test_v, spec, False, args.clips), device,
+                                                  workers=args.workers)
+    out = {"train_videos": len(gal_y), "test_videos": len(qry_y), "classes": len(classes),
+           "data_errors": err_g + err_q,
+           "retrieval": recall_at_k(qry[args.retrieval_features], gal[args.retrieval_features], qry_y, gal_y),
+           "linear_probe_video_top1": linear_probe(gal["pooled"], gal_y, qry["pooled"], qry_y, len(classes))}
+    clip, video = finetune(model, data.AVClips(train_v, spec, True), data.AVClips(test_v, spec, False, args.clips),
+                           len(classes), device, args.ft_epochs, args.ft_lr, args.ft_batch_size, args.workers)
+    out.update(finetune_clip_top1=clip, finetune_video_top1=video, seconds=time.perf_counter() - t)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The pre-training set: per-class R@1, top-4 retrievals, detection
+# ----------------------------------------------------------------------------------------------
+def pretraining_analysis(model, ckpt, spec, args, device, out_dir, log):
+    run = ckpt["args"]
+    root = Path(run["data_root"]) if run["data_root"] else Path(run["toy_root"]) / "kinetics"
+    classes = ckpt["classes"]
+    train_v, _, _ = data.pretraining_split(root, run["split"], spec, run["csv"], run["classes"], run["subset"],
+                                           run["seed"], log)
+    if [v.path for v in train_v] != ckpt["videos"]:
+        raise SystemExit(f"evaluate.py: the pre-training files under {root} changed since the run "
+                         f"({len(train_v)} usable now, {len(ckpt['videos'])} then): bank slots no longer match")
+    val_v, _, _ = data.pretraining_split(root, run["val_split"], spec, run["csv"], run["classes"], None, run["seed"], log)
+    gal, gal_y, gal_i, _ = extract_video_features(model, data.AVClips(train_v, spec, False, 2), device, workers=args.workers)
+    qry, qry_y, qry_i, _ = extract_video_features(model, data.AVClips(val_v, spec, False, 2), device, workers=args.workers)
+    kind = args.retrieval_features
+    results = {"pretrain_retrieval": recall_at_k(qry[kind], gal[kind], qry_y, gal_y),
+               "per_class_R@1": per_class_recall_at_1(qry[kind], gal[kind], qry_y, gal_y, classes)}
+
+    # top-4 retrievals for one query per class (up to --queries), with a frame of each video
+    first_of_class = {}
+    for row, y in enumerate(qry_y.tolist()):
+        first_of_class.setdefault(y, row)
+    rows = list(first_of_class.values())[: args.queries]
+    nn_idx = nearest_neighbours(qry[kind][rows], gal[kind], 4)
+    frame_spec = data.ClipSpec(frames=1, fps=1.0, need_audio=False)
+    grid, listing = [], []
+    for r, neighbours in zip(rows, nn_idx.tolist()):
+        items = [val_v[int(qry_i[r])]] + [train_v[int(gal_i[n])] for n in neighbours]
+        grid.append([frame_112(v, frame_spec) for v in items])
+        listing.append([{"path": v.path, "class": classes[v.label]} for v in items])
+    np.savez_compressed(out_dir / "retrievals.npz", frames=np.array(grid, dtype=np.uint8))
+    results["top4_retrievals"] = listing
+
+    # faulty-positive detection from the bank's alignment scores
+    s = ckpt["criterion"]["bank.s"].cpu().numpy()
+    injected = np.zeros(len(s), dtype=bool)
+    injected[[i for i, _ in ckpt["injected_pairs"]]] = True
+    audio_from = dict(ckpt["injected_pairs"])
+    natural = data.natural_faulty_flags(train_v)
+    if injected.any():
+        results["detection_injected"] = detection_metrics(s, injected)
+    if natural is not None and (natural & ~injected).any():
+        results["detection_natural"] = detection_metrics(s, natural & ~injected)
+    results["most_likely_faulty"] = [
+        {"instance": int(i), "video": train_v[i].path, "audio_from": train_v[audio_from.get(int(i), int(i))].path,
+         "s": float(s[i]), "injected": bool(injected[i]), "natural": bool(natural[i]) if natural is not None else None}
+        for i in np.argsort(s, kind="stable")[:100]]
+    return results
+
+
+def frame_112(video, spec):
+    """The middle frame of a video, resized to 112x112 for the retrieval figure."""
+    frames, _ = data.decode_clip(video.path, video.duration / 2, spec)
+    x = torch.from_numpy(frames[0]).permute(2, 0, 1)[None].float()
+    return nn.functional.interpolate(x, size=(112, 112), mode="bilinear", antialias=True)[0].permute(1, 2, 0).clamp(0, 255).byte().numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def load_run(path, device):
+    """A run folder or a checkpoint file -> (model, checkpoint, run folder)."""
+    path = Path(path)
+    ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
+    if not ckpt_path.is_file():
+        raise SystemExit(f"evaluate.py: no checkpoint at {ckpt_path} (give a run folder written by train.py, "
+                         f"or its checkpoint.pt)")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    run = ckpt["args"]
+    model = AVModel(run["video_arch"], run["audio_arch"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise SystemExit(f"evaluate.py: {ckpt_path} does not fit the architecture it records "
+                         f"(--video-arch {run['video_arch']}, --audio-arch {run['audio_arch']}): {str(e)[:300]}")
+    return model.to(device), ckpt, ckpt_path.parent
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run folder of train.py, or a checkpoint.pt")
+    p.add_argument("--ucf-root", help="UCF101 videos (UCF-101/<class>/*.avi); default: the embedded stand-in")
+    p.add_argument("--ucf-splits", help="ucfTrainTestlist folder (classInd.txt, trainlist0F.txt, testlist0F.txt)")
+    p.add_argument("--hmdb-root", help="HMDB51 videos (<class>/*.avi); default: the embedded stand-in")
+    p.add_argument("--hmdb-splits", help="folder of <class>_test_split<F>.txt files")
+    p.add_argument("--fold", type=int, default=1, choices=[1, 2, 3], help="official split (fold) to use")
+    p.add_argument("--clips", type=int, default=10, help="uniformly spaced clips per test video (protocol: 10)")
+    p.add_argument("--retrieval-features", choices=["map", "pooled"], default="map",
+                   help="map: last layer pooled to 4x4 and flattened (the supplement's); pooled: global average")
+    p.add_argument("--ft-epochs", type=int, default=8, help="fine-tuning epochs (the embedded sets need few)")
+    p.add_argument("--ft-lr", type=float, default=1e-3, help="fine-tuning learning rate (Adam)")
+    p.add_argument("--ft-batch-size", type=int, default=16, help="fine-tuning clips per step")
+    p.add_argument("--queries", type=int, default=8, help="query videos in the top-4 retrieval grid")
+    p.add_argument("--skip", nargs="*", default=[], choices=["ucf", "hmdb", "pretrain"], help="parts to skip")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if bool(args.ucf_root) != bool(args.ucf_splits) or bool(args.hmdb_root) != bool(args.hmdb_splits):
+        p.error("give --ucf-root with --ucf-splits, and --hmdb-root with --hmdb-splits")
+    for flag in ("ucf_root", "ucf_splits", "hmdb_root", "hmdb_splits"):
+        if getattr(args, flag) and not Path(getattr(args, flag)).is_dir():
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a folder")
+
+    t0 = time.perf_counter()
+    device = torch.device(args.device)
+    model, ckpt, run_dir = load_run(args.run, device)
+    run = ckpt["args"]
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    spec = data.ClipSpec(frames=run["frames"], fps=run["fps"], size=run["crop"], need_audio=False)
+    toy = Path(run["toy_root"])
+    if not (args.ucf_root and args.hmdb_root):
+        data.ensure_toy(toy, log=log)
+    sets = {"ucf": (lambda split: data.ucf101(args.ucf_root, args.ucf_splits, args.fold, split)) if args.ucf_root
+            else (lambda split: data.toy_splits(toy)["ucf"](split, args.fold)),
+            "hmdb": (lambda split: data.hmdb51(args.hmdb_root, args.hmdb_splits, args.fold, split)) if args.hmdb_root
+            else (lambda split: data.toy_splits(toy)["hmdb"](split, args.fold))}
+    results = {"evaluated_epoch": ckpt["epoch"] + 1, "fold": args.fold, "retrieval_features": args.retrieval_features}
+    for name, listing in sets.items():
+        if name not in args.skip:
+            results[name] = evaluate_downstream(name, model, listing, spec, args, device, log)
+    if "pretrain" not in args.skip:
+        results.update(pretraining_analysis(model, ckpt, spec, args, device, run_dir, log))
+    results["evaluate_seconds"] = time.perf_counter() - t0
+
+    path = run_dir / "results.json"
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(results)
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps(merged, indent=1))
+    os.replace(tmp, path)
+    print_table(results)
+    log(f"evaluated in {results['evaluate_seconds']:.0f}s; results merged into {path}")
+    return results
+
+
+def print_table(r):
+    print(f"\n{'set':<6} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'R@20':>6} {'probe':>7} {'ft clip':>8} {'ft video':>9}")
+    for name in ("ucf", "hmdb"):
+        if name in r:
+            x, ret = r[name], r[name]["retrieval"]
+            print(f"{name:<6} " + " ".join(f"{ret.get(k, float('nan')):6.3f}" for k in ("R@1", "R@5", "R@10", "R@20"))
+                  + f" {x['linear_probe_video_top1']:7.3f} {x['finetune_clip_top1']:8.3f} {x['finetune_video_top1']:9.3f}")
+    print("R@K: test videos query train videos (same class among the K nearest); probe: frozen-encoder linear\n"
+          "classifier, video top-1; ft clip / ft video: fine-tuned, top-1 of single clips / of the mean\n"
+          "softmax over each video's clips (the protocol's number).")
+    if "pretrain_retrieval" in r:
+        print("pre-training set, val -> train: " + "  ".join(f"{k} {v:.3f}" for k, v in r["pretrain_retrieval"].items()))
+    for key, what in (("detection_injected", "injected"), ("detection_natural", "natural")):
+        if key in r:
+            d = r[key]
+            print(f"{what} faulty positives ({d['n_faulty']}): ROC AUC {d['auc']:.3f}, precision at n {d['precision_at_n']:.3f}")
+    if "most_likely_faulty" in r:
+        top = r["most_likely_faulty"]
+        flag = "injected" if "detection_injected" in r else "natural"
+        print(f"of the 100 most likely faulty pairs, {sum(bool(x[flag]) for x in top)} are {flag} faulty pairs")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -100,15 +100,15 @@ class AVModel(nn.Module):
         self.video_head = projection_head(self.video.dim, self.video.dim, dim)
         self.audio_head = projection_head(self.audio.dim, self.audio.dim, dim)
 
-    def video_features(self, video, kind="pooled"):
-        """Features for evaluation: "pooled" (B, C) global average, or "map" (B, C*4*4): the last
-        layer pooled to 1x4x4 and flattened (the supplement's 4x4x512 map at paper scale)."""
-        fmap = self.video.feature_map(video)                                   # (B, C, T', H', W')
-        if kind == "map":
-            return F.adaptive_avg_pool3d(fmap, (1, 4, 4)).flatten(1)          # (B, C*16)
-        return fmap.mean(dim=(2, 3, 4))                                        # (B, C)
+    def video_features(self, video):
+        """Features for evaluation, from the last layer's map (B, C, T', H', W'): "pooled" (B, C), the
+        global average, and "map" (B, C*16), pooled to 1x4x4 and flattened (the supplement's 4x4x512
+        map at paper scale)."""
+        fmap = self.video.feature_map(video)
+        return {"pooled": fmap.mean(dim=(2, 3, 4)),
+                "map": F.adaptive_avg_pool3d(fmap, (1, 4, 4)).flatten(1)}
 
     def forward(self, video, audio):
-        v = F.normalize(self.video_head(self.video_features(video)), dim=1)   # (B, 128)
+        v = F.normalize(self.video_head(self.video.feature_map(video).mean(dim=(2, 3, 4))), dim=1)  # (B, 128)
         a = F.normalize(self.audio_head(self.audio(audio)), dim=1)            # (B, 128)
         return v, a

@@ -338,3 +338,87 @@ def test_data_root_without_usable_file_is_named(tmp_path):
     (tmp_path / "train" / "some_class" / "a.mp4").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="no usable video in .*train"):
         train.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "run"), *TRAIN_FLAGS])
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate.py: metrics on hand-made inputs, one end-to-end call, clear errors
+# ----------------------------------------------------------------------------------------------
+import evaluate  # noqa: E402
+
+
+def test_recall_at_k_known_answer():
+    """R@K counts a query as found when a same-class item is among its K nearest (Euclidean)."""
+    gallery = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    g_labels = torch.tensor([0, 1, 2, 3])
+    query = torch.tensor([[0.1], [1.9], [9.0]])
+    q_labels = torch.tensor([0, 1, 2])
+    # query 0 -> nearest item 0 (class 0): hit at 1. query 1 -> 2, 1, ...: hit at 2.
+    # query 2 (class 2) -> 3, then 2: hit at 2.
+    r = evaluate.recall_at_k(query, gallery, q_labels, g_labels, ks=(1, 2, 4))
+    assert r == {"R@1": pytest.approx(1 / 3), "R@2": pytest.approx(1.0), "R@4": pytest.approx(1.0)}
+    per_class = evaluate.per_class_recall_at_1(query, gallery, q_labels, g_labels, ["a", "b", "c", "d"])
+    assert per_class == {"a": 1.0, "b": 0.0, "c": 0.0}
+
+
+def test_video_level_prediction_averages_softmax_over_clips():
+    """Video top-1 takes the argmax of the mean softmax over clips; clip top-1 scores every clip."""
+    # video 0 (label 0): clips say 0, 0, 1 -> video right, 2/3 clips right
+    # video 1 (label 1): clips say 0 (barely), 0 (barely), 1 (confidently) -> video right, 1/3 clips
+    logits = torch.tensor([[[3.0, 0.0], [3.0, 0.0], [0.0, 1.0]],
+                           [[0.1, 0.0], [0.1, 0.0], [0.0, 5.0]]])
+    clip, video = evaluate.clip_and_video_top1(logits, torch.tensor([0, 1]))
+    assert clip == pytest.approx(3 / 6) and video == 1.0
+
+
+def test_detection_metrics_known_injected_set():
+    """ROC AUC of -s and precision of the n lowest scores, n = number of faulty pairs."""
+    s = np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.85])
+    faulty = np.array([0, 1, 0, 1, 0, 0], dtype=bool)
+    d = evaluate.detection_metrics(s, faulty)
+    assert d == {"auc": 1.0, "precision_at_n": 1.0, "n_faulty": 2}
+    faulty = np.array([0, 1, 0, 0, 1, 0], dtype=bool)       # one faulty pair hides at 0.7
+    d = evaluate.detection_metrics(s, faulty)
+    brute = np.mean([float(-s[i] > -s[j]) for i in np.flatnonzero(faulty) for j in np.flatnonzero(~faulty)])
+    assert d["auc"] == pytest.approx(brute) and d["precision_at_n"] == 0.5
+    assert evaluate.roc_auc([1, 1, 1], [True, False, False]) == 0.5  # ties count half
+
+
+def test_evaluate_end_to_end(toy, tmp_path):
+    """A tiny run, evaluated: downstream tables, per-class R@1, the retrieval grid, detection, and
+    results.json merged with what train.py wrote."""
+    out = tmp_path / "run"
+    run_train(toy, out, "--epochs", "1", "--n0", "0.25")
+    (out / "results.json").write_text(json.dumps({"kept": 1}))
+    r = evaluate.main([str(out), "--clips", "2", "--ft-epochs", "1", "--workers", "0", "--queries", "3"])
+    for name, classes in (("ucf", 6), ("hmdb", 4)):
+        assert r[name]["classes"] == classes and {"R@1", "R@5", "R@10"} <= set(r[name]["retrieval"])
+        for key in ("linear_probe_video_top1", "finetune_clip_top1", "finetune_video_top1"):
+            assert 0 <= r[name][key] <= 1
+    assert r["detection_injected"]["n_faulty"] == 10 and len(r["most_likely_faulty"]) == 40
+    assert sum(x["injected"] for x in r["most_likely_faulty"]) == 10
+    assert len(r["top4_retrievals"]) == 3 and all(len(row) == 5 for row in r["top4_retrievals"])
+    assert np.load(out / "retrievals.npz")["frames"].shape == (3, 5, 112, 112, 3)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["kept"] == 1 and "per_class_R@1" in saved and "ucf" in saved
+
+
+def test_evaluate_errors_are_clear(toy, tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        evaluate.main([str(tmp_path / "missing_run")])
+    out = tmp_path / "run"
+    run_train(toy, out, "--epochs", "1")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt["args"]["video_arch"] = "r2plus1d_18"                  # a checkpoint that does not fit its arch
+    torch.save(ckpt, tmp_path / "other_arch.pt")
+    with pytest.raises(SystemExit, match="does not fit the architecture"):
+        evaluate.main([str(tmp_path / "other_arch.pt")])
+    broken = tmp_path / "ucf"
+    (broken / "videos" / "A").mkdir(parents=True)
+    (broken / "videos" / "A" / "v_A_g01_c01.avi").write_bytes(b"")
+    (broken / "splits").mkdir()
+    (broken / "splits" / "classInd.txt").write_text("1 A\n")
+    (broken / "splits" / "trainlist01.txt").write_text("A/v_A_g01_c01.avi 1\n")
+    (broken / "splits" / "testlist01.txt").write_text("A/v_A_g01_c01.avi\n")
+    with pytest.raises(FileNotFoundError, match="no usable video in ucf"):
+        evaluate.main([str(out), "--ucf-root", str(broken / "videos"), "--ucf-splits", str(broken / "splits"),
+                       "--skip", "hmdb", "pretrain", "--workers", "0"])

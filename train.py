@@ -130,27 +130,10 @@ def setup_distributed(device_flag):
 
 
 def load_split(args, split, spec, log):
-    """Listing -> subset -> scan. Returns (usable videos, classes, broken [(path, reason)])."""
+    """The pre-training listing of a split: (usable videos, classes, broken [(path, reason)])."""
     root = Path(args.data_root) if args.data_root else Path(args.toy_root) / "kinetics"
-    if args.csv:
-        videos, classes = data.kinetics_csv(args.csv, root, split)
-    else:
-        videos, classes = data.kinetics_folder(root, split)
-    class_names = Path(args.classes).read_text().split("\n") if args.classes else None
-    videos, classes = data.select_subset(videos, classes, [c for c in class_names or [] if c.strip()] or None,
-                                        args.subset if split == args.split else None, args.seed)
-    usable, broken = data.scan(videos, spec, root / f".scan-cache-{split}.json", name=f"{root} [{split}]", log=log)
-    return usable, classes, broken
-
-
-def natural_faulty_flags(args, videos):
-    """The embedded dataset marks clips whose audio is unrelated to the picture (annotations.csv)."""
-    ann = (Path(args.data_root) if args.data_root else Path(args.toy_root) / "kinetics") / "annotations.csv"
-    if not ann.exists():
-        return None
-    import csv
-    marked = {str(Path(ann.parent.parent) / r["path"]) for r in csv.DictReader(open(ann)) if r["faulty_positive"] == "1"}
-    return np.array([v.path in marked for v in videos])
+    return data.pretraining_split(root, split, spec, csv_path=args.csv, classes_file=args.classes,
+                                  subset=args.subset if split == args.split else None, seed=args.seed, log=log)
 
 
 class RunLog:
@@ -240,7 +223,7 @@ def main(argv=None):
         parser.error(f"--batch-size {args.batch_size} is larger than the dataset ({N} usable videos)")
     audio_source, pairs = data.inject_faulty_positives(N, args.n0, args.seed)
     injected = (audio_source != torch.arange(N)).numpy()
-    natural = natural_faulty_flags(args, videos)
+    natural = data.natural_faulty_flags(videos)
     if is_main:
         atomic_write_json(out / "injection.json", {"n0": args.n0, "seed": args.seed, "num_instances": N,
                                                    "pairs": [{"instance": i, "audio_from": j, "video": videos[i].path,
@@ -389,13 +372,12 @@ def final_summary(args, model, criterion, videos, injected, natural, spec, devic
         log(f"no held-out split for retrieval ({e})")
         val = None
     if val:
-        eval_spec = spec
-        gallery = evaluate.extract_video_features(model, data.AVClips(videos, eval_spec, False, num_clips=2), device,
+        gallery = evaluate.extract_video_features(model, data.AVClips(videos, spec, False, num_clips=2), device,
                                                   workers=args.workers)
-        queries = evaluate.extract_video_features(model, data.AVClips(val, eval_spec, False, num_clips=2), device,
+        queries = evaluate.extract_video_features(model, data.AVClips(val, spec, False, num_clips=2), device,
                                                   workers=args.workers)
-        r = evaluate.recall_at_k(queries[0], gallery[0], queries[1], gallery[1], ks=(1, 5))
-        results["pretrain_retrieval"] = r
+        r = evaluate.recall_at_k(queries[0]["pooled"], gallery[0]["pooled"], queries[1], gallery[1], ks=(1, 5))
+        results["train_summary_retrieval"] = r
         log(f"video retrieval, {len(val)} held-out {args.val_split} clips -> {len(videos)} {args.split} clips: "
             + "  ".join(f"{k} {v:.3f}" for k, v in r.items()) + f"  (chance R@1 ~ {chance(gallery[1], queries[1]):.3f})")
     s = criterion.bank.s.cpu().numpy()

@@ -1,6 +1,12 @@
-"""Figures. Each one is drawn from files on disk (clips, result JSON of runs) and saved as PNG + PDF.
+"""Figures, each drawn from files of runs (results.json, log.jsonl, checkpoint.pt), saved as PNG + PDF.
 
-    python plots.py toy-clip      # figures/toy_clip.png: what one embedded clip looks and sounds like
+    python plots.py delta        # Figure 1: δ sweep of Weighted-xID, one line per n₀ (trains what is missing)
+    python plots.py lambda       # Figure 2: λ sweep of Soft-xID with cycle targets (trains what is missing)
+    python plots.py run RUN_DIR  # Figures 3-4, the score histogram with W(s), training curves of one run
+    python plots.py toy-clip     # a frame strip and spectrogram of an embedded clip
+
+A sweep trains and evaluates every grid point that has no complete results.json yet (an interrupted
+sweep resumes where it stopped), then draws mean ± std over seeds.
 """
 import argparse
 import json
@@ -15,6 +21,11 @@ import torch  # noqa: E402
 import torchaudio  # noqa: E402
 
 import data  # noqa: E402
+from losses import faulty_positive_weights  # noqa: E402
+
+PANELS = [("ucf", "finetune_video_top1", "UCF fine-tune (video top-1)"), ("ucf", "R@5", "UCF retrieval R@5"),
+          ("hmdb", "finetune_video_top1", "HMDB fine-tune (video top-1)"), ("hmdb", "R@5", "HMDB retrieval R@5")]
+MARKERS, STYLES = ["o", "s", "^", "D", "v"], ["-", "--", ":", "-."]
 
 
 def save(fig, out):
@@ -26,12 +37,192 @@ def save(fig, out):
     print(f"wrote {out.with_suffix('.png')} and .pdf")
 
 
+# ----------------------------------------------------------------------------------------------
+# Sweeps: train + evaluate the missing grid points, then draw
+# ----------------------------------------------------------------------------------------------
+def metric(results, dataset, name):
+    r = results[dataset]
+    return r["retrieval"][name] if name.startswith("R@") else r[name]
+
+
+def ensure_point(run_dir, train_flags, args):
+    """Train and evaluate one grid point unless its results are complete; resume a half-done one."""
+    import evaluate
+    import train
+    res = run_dir / "results.json"
+    if res.exists():
+        r = json.loads(res.read_text())
+        if r.get("evaluated_epoch") == args.epochs and "ucf" in r and "hmdb" in r:
+            return r
+    common = ["--toy-root", args.toy_root, "--out", str(run_dir), "--epochs", str(args.epochs), "--no-eval",
+              "--warmup-epochs", str(args.warmup_epochs), "--workers", str(args.workers)]
+    ckpt = run_dir / "checkpoint.pt"
+    done = torch.load(ckpt, weights_only=False)["epoch"] + 1 if ckpt.exists() else 0
+    if done < args.epochs:
+        train.main(common + train_flags + (["--resume"] if done else []))
+    return evaluate.main([str(run_dir), "--skip", "pretrain", "--workers", str(args.workers)])
+
+
+def sweep(kind, args):
+    root = Path(args.runs) / kind
+    data.ensure_toy(args.toy_root)
+    table = {}
+    if kind == "delta":
+        points = [(n0, d) for n0 in args.n0 for d in args.deltas] + [(n0, "xid") for n0 in args.n0]
+        for seed in args.seeds:
+            for n0, d in points:
+                flags = ["--mode", "xid"] if d == "xid" else ["--mode", "weighted", "--delta", str(d)]
+                name = f"n0_{n0:g}_{'xid' if d == 'xid' else f'delta_{d:g}'}_seed{seed}"
+                table[(n0, d, seed)] = ensure_point(root / name, flags + ["--n0", str(n0), "--seed", str(seed)], args)
+    else:
+        for seed in args.seeds:
+            for lam in args.lams:
+                flags = ["--mode", "soft", "--strategy", "cycle", "--lam", str(lam), "--seed", str(seed)]
+                table[(lam, seed)] = ensure_point(root / f"lam_{lam:g}_seed{seed}", flags, args)
+    return table
+
+
+def draw_delta(table, args, out):
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    for ax, (ds, name, title) in zip(axes, PANELS):
+        for k, n0 in enumerate(args.n0):
+            ys = np.array([[metric(table[(n0, d, s)], ds, name) for s in args.seeds] for d in args.deltas])
+            ax.errorbar(args.deltas, ys.mean(1), ys.std(1), marker=MARKERS[k], ls=STYLES[k % 4], color="k",
+                        capsize=3, label=f"Weighted-xID, n₀ = {n0:g}")
+            base = np.array([metric(table[(n0, "xid", s)], ds, name) for s in args.seeds])
+            ax.axhline(base.mean(), ls=STYLES[k % 4], color="0.6", lw=1.5, label=f"xID, n₀ = {n0:g}")
+        ax.set_xlabel("δ (mid-point of W at μ + δσ)")
+        ax.set_title(title, fontsize=10)
+    axes[0].set_ylabel("accuracy / recall")
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Figure 1 on the embedded data: δ sweep (w_min = 0.25, κ = 0.5), mean ± std over "
+                 f"{len(args.seeds)} seeds, {args.epochs} epochs", fontsize=10)
+    fig.tight_layout()
+    save(fig, out)
+
+
+def draw_lambda(table, args, out):
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    for ax, (ds, name, title) in zip(axes, PANELS):
+        ys = np.array([[metric(table[(lam, s)], ds, name) for s in args.seeds] for lam in args.lams])
+        ax.errorbar(args.lams, ys.mean(1), ys.std(1), marker="o", color="k", capsize=3, label="Soft-xID, cycle")
+        ax.axvspan(0.25, 0.5, color="0.9", label="paper's best λ")
+        ax.axvline(0.65, color="0.5", ls=":", label="paper: collapse above")
+        ax.set_xlabel("λ (soft-target mixing)")
+        ax.set_title(title, fontsize=10)
+    axes[0].set_ylabel("accuracy / recall")
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Figure 2 on the embedded data: λ sweep of Soft-xID (cycle targets), mean ± std over "
+                 f"{len(args.seeds)} seeds, {args.epochs} epochs", fontsize=10)
+    fig.tight_layout()
+    save(fig, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures of one run
+# ----------------------------------------------------------------------------------------------
+def per_class(run_dir, out, n=40):
+    """Figure 3: per-class R@1 on the pre-training set, best and worst classes."""
+    r = json.loads((Path(run_dir) / "results.json").read_text())["per_class_R@1"]
+    ranked = sorted(r.items(), key=lambda kv: -kv[1])
+    parts = [("best", ranked[:n])] if len(ranked) <= n else [("best", ranked[:n]), ("worst", ranked[-n:])]
+    fig, axes = plt.subplots(len(parts), 1, figsize=(max(6, 0.35 * len(parts[0][1])), 3.2 * len(parts)), squeeze=False)
+    for ax, (what, items) in zip(axes[:, 0], parts):
+        ax.bar(range(len(items)), [v for _, v in items], color="0.4")
+        ax.set_xticks(range(len(items)), [k for k, _ in items], rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel("R@1")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"Figure 3: per-class R@1 ({what} {len(items)} classes)", fontsize=10)
+    fig.tight_layout()
+    save(fig, out)
+
+
+def retrieval_grid(run_dir, out):
+    """Figure 4: each row a query (left) and its four nearest training videos."""
+    r = json.loads((Path(run_dir) / "results.json").read_text())["top4_retrievals"]
+    frames = np.load(Path(run_dir) / "retrievals.npz")["frames"]
+    fig, axes = plt.subplots(len(r), 5, figsize=(8, 1.75 * len(r)), squeeze=False)
+    for row, (items, imgs) in enumerate(zip(r, frames)):
+        for col, (item, img) in enumerate(zip(items, imgs)):
+            ax = axes[row, col]
+            ax.imshow(img)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            right = col == 0 or item["class"] == items[0]["class"]
+            ax.set_title(("query: " if col == 0 else "") + item["class"].replace("_", " "), fontsize=7,
+                         fontweight="normal" if right else "bold", style="normal" if right else "italic")
+    fig.suptitle("Figure 4: top-4 retrievals (wrong class in bold italics)", fontsize=10)
+    fig.tight_layout()
+    save(fig, out)
+
+
+def score_histogram(run_dir, out, deltas=(-2, -1, 0)):
+    """Alignment scores s_i of clean and injected pairs, with W(s) for a few δ drawn over them."""
+    ckpt = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    s = ckpt["criterion"]["bank.s"]
+    injected = torch.zeros(len(s), dtype=torch.bool)
+    injected[[i for i, _ in ckpt["injected_pairs"]]] = True
+    natural = data.natural_faulty_flags([data.Video(p) for p in ckpt["videos"]])
+    natural = torch.zeros_like(injected) if natural is None else torch.from_numpy(natural) & ~injected
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    bins = np.linspace(float(s.min()), float(s.max()), 40)
+    clean = ~injected & ~natural
+    ax.hist(s[clean].numpy(), bins, color="0.75", label=f"clean pairs ({int(clean.sum())})")
+    if injected.any():
+        ax.hist(s[injected].numpy(), bins, histtype="step", color="k", lw=2, label=f"injected ({int(injected.sum())})")
+    if natural.any():
+        ax.hist(s[natural].numpy(), bins, histtype="step", color="k", ls=":", lw=2, label=f"natural faulty ({int(natural.sum())})")
+    ax.set_xlabel("alignment score s_i = v̄_i·ā_i")
+    ax.set_ylabel("instances")
+    w_ax = ax.twinx()
+    mu, sigma = s.mean(), s.std()
+    grid = torch.linspace(float(s.min()), float(s.max()), 200)
+    for k, d in enumerate(deltas):
+        w_ax.plot(grid, faulty_positive_weights(grid, mu, sigma, d), color="k", ls=STYLES[k % 4], lw=1,
+                  label=f"W(s), δ = {d:g}")
+    w_ax.set_ylim(0, 1.05)
+    w_ax.set_ylabel("weight W(s)")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = w_ax.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
+    ax.set_title(f"scores at the end of the run (n₀ = {ckpt['args']['n0']:g}); w_min = 0.25, κ = 0.5", fontsize=10)
+    fig.tight_layout()
+    save(fig, out)
+
+
+def training_curves(run_dir, out):
+    """Losses, mean weight and detection AUC per epoch, from log.jsonl."""
+    log = [json.loads(x) for x in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    ep = [r for r in log if r["kind"] == "epoch"]
+    x = [r["epoch"] for r in ep]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for key, ls in (("loss_v2a", "-"), ("loss_a2v", "--")):
+        axes[0].plot(x, [r[key] for r in ep], "k" + ls, label=key.replace("_", " "))
+    axes[0].set_title("loss per direction")
+    axes[1].plot(x, [r["w_mean"] for r in ep], "k-", label="mean W over all slots")
+    axes[1].plot(x, [r["w_share_below_half"] for r in ep], "k--", label="share with W < 0.5")
+    axes[1].set_title("weights")
+    for key, ls, label in (("injected_auc", "-", "injected"), ("natural_auc", ":", "natural")):
+        if key in ep[-1]:
+            axes[2].plot(x, [r.get(key, np.nan) for r in ep], "k" + ls, label=label)
+    axes[2].axhline(0.5, color="0.6", lw=1)
+    axes[2].set_title("faulty-positive detection ROC AUC")
+    warm = [r["epoch"] for r in ep if r["warmup"]]
+    for ax in axes:
+        if warm:
+            ax.axvspan(0.5, max(warm) + 0.5, color="0.92")
+        ax.set_xlabel("epoch (shaded: warm-up, plain xID)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, out)
+
+
 def toy_clip(root, rel, out, frames=12):
     """A frame strip over the log-mel spectrogram of the same seconds, wall hits marked on both."""
     params = json.loads((Path(root) / "toy.json").read_text())
     events = json.loads((Path(root) / "events.json").read_text())[rel]
-    seconds, fps, rate = params["seconds"], frames / params["seconds"], params["rate"]
-    spec = data.ClipSpec(frames=frames, fps=fps, audio_seconds=seconds, sample_rate=rate)
+    seconds, rate = params["seconds"], params["rate"]
+    spec = data.ClipSpec(frames=frames, fps=frames / seconds, audio_seconds=seconds, sample_rate=rate)
     strip, wave = data.decode_clip(Path(root) / rel, 0.0, spec)
     mel = torchaudio.transforms.MelSpectrogram(rate, n_fft=rate // 25, hop_length=rate // 100, n_mels=64)
     logmel = torch.log(mel(torch.from_numpy(wave)) + 1e-6).numpy()
@@ -50,16 +241,45 @@ def toy_clip(root, rel, out, frames=12):
     save(fig, out)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
+    for kind in ("delta", "lambda"):
+        s = sub.add_parser(kind, help=f"the {kind} sweep: train/evaluate missing points, draw the figure")
+        s.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per grid point")
+        s.add_argument("--epochs", type=int, default=8, help="pre-training epochs per point")
+        s.add_argument("--warmup-epochs", type=int, default=3, help="plain-xID epochs first")
+        s.add_argument("--runs", default="runs/sweeps", help="where the runs of the sweep live")
+        s.add_argument("--toy-root", default="data/toy", help="the embedded dataset")
+        s.add_argument("--workers", type=int, default=2, help="data-loading processes")
+        s.add_argument("--out", default=f"figures/fig{1 if kind == 'delta' else 2}_{kind}_sweep")
+        if kind == "delta":
+            s.add_argument("--deltas", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0], help="δ grid")
+            s.add_argument("--n0", type=float, nargs="+", default=[0.0, 0.25, 0.5], help="one line per n₀")
+        else:
+            s.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="λ grid")
+    r = sub.add_parser("run", help="Figures 3-4, score histogram and training curves of one evaluated run")
+    r.add_argument("run_dir")
+    r.add_argument("--out", default="figures", help="output folder")
     t = sub.add_parser("toy-clip", help="frame strip + spectrogram of one embedded clip")
     t.add_argument("--root", default="data/toy", help="the embedded dataset (generated if missing)")
-    t.add_argument("--clip", default="kinetics/train/red_circle_horizontal/red000003_000000_000003.mp4",
+    t.add_argument("--clip", default="kinetics/train/green_triangle_diagonal/gre000001_000000_000003.mp4",
                    help="clip path relative to --root")
     t.add_argument("--out", default="figures/toy_clip", help="output path without extension")
-    args = p.parse_args()
-    if args.cmd == "toy-clip":
+    args = p.parse_args(argv)
+    if args.cmd == "delta":
+        draw_delta(sweep("delta", args), args, args.out)
+    elif args.cmd == "lambda":
+        draw_lambda(sweep("lambda", args), args, args.out)
+    elif args.cmd == "run":
+        run, out = Path(args.run_dir), Path(args.out)
+        if not (run / "results.json").exists():
+            p.error(f"{run} has no results.json: run `python evaluate.py {run}` first")
+        per_class(run, out / "fig3_per_class_r1")
+        retrieval_grid(run, out / "fig4_retrievals")
+        score_histogram(run, out / "score_histogram")
+        training_curves(run, out / "training_curves")
+    else:
         data.ensure_toy(args.root)
         toy_clip(args.root, args.clip, args.out)
 

@@ -383,7 +383,7 @@ def scan(videos, spec=ClipSpec(), cache_path=None, name="dataset", log=print):
             usable.append(replace(v, duration=duration))
     if cache_path:
         try:
-            _atomic_write(cache_path, json.dumps(fresh))
+            atomic_write(cache_path, json.dumps(fresh))
         except OSError as e:
             log(f"scan: cannot write the cache {cache_path} ({e}); the next run will scan again")
     counts = {}
@@ -397,7 +397,8 @@ def scan(videos, spec=ClipSpec(), cache_path=None, name="dataset", log=print):
     return usable, broken
 
 
-def _atomic_write(path, text):
+def atomic_write(path, text):
+    """Write a file so that a crash leaves the old version or the new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
     Path(tmp).write_text(text)
     os.replace(tmp, path)
@@ -578,10 +579,10 @@ def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=24, fau
             (splits / f"{name}_test_split{fold}.txt").write_text(
                 "".join(f"{n} {2 if k in test else 1}\n" for k, n in enumerate(names)))
 
-    _atomic_write(root / "events.json", json.dumps(events_of))
+    atomic_write(root / "events.json", json.dumps(events_of))
     params = dict(version=TOY_VERSION, seed=seed, per_class=per_class, downstream_per_class=downstream_per_class,
                   faulty_share=faulty_share, size=size, fps=fps, seconds=seconds, rate=rate)
-    _atomic_write(root / "toy.json", json.dumps(params, indent=1))  # written last: marks a complete set
+    atomic_write(root / "toy.json", json.dumps(params, indent=1))  # written last: marks a complete set
     log(f"wrote the embedded dataset to {root} in {time.time() - t0:.1f}s "
         f"({len(events_of)} clips, {size}px, {fps} fps, {rate} Hz)")
     return root

@@ -11,7 +11,6 @@ Prints a table and merges everything into RUN_DIR/results.json (plots.py reads i
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -298,15 +297,19 @@ def main(argv=None):
         results.update(pretraining_analysis(model, ckpt, spec, args, device, run_dir, log))
     results["evaluate_seconds"] = time.perf_counter() - t0
 
-    path = run_dir / "results.json"
-    merged = json.loads(path.read_text()) if path.exists() else {}
-    merged.update(results)
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(json.dumps(merged, indent=1))
-    os.replace(tmp, path)
+    path = merge_results(run_dir, results)
     print_table(results)
     log(f"evaluated in {results['evaluate_seconds']:.0f}s; results merged into {path}")
     return results
+
+
+def merge_results(run_dir, results):
+    """Add to RUN_DIR/results.json, keeping what other steps wrote there (train.py, other parts)."""
+    path = Path(run_dir) / "results.json"
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(results)
+    data.atomic_write(path, json.dumps(merged, indent=1))
+    return path
 
 
 def print_table(r):

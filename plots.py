@@ -82,40 +82,47 @@ def sweep(kind, args):
     return table
 
 
-def draw_delta(table, args, out):
+def draw_sweep(x, lines, xlabel, title, out, extra=None):
+    """Four panels (PANELS); lines: [(label, style, marker, {x: [results of each seed]})]."""
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
-    for ax, (ds, name, title) in zip(axes, PANELS):
-        for k, n0 in enumerate(args.n0):
-            ys = np.array([[metric(table[(n0, d, s)], ds, name) for s in args.seeds] for d in args.deltas])
-            ax.errorbar(args.deltas, ys.mean(1), ys.std(1), marker=MARKERS[k], ls=STYLES[k % 4], color="k",
-                        capsize=3, label=f"Weighted-xID, n₀ = {n0:g}")
-            base = np.array([metric(table[(n0, "xid", s)], ds, name) for s in args.seeds])
-            ax.axhline(base.mean(), ls=STYLES[k % 4], color="0.6", lw=1.5, label=f"xID, n₀ = {n0:g}")
-        ax.set_xlabel("δ (mid-point of W at μ + δσ)")
-        ax.set_title(title, fontsize=10)
+    for ax, (ds, name, panel) in zip(axes, PANELS):
+        for label, style, marker, runs in lines:
+            ys = np.array([[metric(r, ds, name) for r in runs[v]] for v in x])
+            if marker:
+                ax.errorbar(x, ys.mean(1), ys.std(1), marker=marker, ls=style, color="k", capsize=3, label=label)
+            else:  # a baseline that does not depend on x
+                ax.axhline(ys.mean(), ls=style, color="0.6", lw=1.5, label=label)
+        if extra:
+            extra(ax)
+        ax.set_xlabel(xlabel)
+        ax.set_title(panel, fontsize=10)
     axes[0].set_ylabel("accuracy / recall")
     axes[-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"Figure 1 on the embedded data: δ sweep (w_min = 0.25, κ = 0.5), mean ± std over "
-                 f"{len(args.seeds)} seeds, {args.epochs} epochs", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save(fig, out)
+
+
+def draw_delta(table, args, out):
+    lines = []
+    for k, n0 in enumerate(args.n0):
+        lines.append((f"Weighted-xID, n₀ = {n0:g}", STYLES[k % 4], MARKERS[k],
+                      {d: [table[(n0, d, s)] for s in args.seeds] for d in args.deltas}))
+        lines.append((f"xID, n₀ = {n0:g}", STYLES[k % 4], None,
+                      {d: [table[(n0, "xid", s)] for s in args.seeds] for d in args.deltas}))
+    draw_sweep(args.deltas, lines, "δ (mid-point of W at μ + δσ)",
+               f"Figure 1 on the embedded data: δ sweep (w_min = 0.25, κ = 0.5), mean ± std over "
+               f"{len(args.seeds)} seeds, {args.epochs} epochs", out)
 
 
 def draw_lambda(table, args, out):
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
-    for ax, (ds, name, title) in zip(axes, PANELS):
-        ys = np.array([[metric(table[(lam, s)], ds, name) for s in args.seeds] for lam in args.lams])
-        ax.errorbar(args.lams, ys.mean(1), ys.std(1), marker="o", color="k", capsize=3, label="Soft-xID, cycle")
+    def paper(ax):
         ax.axvspan(0.25, 0.5, color="0.9", label="paper's best λ")
         ax.axvline(0.65, color="0.5", ls=":", label="paper: collapse above")
-        ax.set_xlabel("λ (soft-target mixing)")
-        ax.set_title(title, fontsize=10)
-    axes[0].set_ylabel("accuracy / recall")
-    axes[-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"Figure 2 on the embedded data: λ sweep of Soft-xID (cycle targets), mean ± std over "
-                 f"{len(args.seeds)} seeds, {args.epochs} epochs", fontsize=10)
-    fig.tight_layout()
-    save(fig, out)
+    lines = [("Soft-xID, cycle", "-", "o", {lam: [table[(lam, s)] for s in args.seeds] for lam in args.lams})]
+    draw_sweep(args.lams, lines, "λ (soft-target mixing)",
+               f"Figure 2 on the embedded data: λ sweep of Soft-xID (cycle targets), mean ± std over "
+               f"{len(args.seeds)} seeds, {args.epochs} epochs", out, extra=paper)
 
 
 # ----------------------------------------------------------------------------------------------

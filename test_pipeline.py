@@ -1,4 +1,5 @@
 """data -> train -> evaluate -> plots, end to end, on tiny data the tests write themselves."""
+import argparse
 import fractions
 import json
 from pathlib import Path
@@ -422,3 +423,38 @@ def test_evaluate_errors_are_clear(toy, tmp_path):
     with pytest.raises(FileNotFoundError, match="no usable video in ucf"):
         evaluate.main([str(out), "--ucf-root", str(broken / "videos"), "--ucf-splits", str(broken / "splits"),
                        "--skip", "hmdb", "pretrain", "--workers", "0"])
+
+
+# ----------------------------------------------------------------------------------------------
+# plots.py: the figures of a run, the sweep's bookkeeping
+# ----------------------------------------------------------------------------------------------
+import plots  # noqa: E402
+
+
+def test_run_figures_are_drawn(toy, tmp_path):
+    """Figures 3-4, the score histogram and the training curves come from a run's files alone."""
+    out = tmp_path / "run"
+    run_train(toy, out, "--epochs", "2", "--n0", "0.25")
+    evaluate.main([str(out), "--clips", "2", "--ft-epochs", "1", "--workers", "0", "--queries", "2", "--skip", "ucf", "hmdb"])
+    plots.main(["run", str(out), "--out", str(tmp_path / "figs")])
+    for name in ("fig3_per_class_r1", "fig4_retrievals", "score_histogram", "training_curves"):
+        assert (tmp_path / "figs" / f"{name}.png").stat().st_size > 5000
+        assert (tmp_path / "figs" / f"{name}.pdf").exists()
+
+
+def test_sweep_skips_finished_points_and_draws(tmp_path):
+    """A grid point with complete results is not trained again (an interrupted sweep resumes);
+    the figures draw mean ± std over seeds from the results alone."""
+    args = argparse.Namespace(epochs=3, seeds=[0, 1], deltas=[-1.0, 0.0], n0=[0.0, 0.5], lams=[0.0, 0.5])
+    rng = np.random.default_rng(0)
+    fake = lambda: {"evaluated_epoch": 3, **{ds: {"finetune_video_top1": rng.random(), "retrieval": {"R@5": rng.random()}}  # noqa: E731
+                                              for ds in ("ucf", "hmdb")}}
+    point = tmp_path / "p"
+    point.mkdir()
+    (point / "results.json").write_text(json.dumps(fake()))
+    assert plots.ensure_point(point, ["--mode", "xid"], args) == json.loads((point / "results.json").read_text())
+    assert not (point / "checkpoint.pt").exists()                          # nothing was trained
+    table = {(n0, d, s): fake() for n0 in args.n0 for d in args.deltas + ["xid"] for s in args.seeds}
+    plots.draw_delta(table, args, tmp_path / "fig1")
+    plots.draw_lambda({(lam, s): fake() for lam in args.lams for s in args.seeds}, args, tmp_path / "fig2")
+    assert (tmp_path / "fig1.png").exists() and (tmp_path / "fig2.pdf").exists()

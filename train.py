@@ -225,9 +225,9 @@ def main(argv=None):
     injected = (audio_source != torch.arange(N)).numpy()
     natural = data.natural_faulty_flags(videos)
     if is_main:
-        atomic_write_json(out / "injection.json", {"n0": args.n0, "seed": args.seed, "num_instances": N,
+        data.atomic_write(out / "injection.json", json.dumps({"n0": args.n0, "seed": args.seed, "num_instances": N,
                                                    "pairs": [{"instance": i, "audio_from": j, "video": videos[i].path,
-                                                              "audio_video": videos[j].path} for i, j in pairs]})
+                                                              "audio_video": videos[j].path} for i, j in pairs]}, indent=1))
         (out / "broken.txt").write_text("".join(f"{p}\t{r}\n" for p, r in broken))
     labels = torch.tensor([v.label for v in videos], device=device)
     dataset = data.AVClips(videos, spec, train=True, audio_source=audio_source)
@@ -346,12 +346,6 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def atomic_write_json(path, obj):
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def bank_spread(criterion, world):
     """max - min over ranks of a checksum of the banks: 0 when every rank holds the same banks."""
     if world == 1:
@@ -391,10 +385,7 @@ def final_summary(args, model, criterion, videos, injected, natural, spec, devic
         results["detection_natural"] = d
         log(f"natural faulty positives ({d['n_faulty']}, marked in annotations.csv): ROC AUC {d['auc']:.3f}, "
             f"precision at n {d['precision_at_n']:.3f} (chance {(natural & ~injected).mean():.3f})")
-    path = out / "results.json"
-    merged = json.loads(path.read_text()) if path.exists() else {}
-    merged.update(results)
-    atomic_write_json(path, merged)
+    path = evaluate.merge_results(out, results)
     log(f"summary in {time.perf_counter() - t:.0f}s, written to {path}")
 
 

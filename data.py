@@ -418,7 +418,7 @@ TOY_KINETICS = [("circle", "red", "horizontal", 262, "sine"), ("square", "blue",
 # Downstream classes need what pre-training should teach, in combinations it never showed.
 TOY_UCF = [(s, m) for s in ("circle", "square", "triangle") for m in ("horizontal", "vertical")]
 TOY_HMDB = [(s, sp) for s in ("cross", "diamond") for sp in ("slow", "fast")]
-TOY_VERSION = 1  # bump when the generator changes: existing copies are then regenerated
+TOY_VERSION = 2  # bump when the generator changes: existing copies are then regenerated
 SPEEDS = {"normal": (35.0, 80.0), "slow": (20.0, 35.0), "fast": (80.0, 120.0)}  # pixels/s at 64 px
 
 
@@ -511,7 +511,7 @@ def write_av_file(path, frames, wave, fps, rate):
         out.mux(aus.encode())
 
 
-def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=24, faulty_share=0.1,
+def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=60, faulty_share=0.1,
              size=64, fps=16, seconds=3.0, rate=16000, log=print):
     """Write the embedded dataset under root: kinetics/{train,val}/<class>/<id>.mp4 (+ the official-style
     CSV and annotations.csv marking natural faulty positives), ucf/ and hmdb/ with split files."""
@@ -660,7 +660,7 @@ def main():
     m.add_argument("--root", default="data/toy", help="output folder")
     m.add_argument("--seed", type=int, default=0, help="same seed, same clips")
     m.add_argument("--per-class", type=int, default=60, help="pre-training clips per class (80%% train, 20%% val)")
-    m.add_argument("--downstream-per-class", type=int, default=24, help="clips per class of the UCF/HMDB stand-ins")
+    m.add_argument("--downstream-per-class", type=int, default=60, help="clips per class of the UCF/HMDB stand-ins")
     m.add_argument("--faulty-share", type=float, default=0.1,
                    help="share of pre-training clips with unrelated audio (natural faulty positives)")
     m.add_argument("--size", type=int, default=64, help="frame width and height in pixels (even)")

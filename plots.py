@@ -60,7 +60,8 @@ def ensure_point(run_dir, train_flags, args):
     done = torch.load(ckpt, weights_only=False)["epoch"] + 1 if ckpt.exists() else 0
     if done < args.epochs:
         train.main(common + train_flags + (["--resume"] if done else []))
-    return evaluate.main([str(run_dir), "--skip", "pretrain", "--workers", str(args.workers)])
+    return evaluate.main([str(run_dir), "--skip", "pretrain", "--workers", str(args.workers),
+                          "--clips", str(args.eval_clips)])
 
 
 def sweep(kind, args):
@@ -259,6 +260,8 @@ def main(argv=None):
         s.add_argument("--runs", default="runs/sweeps", help="where the runs of the sweep live")
         s.add_argument("--toy-root", default="data/toy", help="the embedded dataset")
         s.add_argument("--workers", type=int, default=2, help="data-loading processes")
+        s.add_argument("--eval-clips", type=int, default=5, help="clips per video in evaluation (protocol: 10; "
+                       "5 keeps a sweep within 30 min on 2 CPU cores)")
         s.add_argument("--out", default=f"figures/fig{1 if kind == 'delta' else 2}_{kind}_sweep")
         if kind == "delta":
             s.add_argument("--deltas", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0], help="δ grid")

@@ -445,7 +445,7 @@ def test_run_figures_are_drawn(toy, tmp_path):
 def test_sweep_skips_finished_points_and_draws(tmp_path):
     """A grid point with complete results is not trained again (an interrupted sweep resumes);
     the figures draw mean ± std over seeds from the results alone."""
-    args = argparse.Namespace(epochs=3, seeds=[0, 1], deltas=[-1.0, 0.0], n0=[0.0, 0.5], lams=[0.0, 0.5])
+    args = argparse.Namespace(epochs=3, eval_clips=2, seeds=[0, 1], deltas=[-1.0, 0.0], n0=[0.0, 0.5], lams=[0.0, 0.5])
     rng = np.random.default_rng(0)
     fake = lambda: {"evaluated_epoch": 3, **{ds: {"finetune_video_top1": rng.random(), "retrieval": {"R@5": rng.random()}}  # noqa: E731
                                               for ds in ("ucf", "hmdb")}}

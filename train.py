@@ -249,9 +249,9 @@ def main(argv=None):
     start_epoch = 0
     if args.resume:
         ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
-        if ckpt["num_instances"] != N:
-            parser.error(f"--resume: the checkpoint has {ckpt['num_instances']} bank slots, the data now {N} "
-                         f"usable videos (files changed?)")
+        if ckpt["videos"] != [v.path for v in videos] or ckpt["injected_pairs"] != pairs:
+            parser.error(f"--resume: the usable videos or the injected pairs differ from the checkpoint's "
+                         f"({ckpt['num_instances']} slots then, {N} usable videos now): bank slots would not match")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         criterion.load_state_dict(ckpt["criterion"])

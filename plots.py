@@ -133,14 +133,15 @@ def per_class(run_dir, out, n=40):
     """Figure 3: per-class R@1 on the pre-training set, best and worst classes."""
     r = json.loads((Path(run_dir) / "results.json").read_text())["per_class_R@1"]
     ranked = sorted(r.items(), key=lambda kv: -kv[1])
-    parts = [("best", ranked[:n])] if len(ranked) <= n else [("best", ranked[:n]), ("worst", ranked[-n:])]
+    parts = ([(f"all {len(ranked)}, best to worst", ranked)] if len(ranked) <= n
+             else [(f"best {n}", ranked[:n]), (f"worst {n}", ranked[-n:])])
     fig, axes = plt.subplots(len(parts), 1, figsize=(max(6, 0.35 * len(parts[0][1])), 3.2 * len(parts)), squeeze=False)
     for ax, (what, items) in zip(axes[:, 0], parts):
         ax.bar(range(len(items)), [v for _, v in items], color="0.4")
         ax.set_xticks(range(len(items)), [k for k, _ in items], rotation=60, ha="right", fontsize=8)
         ax.set_ylabel("R@1")
         ax.set_ylim(0, 1)
-        ax.set_title(f"Figure 3: per-class R@1 ({what} {len(items)} classes)", fontsize=10)
+        ax.set_title(f"Figure 3: per-class R@1 on the pre-training set ({what} classes)", fontsize=10)
     fig.tight_layout()
     save(fig, out)
 

@@ -169,13 +169,12 @@ def softening_scores(strategy, v_pos, a_pos, v_neg, a_neg, tau_s=0.07, mask=None
         S_v = _cycle_scores(v_pos, a_pos, v_neg, a_neg, g.logsumexp(1), tau_s, mask)
         S_a = _cycle_scores(a_pos, v_pos, a_neg, v_neg, g.logsumexp(0), tau_s, mask)
         return S_v, S_a
-    logits_v, logits_a = {                             # each (B, 1+K)
-        "bootstrap": (candidate_logits(v_pos, a_pos, a_neg), candidate_logits(a_pos, v_pos, v_neg)),
-        "swapped": (candidate_logits(a_pos, v_pos, v_neg), candidate_logits(v_pos, a_pos, a_neg)),
-        "neighbor": (candidate_logits(v_pos, v_pos, v_neg), candidate_logits(a_pos, a_pos, a_neg)),
-    }[strategy]
-    return (_masked_log_softmax(logits_v / tau_s, mask).exp(),
-            _masked_log_softmax(logits_a / tau_s, mask).exp())
+    # (query, its own row, the negatives' rows) of S_v and of S_a; see the table above
+    args_v, args_a = {"bootstrap": ((v_pos, a_pos, a_neg), (a_pos, v_pos, v_neg)),
+                      "swapped": ((a_pos, v_pos, v_neg), (v_pos, a_pos, a_neg)),
+                      "neighbor": ((v_pos, v_pos, v_neg), (a_pos, a_pos, a_neg))}[strategy]
+    return tuple(_masked_log_softmax(candidate_logits(*args) / tau_s, mask).exp()     # (B, 1+K)
+                 for args in (args_v, args_a))
 
 
 def soft_targets(S, lam):

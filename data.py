@@ -418,7 +418,7 @@ TOY_KINETICS = [("circle", "red", "horizontal", 262, "sine"), ("square", "blue",
 # Downstream classes need what pre-training should teach, in combinations it never showed.
 TOY_UCF = [(s, m) for s in ("circle", "square", "triangle") for m in ("horizontal", "vertical")]
 TOY_HMDB = [(s, sp) for s in ("cross", "diamond") for sp in ("slow", "fast")]
-TOY_VERSION = 2  # bump when the generator changes: existing copies are then regenerated
+TOY_VERSION = 3  # bump when the generator changes: existing copies are then regenerated
 SPEEDS = {"normal": (35.0, 80.0), "slow": (20.0, 35.0), "fast": (80.0, 120.0)}  # pixels/s at 64 px
 
 
@@ -527,12 +527,12 @@ def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=60, fau
 
     # pre-training set: Kinetics layout, 80% train / 20% val, a share of natural faulty positives
     annotations, csv_rows = [], []
-    for shape, colour, motion, pitch, timbre in TOY_KINETICS:
+    for c, (shape, colour, motion, pitch, timbre) in enumerate(TOY_KINETICS):
         name = f"{colour}_{shape}_{motion}"
         for k in range(per_class):
             split = "train" if k < int(0.8 * per_class) else "val"
             kind = "events" if rng.random() >= faulty_share else str(rng.choice(["music", "voice-over"]))
-            yid = f"{name[:3]}{seed:02d}{k:04d}"
+            yid = f"toy{c:02d}{k:04d}"  # unique over the dataset, as YouTube ids are
             rel = f"kinetics/{split}/{name}/{yid}_000000_{int(seconds):06d}.mp4"
             clip(rel, shape, colour, motion, "normal", pitch, timbre, kind)
             annotations.append({"path": rel, "split": split, "label": name, "audio": kind,

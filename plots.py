@@ -274,7 +274,7 @@ def main(argv=None):
     r.add_argument("--out", default="figures", help="output folder")
     t = sub.add_parser("toy-clip", help="frame strip + spectrogram of one embedded clip")
     t.add_argument("--root", default="data/toy", help="the embedded dataset (generated if missing)")
-    t.add_argument("--clip", default="kinetics/train/green_triangle_diagonal/gre000001_000000_000003.mp4",
+    t.add_argument("--clip", default="kinetics/train/green_triangle_diagonal/toy020001_000000_000003.mp4",
                    help="clip path relative to --root")
     t.add_argument("--out", default="figures/toy_clip", help="output path without extension")
     args = p.parse_args(argv)

@@ -1,5 +1,6 @@
 """data -> train -> evaluate -> plots, end to end, on tiny data the tests write themselves."""
 import argparse
+import csv
 import fractions
 import json
 from pathlib import Path
@@ -61,7 +62,7 @@ def write_av(path, fmt=None, vcodec="libx264", acodec="aac", size=(32, 32), fps=
 def test_toy_is_deterministic(toy, tmp_path):
     """Same seed, same decoded frames and audio (a second generation, compared clip by clip)."""
     again = data.make_toy(tmp_path / "again", log=lambda *a: None, **TINY)
-    for rel in ["kinetics/train/red_circle_horizontal/red000000_000000_000002.mp4",
+    for rel in ["kinetics/train/red_circle_horizontal/toy000000_000000_000002.mp4",
                 "ucf/videos/SquareVertical/v_SquareVertical_g01_c01.mp4"]:
         a = data.decode_clip(toy / rel, 0.25, SPEC)
         b = data.decode_clip(again / rel, 0.25, SPEC)
@@ -76,6 +77,8 @@ def test_toy_layout_and_split_files_parse(toy):
     assert len(classes) == 10 and len(train) == 10 * 4          # 80% of 5 per class
     via_csv, csv_classes = data.kinetics_csv(toy / "kinetics" / "kinetics_toy.csv", toy / "kinetics", "train")
     assert via_csv == train and csv_classes == classes
+    ids = [r["youtube_id"] for r in csv.DictReader(open(toy / "kinetics" / "kinetics_toy.csv"))]
+    assert len(ids) == len(set(ids)) == 10 * 5
     assert [v.path for v in train] == sorted(v.path for v in train)
     for name, n_classes in [("ucf", 6), ("hmdb", 4)]:
         for fold in (1, 2, 3):
@@ -89,7 +92,6 @@ def test_toy_layout_and_split_files_parse(toy):
 
 def test_natural_faulty_positives_are_marked(toy):
     """annotations.csv marks the clips whose audio is unrelated to the picture."""
-    import csv
     rows = list(csv.DictReader(open(toy / "kinetics" / "annotations.csv")))
     faulty = [r for r in rows if r["faulty_positive"] == "1"]
     assert 0 < len(faulty) < len(rows) and all(r["audio"] in ("music", "voice-over") for r in faulty)
@@ -109,7 +111,7 @@ def test_clips_have_documented_shapes(toy):
 
 def test_audio_events_line_up_with_visual_events(toy):
     """The instance detail shared by both streams: a click in the audio when the shape hits a wall."""
-    rel = "kinetics/train/red_circle_horizontal/red000002_000000_000002.mp4"
+    rel = "kinetics/train/red_circle_horizontal/toy000002_000000_000002.mp4"
     all_events = json.loads((toy / "events.json").read_text())
     assert all(0 < e < TINY["seconds"] for evs in all_events.values() for e in evs)
     events = all_events[rel]
@@ -171,7 +173,7 @@ def test_subset_class_list_and_balance(toy):
 # Broken and unusual files
 # ----------------------------------------------------------------------------------------------
 def test_scan_names_every_broken_file(toy, tmp_path):
-    good = toy / "kinetics/train/red_circle_horizontal/red000000_000000_000002.mp4"
+    good = toy / "kinetics/train/red_circle_horizontal/toy000000_000000_000002.mp4"
     files = {
         "zero.mp4": lambda p: p.write_bytes(b""),
         "truncated.mp4": lambda p: p.write_bytes(good.read_bytes()[: good.stat().st_size // 3]),
@@ -320,6 +322,22 @@ def test_two_processes_keep_identical_banks(toy, tmp_path):
     log = epochs_of([json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()])
     assert len(log) == 2 and all(r["bank_spread_across_ranks"] == 0.0 for r in log)
     assert (out / "checkpoint.pt").exists()
+
+
+def test_training_names_and_counts_a_clip_that_fails(toy, tmp_path, monkeypatch, capsys):
+    """A file that passed the scan but fails while training is named in the output, counted in the
+    log, and its clip is left out of the step (the run goes on)."""
+    real = data.decode_clip
+
+    def flaky(path, *args, **kwargs):
+        if "toy000001" in str(path):
+            raise data.ClipError(f"{path}: simulated decode failure")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(data, "decode_clip", flaky)
+    log = epochs_of(run_train(toy, tmp_path / "run", "--epochs", "2"))
+    assert [r["data_errors"] for r in log] == [1, 1]
+    assert "toy000001" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, message", [

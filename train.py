@@ -284,7 +284,12 @@ def main(argv=None):
             for e in batch["errors"]:
                 data_errors.append(e)
                 log(f"data error (clip left out of this step, not replaced): {e}")
-            if "video" not in batch:
+            has_data = "video" in batch
+            if world > 1:  # all ranks take the same steps, or DDP's all-reduce would wait forever
+                flag = torch.tensor([float(has_data)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                has_data = bool(flag.item())
+            if not has_data:  # every clip of the batch failed to decode (named above)
                 t_last = time.perf_counter()
                 continue
             video = batch["video"].to(device, non_blocking=True)                # (B, 3, T, H, W)

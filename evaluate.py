@@ -11,6 +11,7 @@ Prints a table and merges everything into RUN_DIR/results.json (plots.py reads i
 import argparse
 import copy
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -269,6 +270,7 @@ def main(argv=None):
     p.add_argument("--skip", nargs="*", default=[], choices=["ucf", "hmdb", "pretrain"], help="parts to skip")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds fine-tuning and augmentation: same seed, same numbers")
     args = p.parse_args(argv)
     if bool(args.ucf_root) != bool(args.ucf_splits) or bool(args.hmdb_root) != bool(args.hmdb_splits):
         p.error("give --ucf-root with --ucf-splits, and --hmdb-root with --hmdb-splits")
@@ -277,6 +279,9 @@ def main(argv=None):
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a folder")
 
     t0 = time.perf_counter()
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model, ckpt, run_dir = load_run(args.run, device)
     run = ckpt["args"]
@@ -289,7 +294,8 @@ def main(argv=None):
             else (lambda split: data.toy_splits(toy)["ucf"](split, args.fold)),
             "hmdb": (lambda split: data.hmdb51(args.hmdb_root, args.hmdb_splits, args.fold, split)) if args.hmdb_root
             else (lambda split: data.toy_splits(toy)["hmdb"](split, args.fold))}
-    results = {"evaluated_epoch": ckpt["epoch"] + 1, "fold": args.fold, "retrieval_features": args.retrieval_features}
+    results = {"evaluated_epoch": ckpt["epoch"] + 1, "fold": args.fold, "retrieval_features": args.retrieval_features,
+               "eval_seed": args.seed}
     for name, listing in sets.items():
         if name not in args.skip:
             results[name] = evaluate_downstream(name, model, listing, spec, args, device, log)

@@ -689,7 +689,8 @@ def main():
         if not root.is_dir():
             p.error(f"{root} is not a folder")
         videos = [Video(str(f)) for f in sorted(root.rglob("*")) if f.suffix.lower() in VIDEO_EXTENSIONS]
-        spec = ClipSpec(need_audio=not args.no_audio, frames=1, fps=1 / max(args.min_seconds, 1e-3))
+        spec = ClipSpec(need_audio=not args.no_audio, frames=1, fps=1 / max(args.min_seconds, 1e-3),
+                        audio_seconds=max(args.min_seconds, 1e-3))
         _, broken = scan(videos, spec, root / ".scan-cache.json", name=str(root))
         out = Path(args.broken_list or root / "broken.txt")
         out.write_text("".join(f"{path}\t{reason}\n" for path, reason in broken))

@@ -14,6 +14,8 @@ import json
 import os
 import random
 import time
+from collections import Counter
+from itertools import takewhile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -124,16 +126,16 @@ def _decode_audio(container, start, seconds, rate):
 def decode_clip(path, video_start, spec, audio_path=None, audio_start=None):
     """Decode one clip: frames (T, H, W, 3) uint8 and waveform (S,) float32, or None without audio.
     The audio may come from another file (an injected faulty positive)."""
-    audio_path = audio_path or path
+    path, audio_path = str(path), str(audio_path or path)
     audio_start = video_start if audio_start is None else audio_start
     try:
-        with av.open(str(path)) as c:
+        with av.open(path) as c:
             frames = _decode_frames(c, video_start, spec.frames, spec.fps)
             if not spec.need_audio:
                 return frames, None
-            if str(audio_path) == str(path):
+            if audio_path == path:  # the same container serves both streams
                 return frames, _decode_audio(c, audio_start, spec.audio_seconds, spec.sample_rate)
-        with av.open(str(audio_path)) as c:
+        with av.open(audio_path) as c:
             return frames, _decode_audio(c, audio_start, spec.audio_seconds, spec.sample_rate)
     except (av.FFmpegError, IndexError, ClipError) as e:  # IndexError: a stream is missing
         raise ClipError(f"{path if audio_path == path else f'{path} (audio {audio_path})'}: {e}") from e
@@ -345,9 +347,9 @@ def probe(path, need_audio=True, min_seconds=0.0):
             if need_audio and not c.streams.audio:
                 return 0.0, "no audio stream"
             streams = [c.streams.video[0]] + ([c.streams.audio[0]] if need_audio else [])
-            lengths = [float(s.duration * s.time_base) if s.duration else c.duration / av.time_base
-                       for s in streams if s.duration or c.duration]
-            if not lengths:
+            duration = min(float(s.duration * s.time_base) if s.duration else (c.duration or 0) / av.time_base
+                           for s in streams)
+            if duration <= 0:
                 return 0.0, "unknown duration"
             for s in streams:  # one packet decoded per stream: catches corrupt data the header hides
                 next(c.decode(s))
@@ -356,7 +358,6 @@ def probe(path, need_audio=True, min_seconds=0.0):
         return 0.0, "corrupt: a stream has no decodable frame"
     except (av.FFmpegError, UnicodeDecodeError) as e:
         return 0.0, f"cannot open / corrupt: {type(e).__name__}"
-    duration = min(lengths)
     if duration < min_seconds:
         return duration, f"too short: {duration:.2f}s < {min_seconds:.2f}s"
     return duration, None
@@ -386,9 +387,7 @@ def scan(videos, spec=ClipSpec(), cache_path=None, name="dataset", log=print):
             atomic_write(cache_path, json.dumps(fresh))
         except OSError as e:
             log(f"scan: cannot write the cache {cache_path} ({e}); the next run will scan again")
-    counts = {}
-    for _, reason in broken:
-        counts[reason.split(":")[0]] = counts.get(reason.split(":")[0], 0) + 1
+    counts = Counter(reason.split(":")[0] for _, reason in broken)
     log(f"scan {name}: {len(usable)} usable, {len(broken)} broken" +
         "".join(f"\n  {n:5d}  {r}" for r, n in sorted(counts.items())))
     if not usable:
@@ -588,16 +587,14 @@ def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=60, fau
     return root
 
 
-def ensure_toy(root="data/toy", log=print, **params):
-    """The embedded dataset under root, generated on first use (a partial one is regenerated)."""
+def ensure_toy(root="data/toy", log=print):
+    """The embedded dataset under root, generated on first use; a partial one (no toy.json, written
+    last) or one from another version of the generator is made again."""
     marker = Path(root) / "toy.json"
-    if marker.exists():
-        have = json.loads(marker.read_text())
-        if have.get("version") == TOY_VERSION and all(have.get(k) == v for k, v in params.items()):
-            return Path(root)
-        log(f"{root} holds a toy dataset made with other settings {have}: regenerating")
+    if marker.exists() and json.loads(marker.read_text()).get("version") == TOY_VERSION:
+        return Path(root)
     log(f"generating the embedded dataset in {root} (first use)")
-    return make_toy(root, log=log, **params)
+    return make_toy(root, log=log)
 
 
 def toy_splits(root):
@@ -615,19 +612,12 @@ def _raw_decode(path, start, spec):
     """The floor for the loader: plain PyAV decoding of the same window, no resampling or transforms."""
     with av.open(str(path)) as c:
         vs, aus = c.streams.video[0], c.streams.audio[0]
-        end = start + spec.video_seconds
         c.seek(int(start / vs.time_base), stream=vs, backward=True)
-        frames = [f.to_ndarray(format="rgb24") for f in _until(c.decode(vs), end) if f.time >= start]
+        frames = [f.to_ndarray(format="rgb24") for f in takewhile(lambda f: f.time <= start + spec.video_seconds,
+                                                                   c.decode(vs)) if f.time >= start]
         c.seek(int(start / aus.time_base), stream=aus, backward=True)
-        audio = [f.to_ndarray() for f in _until(c.decode(aus), start + spec.audio_seconds)]
+        audio = [f.to_ndarray() for f in takewhile(lambda f: f.time <= start + spec.audio_seconds, c.decode(aus))]
     return frames, audio
-
-
-def _until(frames, end):
-    for f in frames:
-        if f.time > end:
-            return
-        yield f
 
 
 def _bench(root, num, spec):
@@ -696,7 +686,8 @@ def main():
         out.write_text("".join(f"{path}\t{reason}\n" for path, reason in broken))
         print(f"broken files listed in {out}")
     else:
-        ensure_toy(args.root) if args.root == "data/toy" else None
+        if args.root == "data/toy":
+            ensure_toy(args.root)
         _bench(args.root, args.clips, ClipSpec(frames=args.frames, fps=args.fps, size=args.crop))
 
 

@@ -163,6 +163,36 @@ def reseed(seed, epoch, rank):
 
 
 # ----------------------------------------------------------------------------------------------
+# One step: data -> model -> loss -> step -> bank update
+# ----------------------------------------------------------------------------------------------
+def train_step(model, criterion, optimizer, scaler, batch, device, amp_dtype, warmup, where, mark=None):
+    """One optimisation step. `mark(name)`, when given, is called after each part (the benchmark
+    times them). A non-finite loss stops the run, naming the term and `where`."""
+    mark = mark or (lambda name: None)
+    video = batch["video"].to(device, non_blocking=True)                        # (B, 3, T, H, W)
+    audio = batch["audio"].to(device, non_blocking=True)                        # (B, 1, F, S)
+    index = batch["index"].to(device, non_blocking=True)                        # (B,)
+    mark("data")
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        v, a = model(video, audio)                                               # (B, 128) each
+    mark("forward")
+    loss, diag = criterion(v, a, index, warmup=warmup)
+    if not torch.isfinite(loss):
+        bad = [k for k in ("loss_v2a", "loss_a2v") if not torch.isfinite(diag[k])]
+        raise SystemExit(f"non-finite loss at {where}: {', '.join(bad) or 'loss'} "
+                         f"= {[diag[k].item() for k in ('loss_v2a', 'loss_a2v')]}; try a lower --lr or --amp bf16/off")
+    mark("loss")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    mark("backward")
+    criterion.bank.update(index, v, a)
+    mark("bank")
+    return loss, diag, index
+
+
+# ----------------------------------------------------------------------------------------------
 # Epoch statistics
 # ----------------------------------------------------------------------------------------------
 def bank_statistics(criterion, injected, natural):
@@ -230,6 +260,7 @@ def main(argv=None):
                                                               "audio_video": videos[j].path} for i, j in pairs]}, indent=1))
         (out / "broken.txt").write_text("".join(f"{p}\t{r}\n" for p, r in broken))
     labels = torch.tensor([v.label for v in videos], device=device)
+    labels_known = all(v.label >= 0 for v in videos)
     dataset = data.AVClips(videos, spec, train=True, audio_source=audio_source)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     cuda = device.type == "cuda"
@@ -292,27 +323,13 @@ def main(argv=None):
             if not has_data:  # every clip of the batch failed to decode (named above)
                 t_last = time.perf_counter()
                 continue
-            video = batch["video"].to(device, non_blocking=True)                # (B, 3, T, H, W)
-            audio = batch["audio"].to(device, non_blocking=True)                # (B, 1, F, S)
-            index = batch["index"].to(device, non_blocking=True)                # (B,)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                v, a = ddp(video, audio)                                         # (B, 128) each
-            loss, diag = criterion(v, a, index, warmup=warmup)
-            if not torch.isfinite(loss):
-                bad = [k for k in ("loss_v2a", "loss_a2v") if not torch.isfinite(diag[k])]
-                raise SystemExit(f"non-finite loss at epoch {epoch + 1}, step {step}: {', '.join(bad) or 'loss'} "
-                                 f"= {[diag[k].item() for k in ('loss_v2a', 'loss_a2v')]}; "
-                                 f"try a lower --lr or --amp bf16/off")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            criterion.bank.update(index, v, a)
+            loss, diag, index = train_step(ddp, criterion, optimizer, scaler, batch, device, amp_dtype, warmup,
+                                           where=f"epoch {epoch + 1}, step {step}")
             compute += time.perf_counter() - t_ready
 
             record = {"loss": loss.item(), "loss_v2a": diag["loss_v2a"].item(), "loss_a2v": diag["loss_a2v"].item(),
                       "batch_mean_weight": diag["mean_weight"].item(), "target_on_positive": diag["target_on_positive"].item()}
-            if (labels >= 0).all() and not warmup and criterion.lam > 0 and args.mode in ("soft", "robust"):
+            if labels_known and not warmup and criterion.lam > 0 and args.mode in ("soft", "robust"):
                 record["soft_mass_same_class"], record["same_class_share"] = same_class_target_mass(diag, index, labels)
             for k, val in record.items():
                 sums[k] = sums.get(k, 0.0) + val
@@ -348,7 +365,8 @@ def main(argv=None):
     if is_main and not args.no_eval:
         final_summary(args, model, criterion, videos, injected, natural, spec, device, out, log)
     if world > 1:
-        dist.destroy_process_group()
+        dist.barrier()  # ranks reach the end at different times (rank 0 saves, evaluates); tearing
+        dist.destroy_process_group()  # down the group while a peer is still busy was seen to hang
 
 
 def bank_spread(criterion, world):
@@ -408,8 +426,8 @@ def bench(args, model, criterion, optimizer, scaler, loader, device, amp_dtype):
         torch.cuda.reset_peak_memory_stats()
     it, n = iter(loader), 0
     model.train()
-    while n < args.bench_steps + 5:
-        t0 = time.perf_counter()
+    while n < args.bench_steps + 5:                 # the first 5 steps warm up and are not timed
+        t = [time.perf_counter()]
         try:
             batch = next(it)
         except StopIteration:
@@ -417,29 +435,15 @@ def bench(args, model, criterion, optimizer, scaler, loader, device, amp_dtype):
             continue
         if "video" not in batch:
             continue
-        video, audio = batch["video"].to(device, non_blocking=True), batch["audio"].to(device, non_blocking=True)
-        index = batch["index"].to(device)
-        sync()
-        t1 = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            v, a = model(video, audio)
-        sync()
-        t2 = time.perf_counter()
-        loss, _ = criterion(v, a, index, warmup=False)
-        sync()
-        t3 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        sync()
-        t4 = time.perf_counter()
-        criterion.bank.update(index, v, a)
-        sync()
-        t5 = time.perf_counter()
-        if n >= 5:
-            for k, (x, y) in zip(parts, [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5)]):
-                parts[k].append(y - x)
+
+        def mark(name):
+            sync()
+            if n >= 5:
+                parts[name].append(time.perf_counter() - t[0])
+            t[0] = time.perf_counter()
+
+        _, _, index = train_step(model, criterion, optimizer, scaler, batch, device, amp_dtype, False,
+                                 where=f"bench step {n}", mark=mark)
         n += 1
     med = {k: float(np.median(v)) for k, v in parts.items()}
     step = sum(med.values())

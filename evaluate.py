@@ -75,6 +75,13 @@ def detection_metrics(s, faulty):
             "n_faulty": n}
 
 
+def detection_report(s, injected, natural=None):
+    """detection_metrics against the injected pairs and, where the data marks them (the embedded
+    set's annotations.csv), the natural faulty pairs that were not injected; only the sets present."""
+    sets = {"injected": injected, "natural": None if natural is None else natural & ~injected}
+    return {name: detection_metrics(s, f) for name, f in sets.items() if f is not None and f.any()}
+
+
 # ----------------------------------------------------------------------------------------------
 # Features
 # ----------------------------------------------------------------------------------------------
@@ -213,10 +220,7 @@ def pretraining_analysis(model, ckpt, spec, args, device, out_dir, log):
     injected[[i for i, _ in ckpt["injected_pairs"]]] = True
     audio_from = dict(ckpt["injected_pairs"])
     natural = data.natural_faulty_flags(train_v)
-    if injected.any():
-        results["detection_injected"] = detection_metrics(s, injected)
-    if natural is not None and (natural & ~injected).any():
-        results["detection_natural"] = detection_metrics(s, natural & ~injected)
+    results.update({f"detection_{name}": d for name, d in detection_report(s, injected, natural).items()})
     results["most_likely_faulty"] = [
         {"instance": int(i), "video": train_v[i].path, "audio_from": train_v[audio_from.get(int(i), int(i))].path,
          "s": float(s[i]), "injected": bool(injected[i]), "natural": bool(natural[i]) if natural is not None else None}

@@ -202,11 +202,8 @@ def bank_statistics(criterion, injected, natural):
     w = faulty_positive_weights(bank.s, mu, sigma, criterion.delta, criterion.kappa, criterion.w_min)
     stats = {"mu": mu.item(), "sigma": sigma.item(), "w_mean": w.mean().item(), "w_min": w.min().item(),
              "w_share_below_half": (w < 0.5).float().mean().item()}
-    s = bank.s.cpu().numpy()
-    if injected.any():
-        stats.update({f"injected_{k}": v for k, v in evaluate.detection_metrics(s, injected).items()})
-    if natural is not None and natural.any():
-        stats.update({f"natural_{k}": v for k, v in evaluate.detection_metrics(s, natural & ~injected).items()})
+    for name, d in evaluate.detection_report(bank.s.cpu().numpy(), injected, natural).items():
+        stats.update({f"{name}_{k}": v for k, v in d.items()})
     return stats
 
 
@@ -397,17 +394,12 @@ def final_summary(args, model, criterion, videos, injected, natural, spec, devic
         results["train_summary_retrieval"] = r
         log(f"video retrieval, {len(val)} held-out {args.val_split} clips -> {len(videos)} {args.split} clips: "
             + "  ".join(f"{k} {v:.3f}" for k, v in r.items()) + f"  (chance R@1 ~ {chance(gallery[1], queries[1]):.3f})")
-    s = criterion.bank.s.cpu().numpy()
-    if injected.any():
-        d = evaluate.detection_metrics(s, injected)
-        results["detection_injected"] = d
-        log(f"injected faulty positives ({d['n_faulty']}): ROC AUC {d['auc']:.3f}, "
-            f"precision of the {d['n_faulty']} lowest-scored {d['precision_at_n']:.3f} (chance {injected.mean():.3f})")
-    if natural is not None and (natural & ~injected).any():
-        d = evaluate.detection_metrics(s, natural & ~injected)
-        results["detection_natural"] = d
-        log(f"natural faulty positives ({d['n_faulty']}, marked in annotations.csv): ROC AUC {d['auc']:.3f}, "
-            f"precision at n {d['precision_at_n']:.3f} (chance {(natural & ~injected).mean():.3f})")
+    for name, d in evaluate.detection_report(criterion.bank.s.cpu().numpy(), injected, natural).items():
+        results[f"detection_{name}"] = d
+        log(f"{name} faulty positives ({d['n_faulty']}"
+            + (", marked in annotations.csv" if name == "natural" else "")
+            + f"): ROC AUC {d['auc']:.3f}, precision of the {d['n_faulty']} lowest-scored "
+            f"{d['precision_at_n']:.3f} (chance {d['n_faulty'] / len(injected):.3f})")
     path = evaluate.merge_results(out, results)
     log(f"summary in {time.perf_counter() - t:.0f}s, written to {path}")
 

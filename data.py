@@ -1,10 +1,12 @@
 """Audio-visual data: the embedded toy dataset, Kinetics / UCF101 / HMDB51 listings, a scan that names
 every broken file, PyAV clip decoding, and faulty-positive injection (n₀).
 
-    files on disk -> scan -> AVClips[i] = {video (3,T,H,W), audio (1,F,S), index, label, faulty}
+    files on disk -> scan -> AVClips[i] = {video uint8 (3,T,H,W), audio waveform (1,S), index, label, faulty}
+      (loader workers: decode, crop, flip)  -> batch -> BatchTransforms on the model's device:
+      colour jitter, normalisation, log-mel -> video float (B,3,T,H,W), audio (B,1,F,S)
 
 Command line:
-    python data.py make-toy --root data/toy      # write the embedded dataset (about 10 s)
+    python data.py make-toy --root data/toy      # write the embedded dataset (about 35 s on 2 cores)
     python data.py scan ROOT                     # sort every video under ROOT into usable / broken
     python data.py bench ROOT                    # loader clips/s against raw PyAV decoding
 """
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 import torchaudio
 from torch.utils.data import Dataset, default_collate
+from torchvision import transforms as v1
 from torchvision.transforms import v2
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
@@ -72,9 +75,12 @@ def _origin(container):
     return container.start_time / av.time_base if container.start_time is not None else 0.0
 
 
-def _decode_frames(container, start, num_frames, fps):
+def _decode_frames(container, start, num_frames, fps, box=None, size=None):
     """num_frames RGB frames (T, H, W, 3) at times start + k/fps: for each, the last frame shown at that
-    time, so a file with a lower fps repeats frames and a higher one drops them."""
+    time, so a file with a lower fps repeats frames and a higher one drops them.
+    box(height, width) -> (top, left, h, w): that region comes back resized to size x size, done by
+    FFmpeg while it converts YUV to RGB (the whole frame is scaled so the box lands on size x size,
+    then cut out), which costs no more than the plain conversion; without box, the frames as stored."""
     stream = container.streams.video[0]
     times = _origin(container) + start + np.arange(num_frames) / fps
     container.seek(int(max(times[0], 0) / stream.time_base), stream=stream, backward=True)
@@ -90,7 +96,15 @@ def _decode_frames(container, start, num_frames, fps):
     if shown is None and not picked:
         raise ClipError(f"no video frame at {start:.2f}s")
     picked += [shown] * (num_frames - len(picked))  # the stream ended inside the window: hold the last
-    rgb = {id(f): f.to_ndarray(format="rgb24") for f in picked}
+    if box is None:
+        rgb = {id(f): f.to_ndarray(format="rgb24") for f in picked}
+    else:
+        height, width = picked[0].height, picked[0].width
+        top, left, h, w = box(height, width)
+        full_h, full_w = max(size, round(height * size / h)), max(size, round(width * size / w))
+        top, left = min(round(top * size / h), full_h - size), min(round(left * size / w), full_w - size)
+        rgb = {id(f): f.to_ndarray(format="rgb24", width=full_w, height=full_h, interpolation="AREA")
+               [top:top + size, left:left + size] for f in picked}
     return np.stack([rgb[id(f)] for f in picked])
 
 
@@ -112,10 +126,13 @@ def _decode_audio(container, start, seconds, rate):
             break
     if first is None:
         raise ClipError(f"no audio at {start:.2f}s")
-    joined = av.AudioFrame.from_ndarray(np.concatenate(chunks, axis=1), format=fmt, layout=layout)
-    joined.sample_rate = in_rate
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-    wave = np.concatenate([f.to_ndarray().reshape(-1) for f in resampler.resample(joined) + resampler.resample(None)])
+    if (fmt, layout, in_rate) in (("flt", "mono", rate), ("fltp", "mono", rate)):
+        wave = np.concatenate(chunks, axis=1).reshape(-1)  # already what we want (AAC decodes to fltp)
+    else:
+        joined = av.AudioFrame.from_ndarray(np.concatenate(chunks, axis=1), format=fmt, layout=layout)
+        joined.sample_rate = in_rate
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        wave = np.concatenate([f.to_ndarray().reshape(-1) for f in resampler.resample(joined) + resampler.resample(None)])
     offset, n = int(round((t0 - first) * rate)), int(round(seconds * rate))
     if offset < 0:  # the audio stream starts after t0: silence before it
         wave, offset = np.concatenate([np.zeros(-offset, np.float32), wave]), 0
@@ -123,14 +140,15 @@ def _decode_audio(container, start, seconds, rate):
     return np.pad(wave, (0, n - len(wave)))
 
 
-def decode_clip(path, video_start, spec, audio_path=None, audio_start=None):
-    """Decode one clip: frames (T, H, W, 3) uint8 and waveform (S,) float32, or None without audio.
-    The audio may come from another file (an injected faulty positive)."""
+def decode_clip(path, video_start, spec, audio_path=None, audio_start=None, box=None):
+    """Decode one clip: frames (T, H, W, 3) uint8 (or, with box, that region at spec.size x spec.size)
+    and waveform (S,) float32, or None without audio. The audio may come from another file (an injected
+    faulty positive)."""
     path, audio_path = str(path), str(audio_path or path)
     audio_start = video_start if audio_start is None else audio_start
     try:
         with av.open(path) as c:
-            frames = _decode_frames(c, video_start, spec.frames, spec.fps)
+            frames = _decode_frames(c, video_start, spec.frames, spec.fps, box, spec.size)
             if not spec.need_audio:
                 return frames, None
             if audio_path == path:  # the same container serves both streams
@@ -141,14 +159,23 @@ def decode_clip(path, video_start, spec, audio_path=None, audio_start=None):
         raise ClipError(f"{path if audio_path == path else f'{path} (audio {audio_path})'}: {e}") from e
 
 
+def centre_box(height, width):
+    """The largest centred square: with resizing to size x size, Resize(size) + CenterCrop(size)."""
+    m = min(height, width)
+    return (height - m) // 2, (width - m) // 2, m, m
+
+
 # ----------------------------------------------------------------------------------------------
-# The dataset: decode -> augment -> tensors
+# The dataset: decode + crop in the loader workers; jitter, normalisation, log-mel on the batch
 # ----------------------------------------------------------------------------------------------
 class AVClips(Dataset):
-    """Clips of a list of videos. Item i is instance i (its memory-bank slot).
+    """Clips of a list of videos. Item i is instance i (its memory-bank slot):
+    {video uint8 (3, T, size, size), audio waveform (1, S), index, label, faulty}.
 
-    train=True: one random clip, random resized crop, flip, colour jitter, volume jitter.
-    train=False: `num_clips` uniformly spaced clips, resize + centre crop (video (n, 3, T, H, W)).
+    train=True: one random clip, random resized crop, horizontal flip, volume jitter.
+    train=False: `num_clips` uniformly spaced clips, centre crop (video (n, 3, T, H, W), audio (n, 1, S)).
+    Colour jitter, normalisation and the log-mel spectrogram are done on whole batches by
+    BatchTransforms, where the model runs: the workers only decode, which is the loader's floor.
     audio_source[i] = j gives instance i the audio of video j (faulty-positive injection).
     A clip that fails to decode comes back as {"index", "error"}; collate_clips drops and reports it.
     """
@@ -156,15 +183,6 @@ class AVClips(Dataset):
     def __init__(self, videos, spec=ClipSpec(), train=True, num_clips=1, audio_source=None):
         self.videos, self.spec, self.train, self.num_clips = videos, spec, train, num_clips
         self.audio_source = audio_source if audio_source is not None else torch.arange(len(videos))
-        if train:
-            self.video_tf = v2.Compose([v2.RandomResizedCrop(spec.size, scale=(0.4, 1.0), antialias=True),
-                                        v2.RandomHorizontalFlip(),
-                                        v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)])
-        else:
-            self.video_tf = v2.Compose([v2.Resize(spec.size, antialias=True), v2.CenterCrop(spec.size)])
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            spec.sample_rate, n_fft=spec.sample_rate // 25, hop_length=spec.sample_rate // 100,
-            n_mels=spec.n_mels)  # 40 ms windows, 100 frames per second
 
     def __len__(self):
         return len(self.videos)
@@ -175,22 +193,26 @@ class AVClips(Dataset):
             return [random.uniform(0.0, free)]
         return list(np.linspace(0.0, free, self.num_clips))
 
+    def _box(self, height, width):
+        if not self.train:
+            return centre_box(height, width)
+        # torchvision draws the box (area 40-100% of the frame, aspect 3/4-4/3); FFmpeg applies it
+        return v1.RandomResizedCrop.get_params(torch.empty(1, height, width), [0.4, 1.0], [3 / 4, 4 / 3])
+
     def _clip(self, video, audio_video, start):
         spec = self.spec
         # the audio window is centred on the video window (same moment), clipped to its file
         a_start = start + (spec.video_seconds - spec.audio_seconds) / 2
         a_start = min(max(a_start, 0.0), max(audio_video.duration - spec.audio_seconds, 0.0))
-        frames, wave = decode_clip(video.path, start, spec, audio_video.path, a_start)
-        x = self.video_tf(torch.from_numpy(frames).permute(0, 3, 1, 2))      # (T, 3, H, W) uint8
-        x = (x.float() / 255.0 - 0.45) / 0.225
-        video_t = x.permute(1, 0, 2, 3).contiguous()                          # (3, T, H, W)
+        frames, wave = decode_clip(video.path, start, spec, audio_video.path, a_start, box=self._box)
+        if self.train and random.random() < 0.5:
+            frames = frames[:, :, ::-1]                                           # horizontal flip
+        video_t = torch.from_numpy(np.ascontiguousarray(frames.transpose(3, 0, 1, 2)))  # (3, T, H, W) uint8
         if wave is None:
-            return video_t, torch.zeros(1, spec.n_mels, 1)
-        wave = torch.from_numpy(wave)
+            return video_t, None
         if self.train:
-            wave = wave * random.uniform(0.7, 1.3)                             # volume jitter
-        audio_t = torch.log(self.mel(wave) + 1e-6)[None]                      # (1, F, S)
-        return video_t, audio_t
+            wave = wave * random.uniform(0.7, 1.3)                                # volume jitter
+        return video_t, torch.from_numpy(wave)[None]                              # (1, S)
 
     def __getitem__(self, i):
         video = self.videos[i]
@@ -199,9 +221,37 @@ class AVClips(Dataset):
             clips = [self._clip(video, self.videos[j], s) for s in self._starts(video)]
         except ClipError as e:
             return {"index": i, "error": str(e)}
-        v, a = (torch.stack(t) for t in zip(*clips))
-        return {"video": v if not self.train else v[0], "audio": a if not self.train else a[0],
-                "index": i, "label": video.label, "faulty": j != i}
+        item = {"index": i, "label": video.label, "faulty": j != i}
+        for key, parts in zip(("video", "audio"), zip(*clips)):
+            if parts[0] is not None:
+                item[key] = parts[0] if self.train else torch.stack(parts)
+        return item
+
+
+class BatchTransforms(torch.nn.Module):
+    """The half of the pipeline that runs on a whole batch, on the model's device: colour jitter per
+    clip (train), scaling and normalisation, and the waveform's log-mel spectrogram (40 ms windows,
+    100 frames per second). One batched STFT on the GPU is nearly free; per clip in a loader worker it
+    cost as much as a third of the decoding."""
+
+    def __init__(self, spec=ClipSpec(), train=True):
+        super().__init__()
+        self.train_mode = train
+        self.jitter = v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            spec.sample_rate, n_fft=spec.sample_rate // 25, hop_length=spec.sample_rate // 100, n_mels=spec.n_mels)
+
+    def video(self, x):
+        """uint8 (..., 3, T, H, W) -> float (..., 3, T, H, W), normalised."""
+        if self.train_mode:  # torchvision's jitter draws one setting per call: call it per clip
+            flat = x.flatten(0, -5)
+            x = torch.stack([self.jitter(c.transpose(0, 1)).transpose(0, 1) for c in flat]).view(x.shape)
+        return (x.float() / 255.0 - 0.45) / 0.225
+
+    def audio(self, wave):
+        """waveform (..., 1, S) -> log-mel (..., 1, F, S')."""
+        with torch.autocast(wave.device.type, enabled=False):  # the spectrogram stays float32
+            return torch.log(self.mel(wave.float()) + 1e-6)
 
 
 def collate_clips(items):
@@ -620,13 +670,13 @@ def _raw_decode(path, start, spec):
     return frames, audio
 
 
-def _bench(root, num, spec):
+def _bench(root, num, spec, batch_size):
     """Clips/s of the training loader (one worker) against raw PyAV decoding of the same windows."""
     kinetics = Path(root) / "kinetics"
     videos, _ = kinetics_folder(kinetics if kinetics.is_dir() else root, "train")
     videos, _ = scan(videos[:num], spec)
     ds = AVClips(videos, spec, train=True)
-    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=1, collate_fn=collate_clips,
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=1, collate_fn=collate_clips,
                                          persistent_workers=True)
     next(iter(loader))  # start the worker outside the timing
     rates = {"raw": [], "loader": []}
@@ -641,6 +691,15 @@ def _bench(root, num, spec):
     raw, ld = (float(np.median(r)) for r in rates.values())
     print(f"raw PyAV decode      {raw:7.1f} clips/s (median of 3)\n"
           f"AVClips, 1 worker    {ld:7.1f} clips/s (median of 3)\nloader / raw         {ld / raw:7.2f}")
+    # the other half of the pipeline, not in the loader: BatchTransforms on a batch of 32, here on the CPU
+    batch = collate_clips([ds[i % len(ds)] for i in range(32)])
+    tf, times = BatchTransforms(spec, train=True), []
+    for _ in range(10):
+        t = time.perf_counter()
+        tf.video(batch["video"]), tf.audio(batch["audio"])
+        times.append(time.perf_counter() - t)
+    print(f"BatchTransforms (jitter, normalise, log-mel) on this CPU: {1e3 * np.median(times) / 32:.3f} ms per clip "
+          f"(on the training device, batched; train.py --bench shows it as 'transforms')")
 
 
 def main():
@@ -668,6 +727,7 @@ def main():
     b.add_argument("--crop", type=int, default=ClipSpec().size, help="crop size in pixels")
     b.add_argument("--frames", type=int, default=ClipSpec().frames, help="frames per clip")
     b.add_argument("--fps", type=float, default=ClipSpec().fps, help="clip frame rate")
+    b.add_argument("--batch-size", type=int, default=32, help="clips per batch (train.py's default)")
     args = p.parse_args()
     if args.cmd == "make-toy":
         if args.size % 2:
@@ -688,7 +748,7 @@ def main():
     else:
         if args.root == "data/toy":
             ensure_toy(args.root)
-        _bench(args.root, args.clips, ClipSpec(frames=args.frames, fps=args.fps, size=args.crop))
+        _bench(args.root, args.clips, ClipSpec(frames=args.frames, fps=args.fps, size=args.crop), args.batch_size)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,13 +92,14 @@ def extract_video_features(model, dataset, device, batch_size=16, workers=0):
     video (n, 3, T, H, W)). Returns (features {kind: (N, D)}, labels (N,), kept indices, errors);
     a video that fails to decode is named in errors and left out, never replaced."""
     model.eval()
+    transforms = data.BatchTransforms(dataset.spec, train=False).to(device)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=data.collate_clips)
     feats, labels, kept, errors = {"pooled": [], "map": []}, [], [], []
     for batch in loader:
         errors += batch["errors"]
         if "video" not in batch:
             continue
-        video = batch["video"].to(device, non_blocking=True)                   # (B, n, 3, T, H, W)
+        video = transforms.video(batch["video"].to(device, non_blocking=True))  # (B, n, 3, T, H, W)
         b, n = video.shape[:2]
         for kind, f in model.video_features(video.flatten(0, 1)).items():      # (B*n, D)
             feats[kind].append(f.float().view(b, n, -1).mean(1).cpu())
@@ -139,12 +141,14 @@ def finetune(model, train_set, test_set, num_classes, device, epochs, lr, batch_
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-5)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
                         collate_fn=data.collate_clips, drop_last=len(train_set) > batch_size)
+    train_tf = data.BatchTransforms(train_set.spec, train=True).to(device)
+    test_tf = data.BatchTransforms(test_set.spec, train=False).to(device)
     for _ in range(epochs):
         net.train()
         for batch in loader:
             if "video" not in batch:
                 continue
-            loss = nn.functional.cross_entropy(net(batch["video"].to(device)), batch["label"].to(device))
+            loss = nn.functional.cross_entropy(net(train_tf.video(batch["video"].to(device))), batch["label"].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -154,7 +158,7 @@ def finetune(model, train_set, test_set, num_classes, device, epochs, lr, batch_
         for batch in DataLoader(test_set, batch_size=8, num_workers=workers, collate_fn=data.collate_clips):
             if "video" not in batch:
                 continue
-            video = batch["video"].to(device)                                   # (B, n, 3, T, H, W)
+            video = test_tf.video(batch["video"].to(device))                    # (B, n, 3, T, H, W)
             logits.append(net(video.flatten(0, 1)).view(*video.shape[:2], -1).cpu())
             labels.append(batch["label"])
     return clip_and_video_top1(torch.cat(logits), torch.cat(labels))
@@ -229,10 +233,9 @@ def pretraining_analysis(model, ckpt, spec, args, device, out_dir, log):
 
 
 def frame_112(video, spec):
-    """The middle frame of a video, resized to 112x112 for the retrieval figure."""
-    frames, _ = data.decode_clip(video.path, video.duration / 2, spec)
-    x = torch.from_numpy(frames[0]).permute(2, 0, 1)[None].float()
-    return nn.functional.interpolate(x, size=(112, 112), mode="bilinear", antialias=True)[0].permute(1, 2, 0).clamp(0, 255).byte().numpy()
+    """The middle frame of a video, centre-cropped and resized to 112x112 for the retrieval figure."""
+    frames, _ = data.decode_clip(video.path, video.duration / 2, replace(spec, size=112), box=data.centre_box)
+    return frames[0]
 
 
 # ----------------------------------------------------------------------------------------------

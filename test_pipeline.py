@@ -9,6 +9,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 
 import data
 from data import ClipSpec, Video
@@ -99,14 +100,46 @@ def test_natural_faulty_positives_are_marked(toy):
 
 
 def test_clips_have_documented_shapes(toy):
-    """train: video (3, T, H, W), audio (1, F, S) at 100 frames/s; eval: n clips of each."""
+    """Loader items: video uint8 (3, T, H, W), waveform (1, S); eval: n clips of each. BatchTransforms
+    turns a batch into the model's inputs: float video, log-mel (1, F, S) at 100 frames/s."""
     videos, _ = data.scan(data.toy_splits(toy)["kinetics"]("train")[0][:3], SPEC, log=lambda *a: None)
     item = data.AVClips(videos, SPEC, train=True)[1]
-    assert item["video"].shape == (3, 4, 24, 24) and item["audio"].shape == (1, 32, 101)
+    assert item["video"].shape == (3, 4, 24, 24) and item["video"].dtype == torch.uint8
+    assert item["audio"].shape == (1, 16000) and item["audio"].dtype == torch.float32
     assert item["index"] == 1 and item["label"] == videos[1].label and item["faulty"] is False
     item = data.AVClips(videos, SPEC, train=False, num_clips=5)[0]
-    assert item["video"].shape == (5, 3, 4, 24, 24) and item["audio"].shape == (5, 1, 32, 101)
-    assert torch.isfinite(item["video"]).all() and torch.isfinite(item["audio"]).all()
+    assert item["video"].shape == (5, 3, 4, 24, 24) and item["audio"].shape == (5, 1, 16000)
+    batch = data.collate_clips([data.AVClips(videos, SPEC, train=True)[i] for i in range(3)])
+    tf = data.BatchTransforms(SPEC, train=True)
+    video, audio = tf.video(batch["video"]), tf.audio(batch["audio"])
+    assert video.shape == (3, 3, 4, 24, 24) and video.dtype == torch.float32 and audio.shape == (3, 1, 32, 101)
+    assert torch.isfinite(video).all() and torch.isfinite(audio).all()
+
+
+def test_batch_transforms_jitter_each_clip_and_normalise():
+    """Colour jitter draws its own setting per clip (torchvision's draws one per call); evaluation
+    only normalises, (x / 255 - 0.45) / 0.225."""
+    clip = torch.randint(0, 256, (3, 4, 8, 8), dtype=torch.uint8)
+    batch = clip.expand(6, -1, -1, -1, -1)
+    torch.manual_seed(0)
+    out = data.BatchTransforms(SPEC, train=True).video(batch)
+    assert len({round(x.mean().item(), 4) for x in out}) == 6            # six clips, six settings
+    expected = (clip.float() / 255 - 0.45) / 0.225
+    assert torch.allclose(data.BatchTransforms(SPEC, train=False).video(batch[:2]), expected.expand(2, -1, -1, -1, -1))
+
+
+def test_crop_by_ffmpeg_matches_crop_then_resize(toy):
+    """decode_clip(box=...) lets FFmpeg scale while converting to RGB; it gives what cropping the
+    stored frames and resizing them (torchvision, antialiased) gives, up to interpolation."""
+    rel = "kinetics/train/red_circle_horizontal/toy000002_000000_000002.mp4"
+    full, _ = data.decode_clip(toy / rel, 0.5, SPEC)                       # (T, 32, 32, 3) as stored
+    for box in ((4, 6, 20, 16), (0, 0, 32, 32), (10, 3, 13, 27)):
+        small, _ = data.decode_clip(toy / rel, 0.5, SPEC, box=lambda h, w: box)
+        top, left, h, w = box
+        x = torch.from_numpy(full[:, top:top + h, left:left + w]).permute(0, 3, 1, 2).float()
+        ref = v2.functional.resize(x, [24, 24], antialias=True).permute(0, 2, 3, 1)
+        assert small.shape == (4, 24, 24, 3)
+        assert (torch.from_numpy(small).float() - ref).abs().mean() < 6     # of 255 levels
 
 
 def test_audio_events_line_up_with_visual_events(toy):
@@ -229,8 +262,8 @@ def test_unusual_but_valid_files_work(tmp_path, name, kwargs):
     assert not broken and usable[0].duration >= 1.9
     item = data.AVClips(usable, SPEC, train=True)[0]
     assert "error" not in item
-    assert item["video"].shape == (3, 4, 24, 24) and item["audio"].shape == (1, 32, 101)
-    assert item["audio"].std() > 0.1                                    # real sound decoded, not padding
+    assert item["video"].shape == (3, 4, 24, 24) and item["audio"].shape == (1, 16000)
+    assert item["audio"].std() > 0.02     # noise of std 0.1 (~0.07 mixed down to mono), not silent padding
 
 
 def test_low_fps_repeats_frames(tmp_path):

@@ -165,14 +165,16 @@ def reseed(seed, epoch, rank):
 # ----------------------------------------------------------------------------------------------
 # One step: data -> model -> loss -> step -> bank update
 # ----------------------------------------------------------------------------------------------
-def train_step(model, criterion, optimizer, scaler, batch, device, amp_dtype, warmup, where, mark=None):
+def train_step(model, criterion, optimizer, scaler, batch, transforms, device, amp_dtype, warmup, where, mark=None):
     """One optimisation step. `mark(name)`, when given, is called after each part (the benchmark
     times them). A non-finite loss stops the run, naming the term and `where`."""
     mark = mark or (lambda name: None)
-    video = batch["video"].to(device, non_blocking=True)                        # (B, 3, T, H, W)
-    audio = batch["audio"].to(device, non_blocking=True)                        # (B, 1, F, S)
+    video = batch["video"].to(device, non_blocking=True)                        # (B, 3, T, H, W) uint8
+    audio = batch["audio"].to(device, non_blocking=True)                        # (B, 1, samples)
     index = batch["index"].to(device, non_blocking=True)                        # (B,)
     mark("data")
+    video, audio = transforms.video(video), transforms.audio(audio)             # jittered, normalised; (B, 1, F, S)
+    mark("transforms")
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         v, a = model(video, audio)                                               # (B, 128) each
     mark("forward")
@@ -259,6 +261,7 @@ def main(argv=None):
     labels = torch.tensor([v.label for v in videos], device=device)
     labels_known = all(v.label >= 0 for v in videos)
     dataset = data.AVClips(videos, spec, train=True, audio_source=audio_source)
+    transforms = data.BatchTransforms(spec, train=True).to(device)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     cuda = device.type == "cuda"
     loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.workers,
@@ -292,7 +295,7 @@ def main(argv=None):
         f"n0={args.n0} ({len(pairs)} injected), device={device}x{world}, amp={amp}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     if args.bench:
-        return bench(args, ddp, criterion, optimizer, scaler, loader, device, amp_dtype)
+        return bench(args, ddp, criterion, optimizer, scaler, loader, transforms, device, amp_dtype)
 
     runlog = RunLog(out, is_main)
     step = start_epoch * len(loader)
@@ -320,7 +323,7 @@ def main(argv=None):
             if not has_data:  # every clip of the batch failed to decode (named above)
                 t_last = time.perf_counter()
                 continue
-            loss, diag, index = train_step(ddp, criterion, optimizer, scaler, batch, device, amp_dtype, warmup,
+            loss, diag, index = train_step(ddp, criterion, optimizer, scaler, batch, transforms, device, amp_dtype, warmup,
                                            where=f"epoch {epoch + 1}, step {step}")
             compute += time.perf_counter() - t_ready
 
@@ -410,10 +413,10 @@ def chance(gallery_labels, query_labels):
     return counts[query_labels].mean().item()
 
 
-def bench(args, model, criterion, optimizer, scaler, loader, device, amp_dtype):
-    """Time --bench-steps steps: data wait, forward, loss, backward (+ optimizer), bank update."""
+def bench(args, model, criterion, optimizer, scaler, loader, transforms, device, amp_dtype):
+    """Time --bench-steps steps: data wait, batch transforms, forward, loss, backward (+ optimizer), bank update."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    parts = {k: [] for k in ("data", "forward", "loss", "backward", "bank")}
+    parts = {k: [] for k in ("data", "transforms", "forward", "loss", "backward", "bank")}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     it, n = iter(loader), 0
@@ -434,7 +437,7 @@ def bench(args, model, criterion, optimizer, scaler, loader, device, amp_dtype):
                 parts[name].append(time.perf_counter() - t[0])
             t[0] = time.perf_counter()
 
-        _, _, index = train_step(model, criterion, optimizer, scaler, batch, device, amp_dtype, False,
+        _, _, index = train_step(model, criterion, optimizer, scaler, batch, transforms, device, amp_dtype, False,
                                  where=f"bench step {n}", mark=mark)
         n += 1
     med = {k: float(np.median(v)) for k, v in parts.items()}

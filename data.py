@@ -15,6 +15,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import time
 from collections import Counter
 from itertools import takewhile
@@ -458,16 +459,22 @@ def atomic_write(path, text):
 # ----------------------------------------------------------------------------------------------
 PALETTE = {"red": (225, 50, 45), "green": (50, 200, 70), "blue": (60, 100, 235), "yellow": (235, 215, 50),
            "magenta": (215, 60, 205), "cyan": (50, 205, 215), "white": (235, 235, 235)}
-# Pre-training classes: picture (shape, colour, direction of motion) and sound (pitch, timbre) together.
-TOY_KINETICS = [("circle", "red", "horizontal", 262, "sine"), ("square", "blue", "vertical", 330, "square"),
-                ("triangle", "green", "diagonal", 392, "saw"), ("diamond", "yellow", "horizontal", 440, "square"),
-                ("cross", "magenta", "vertical", 523, "sine"), ("ring", "cyan", "diagonal", 587, "saw"),
-                ("circle", "blue", "vertical", 659, "saw"), ("square", "green", "diagonal", 698, "sine"),
-                ("triangle", "yellow", "vertical", 784, "square"), ("ring", "red", "horizontal", 880, "sine")]
-# Downstream classes need what pre-training should teach, in combinations it never showed.
-TOY_UCF = [(s, m) for s in ("circle", "square", "triangle") for m in ("horizontal", "vertical")]
-TOY_HMDB = [(s, sp) for s in ("cross", "diamond") for sp in ("slow", "fast")]
-TOY_VERSION = 3  # bump when the generator changes: existing copies are then regenerated
+# Pre-training classes: picture (shape, direction of motion) and sound (pitch, timbre) together. The
+# colour is drawn per clip, a nuisance as in real video, so matching sound to picture needs the shape
+# and the motion (and, for the instance, the timing of the wall hits).
+TOY_KINETICS = [("circle", "horizontal", 262, "sine"), ("square", "vertical", 330, "square"),
+                ("triangle", "diagonal", 392, "saw"), ("diamond", "horizontal", 440, "square"),
+                ("cross", "vertical", 523, "sine"), ("ring", "diagonal", 587, "saw"),
+                ("circle", "vertical", 659, "saw"), ("square", "diagonal", 698, "sine"),
+                ("triangle", "vertical", 784, "square"), ("ring", "horizontal", 880, "sine")]
+# Downstream classes need what pre-training should teach (shape, motion, its timing) with colour and
+# sound made irrelevant: every shape x direction (UCF, 18 classes) and shape x speed (HMDB, 12), any
+# colour, any pitch. Many classes and few labelled videos per class, as in UCF101 and HMDB51, so
+# that neither retrieval (R@5) nor fine-tuning from scratch is easy without pre-training.
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
+TOY_UCF = [(s, m) for s in SHAPES for m in ("horizontal", "vertical", "diagonal")]
+TOY_HMDB = [(s, sp) for s in SHAPES for sp in ("slow", "fast")]
+TOY_VERSION = 4  # bump when the generator changes: existing copies are then regenerated
 SPEEDS = {"normal": (35.0, 80.0), "slow": (20.0, 35.0), "fast": (80.0, 120.0)}  # pixels/s at 64 px
 
 
@@ -499,7 +506,7 @@ def _tone(pitch, timbre, t):
 def _render_clip(rng, shape, colour, motion, speed_range, pitch, timbre, audio_kind, size, fps, seconds, rate):
     """Frames (T, H, W, 3) and waveform of one instance, and its event times (the wall hits)."""
     t_video = np.arange(int(seconds * fps)) / fps
-    r = 0.12 * size
+    r = 0.22 * size
     speed = rng.uniform(*speed_range) * size / 64
     length = size - 2 * r - 2
     axes = {"horizontal": (1, 0), "vertical": (0, 1), "diagonal": (1, 1)}[motion]
@@ -560,11 +567,21 @@ def write_av_file(path, frames, wave, fps, rate):
         out.mux(aus.encode())
 
 
-def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=60, faulty_share=0.1,
+def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=30, faulty_share=0.1,
              size=64, fps=16, seconds=3.0, rate=16000, log=print):
     """Write the embedded dataset under root: kinetics/{train,val}/<class>/<id>.mp4 (+ the official-style
     CSV and annotations.csv marking natural faulty positives), ucf/ and hmdb/ with split files."""
     root, t0 = Path(root), time.time()
+    marker = root / "toy.json"
+    if root.is_dir() and any(root.iterdir()) and not marker.exists():
+        raise ValueError(f"make-toy: {root} is not empty and holds no toy.json (not an embedded dataset); "
+                         f"give an empty or new --root")
+    # what an earlier version wrote goes first (its classes may have other names); the marker says
+    # "incomplete" until the last file is written, so an interrupted run is made again
+    for generated in ("kinetics", "ucf", "hmdb"):
+        shutil.rmtree(root / generated, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write(marker, json.dumps({"version": TOY_VERSION, "complete": False}))
     rng = np.random.default_rng(seed)
     events_of = {}
 
@@ -576,14 +593,14 @@ def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=60, fau
 
     # pre-training set: Kinetics layout, 80% train / 20% val, a share of natural faulty positives
     annotations, csv_rows = [], []
-    for c, (shape, colour, motion, pitch, timbre) in enumerate(TOY_KINETICS):
-        name = f"{colour}_{shape}_{motion}"
+    for c, (shape, motion, pitch, timbre) in enumerate(TOY_KINETICS):
+        name = f"{shape}_{motion}"
         for k in range(per_class):
             split = "train" if k < int(0.8 * per_class) else "val"
             kind = "events" if rng.random() >= faulty_share else str(rng.choice(["music", "voice-over"]))
             yid = f"toy{c:02d}{k:04d}"  # unique over the dataset, as YouTube ids are
             rel = f"kinetics/{split}/{name}/{yid}_000000_{int(seconds):06d}.mp4"
-            clip(rel, shape, colour, motion, "normal", pitch, timbre, kind)
+            clip(rel, shape, str(rng.choice(list(PALETTE))), motion, "normal", pitch, timbre, kind)
             annotations.append({"path": rel, "split": split, "label": name, "audio": kind,
                                 "faulty_positive": int(kind != "events")})
             csv_rows.append({"label": name, "youtube_id": yid, "time_start": 0, "time_end": int(seconds), "split": split})
@@ -629,21 +646,22 @@ def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=60, fau
                 "".join(f"{n} {2 if k in test else 1}\n" for k, n in enumerate(names)))
 
     atomic_write(root / "events.json", json.dumps(events_of))
-    params = dict(version=TOY_VERSION, seed=seed, per_class=per_class, downstream_per_class=downstream_per_class,
+    params = dict(version=TOY_VERSION, complete=True, seed=seed, per_class=per_class, downstream_per_class=downstream_per_class,
                   faulty_share=faulty_share, size=size, fps=fps, seconds=seconds, rate=rate)
-    atomic_write(root / "toy.json", json.dumps(params, indent=1))  # written last: marks a complete set
+    atomic_write(marker, json.dumps(params, indent=1))  # written last: marks a complete set
     log(f"wrote the embedded dataset to {root} in {time.time() - t0:.1f}s "
         f"({len(events_of)} clips, {size}px, {fps} fps, {rate} Hz)")
     return root
 
 
 def ensure_toy(root="data/toy", log=print):
-    """The embedded dataset under root, generated on first use; a partial one (no toy.json, written
-    last) or one from another version of the generator is made again."""
+    """The embedded dataset under root, generated on first use; a partial one (toy.json says
+    incomplete) or one from another version of the generator is made again."""
     marker = Path(root) / "toy.json"
-    if marker.exists() and json.loads(marker.read_text()).get("version") == TOY_VERSION:
+    made = json.loads(marker.read_text()) if marker.exists() else {}
+    if made.get("version") == TOY_VERSION and made.get("complete"):
         return Path(root)
-    log(f"generating the embedded dataset in {root} (first use)")
+    log(f"generating the embedded dataset in {root} ({'first use' if not made else 'it was incomplete or older'})")
     return make_toy(root, log=log)
 
 
@@ -709,7 +727,7 @@ def main():
     m.add_argument("--root", default="data/toy", help="output folder")
     m.add_argument("--seed", type=int, default=0, help="same seed, same clips")
     m.add_argument("--per-class", type=int, default=60, help="pre-training clips per class (80%% train, 20%% val)")
-    m.add_argument("--downstream-per-class", type=int, default=60, help="clips per class of the UCF/HMDB stand-ins")
+    m.add_argument("--downstream-per-class", type=int, default=30, help="clips per class of the UCF/HMDB stand-ins")
     m.add_argument("--faulty-share", type=float, default=0.1,
                    help="share of pre-training clips with unrelated audio (natural faulty positives)")
     m.add_argument("--size", type=int, default=64, help="frame width and height in pixels (even)")
@@ -732,8 +750,11 @@ def main():
     if args.cmd == "make-toy":
         if args.size % 2:
             p.error("--size must be even (H.264 with 4:2:0 chroma)")
-        make_toy(args.root, args.seed, args.per_class, args.downstream_per_class, args.faulty_share,
-                 args.size, args.fps, args.seconds, args.rate)
+        try:
+            make_toy(args.root, args.seed, args.per_class, args.downstream_per_class, args.faulty_share,
+                     args.size, args.fps, args.seconds, args.rate)
+        except ValueError as e:
+            p.error(str(e))
     elif args.cmd == "scan":
         root = Path(args.root)
         if not root.is_dir():

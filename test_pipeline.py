@@ -63,12 +63,31 @@ def write_av(path, fmt=None, vcodec="libx264", acodec="aac", size=(32, 32), fps=
 def test_toy_is_deterministic(toy, tmp_path):
     """Same seed, same decoded frames and audio (a second generation, compared clip by clip)."""
     again = data.make_toy(tmp_path / "again", log=lambda *a: None, **TINY)
-    for rel in ["kinetics/train/red_circle_horizontal/toy000000_000000_000002.mp4",
+    for rel in ["kinetics/train/circle_horizontal/toy000000_000000_000002.mp4",
                 "ucf/videos/SquareVertical/v_SquareVertical_g01_c01.mp4"]:
         a = data.decode_clip(toy / rel, 0.25, SPEC)
         b = data.decode_clip(again / rel, 0.25, SPEC)
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert json.loads((toy / "events.json").read_text()) == json.loads((again / "events.json").read_text())
+
+
+def test_remaking_the_toy_set_leaves_nothing_stale_and_spares_other_folders(tmp_path):
+    """An older embedded set is replaced whole (old class folders would become extra classes); a
+    non-empty folder that is not an embedded set is refused, never emptied."""
+    old = tmp_path / "toy"
+    (old / "kinetics" / "train" / "old_class").mkdir(parents=True)
+    (old / "kinetics" / "train" / "old_class" / "x.mp4").write_bytes(b"old")
+    (old / "toy.json").write_text(json.dumps({"version": 0}))
+    small = dict(TINY, per_class=2, downstream_per_class=2)
+    data.make_toy(old, log=lambda *a: None, **small)
+    assert not (old / "kinetics" / "train" / "old_class").exists()
+    assert json.loads((old / "toy.json").read_text())["complete"] is True
+    other = tmp_path / "mine"
+    (other / "kinetics").mkdir(parents=True)
+    (other / "kinetics" / "keep.mp4").write_bytes(b"user data")
+    with pytest.raises(ValueError, match="not empty and holds no toy.json"):
+        data.make_toy(other, log=lambda *a: None, **small)
+    assert (other / "kinetics" / "keep.mp4").read_bytes() == b"user data"
 
 
 def test_toy_layout_and_split_files_parse(toy):
@@ -81,7 +100,7 @@ def test_toy_layout_and_split_files_parse(toy):
     ids = [r["youtube_id"] for r in csv.DictReader(open(toy / "kinetics" / "kinetics_toy.csv"))]
     assert len(ids) == len(set(ids)) == 10 * 5
     assert [v.path for v in train] == sorted(v.path for v in train)
-    for name, n_classes in [("ucf", 6), ("hmdb", 4)]:
+    for name, n_classes in [("ucf", 18), ("hmdb", 12)]:
         for fold in (1, 2, 3):
             tr, c = splits[name]("train", fold)
             te, _ = splits[name]("test", fold)
@@ -131,7 +150,7 @@ def test_batch_transforms_jitter_each_clip_and_normalise():
 def test_crop_by_ffmpeg_matches_crop_then_resize(toy):
     """decode_clip(box=...) lets FFmpeg scale while converting to RGB; it gives what cropping the
     stored frames and resizing them (torchvision, antialiased) gives, up to interpolation."""
-    rel = "kinetics/train/red_circle_horizontal/toy000002_000000_000002.mp4"
+    rel = "kinetics/train/circle_horizontal/toy000002_000000_000002.mp4"
     full, _ = data.decode_clip(toy / rel, 0.5, SPEC)                       # (T, 32, 32, 3) as stored
     for box in ((4, 6, 20, 16), (0, 0, 32, 32), (10, 3, 13, 27)):
         small, _ = data.decode_clip(toy / rel, 0.5, SPEC, box=lambda h, w: box)
@@ -144,7 +163,8 @@ def test_crop_by_ffmpeg_matches_crop_then_resize(toy):
 
 def test_audio_events_line_up_with_visual_events(toy):
     """The instance detail shared by both streams: a click in the audio when the shape hits a wall."""
-    rel = "kinetics/train/red_circle_horizontal/toy000002_000000_000002.mp4"
+    rows = csv.DictReader(open(toy / "kinetics" / "annotations.csv"))
+    rel = next(r["path"] for r in rows if r["audio"] == "events" and r["split"] == "train")
     all_events = json.loads((toy / "events.json").read_text())
     assert all(0 < e < TINY["seconds"] for evs in all_events.values() for e in evs)
     events = all_events[rel]
@@ -190,9 +210,11 @@ def test_injected_item_carries_the_donor_audio(toy):
 
 def test_subset_class_list_and_balance(toy):
     videos, classes = data.toy_splits(toy)["kinetics"]("train")
-    sub, sub_classes = data.select_subset(videos, classes, ["red_circle_horizontal", "blue_square_vertical"])
-    assert sub_classes == ["blue_square_vertical", "red_circle_horizontal"] and len(sub) == 8
-    assert {classes[v.label] for v in videos if v in sub} == set(sub_classes) or True  # relabelled below
+    sub, sub_classes = data.select_subset(videos, classes, ["circle_horizontal", "square_vertical"])
+    assert sub_classes == ["circle_horizontal", "square_vertical"] and len(sub) == 8
+    # the kept videos are exactly those of the named classes, relabelled 0..C-1 in sorted name order
+    named = {v.path: classes[v.label] for v in videos if classes[v.label] in sub_classes}
+    assert {v.path: sub_classes[v.label] for v in sub} == named
     assert [v.label for v in sub].count(0) == 4
     sub, _ = data.select_subset(videos, classes, num_videos=20, seed=1)
     counts = np.bincount([v.label for v in sub], minlength=10)
@@ -206,7 +228,7 @@ def test_subset_class_list_and_balance(toy):
 # Broken and unusual files
 # ----------------------------------------------------------------------------------------------
 def test_scan_names_every_broken_file(toy, tmp_path):
-    good = toy / "kinetics/train/red_circle_horizontal/toy000000_000000_000002.mp4"
+    good = toy / "kinetics/train/circle_horizontal/toy000000_000000_000002.mp4"
     files = {
         "zero.mp4": lambda p: p.write_bytes(b""),
         "truncated.mp4": lambda p: p.write_bytes(good.read_bytes()[: good.stat().st_size // 3]),
@@ -442,7 +464,7 @@ def test_evaluate_end_to_end(toy, tmp_path):
     run_train(toy, out, "--epochs", "1", "--n0", "0.25")
     (out / "results.json").write_text(json.dumps({"kept": 1}))
     r = evaluate.main([str(out), "--clips", "2", "--ft-epochs", "1", "--workers", "0", "--queries", "3"])
-    for name, classes in (("ucf", 6), ("hmdb", 4)):
+    for name, classes in (("ucf", 18), ("hmdb", 12)):
         assert r[name]["classes"] == classes and {"R@1", "R@5", "R@10"} <= set(r[name]["retrieval"])
         for key in ("linear_probe_video_top1", "finetune_clip_top1", "finetune_video_top1"):
             assert 0 <= r[name][key] <= 1
@@ -496,7 +518,7 @@ def test_run_figures_are_drawn(toy, tmp_path):
 def test_sweep_skips_finished_points_and_draws(tmp_path):
     """A grid point with complete results is not trained again (an interrupted sweep resumes);
     the figures draw mean ± std over seeds from the results alone."""
-    args = argparse.Namespace(epochs=3, eval_clips=2, seeds=[0, 1], deltas=[-1.0, 0.0], n0=[0.0, 0.5], lams=[0.0, 0.5])
+    args = argparse.Namespace(epochs=3, eval_clips=2, seeds=[0, 1], deltas=[-1.0, 0.0], n0=[0.25, 0.5], lams=[0.0, 0.5])
     rng = np.random.default_rng(0)
     fake = lambda: {"evaluated_epoch": 3, **{ds: {"finetune_video_top1": rng.random(), "retrieval": {"R@5": rng.random()}}  # noqa: E731
                                               for ds in ("ucf", "hmdb")}}
@@ -506,6 +528,7 @@ def test_sweep_skips_finished_points_and_draws(tmp_path):
     assert plots.ensure_point(point, ["--mode", "xid"], args) == json.loads((point / "results.json").read_text())
     assert not (point / "checkpoint.pt").exists()                          # nothing was trained
     table = {(n0, d, s): fake() for n0 in args.n0 for d in args.deltas + ["xid"] for s in args.seeds}
+    table.update({(0.0, "xid", s): fake() for s in args.seeds})            # the reference without injection
     plots.draw_delta(table, args, tmp_path / "fig1")
     plots.draw_lambda({(lam, s): fake() for lam in args.lams for s in args.seeds}, args, tmp_path / "fig2")
     assert (tmp_path / "fig1.png").exists() and (tmp_path / "fig2.pdf").exists()

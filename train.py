@@ -67,7 +67,7 @@ def get_args(argv=None):
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--video-arch", choices=list(VIDEO_ENCODERS), default="small", help="small (CPU) or r2plus1d_18")
     g.add_argument("--audio-arch", choices=list(AUDIO_ENCODERS), default="small", help="small (CPU) or avid")
-    g.add_argument("--epochs", type=int, default=15, help="training epochs")
+    g.add_argument("--epochs", type=int, default=30, help="training epochs (the embedded data needs about 20 to leave the first plateau)")
     g.add_argument("--batch-size", type=int, default=32, help="clips per step over all GPUs (paper: 256)")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 2e-4 at batch 256)")
     g.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (paper: 1e-5)")

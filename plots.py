@@ -86,7 +86,7 @@ def sweep(kind, args):
 
 def draw_sweep(x, lines, xlabel, title, out, extra=None):
     """Four panels (PANELS); lines: [(label, style, marker, {x: [results of each seed]})]."""
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
     for ax, (ds, name, panel) in zip(axes, PANELS):
         for label, style, marker, runs in lines:
             ys = np.array([[metric(r, ds, name) for r in runs[v]] for v in x])
@@ -99,7 +99,7 @@ def draw_sweep(x, lines, xlabel, title, out, extra=None):
         ax.set_xlabel(xlabel)
         ax.set_title(panel, fontsize=10)
     axes[0].set_ylabel("accuracy / recall")
-    axes[-1].legend(fontsize=7, loc="best")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: never over data
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save(fig, out)

@@ -6,7 +6,7 @@ every broken file, PyAV clip decoding, and faulty-positive injection (n₀).
       colour jitter, normalisation, log-mel -> video float (B,3,T,H,W), audio (B,1,F,S)
 
 Command line:
-    python data.py make-toy --root data/toy      # write the embedded dataset (about 35 s on 2 cores)
+    python data.py make-toy --root data/toy      # write the embedded dataset (about 45 s on 2 cores)
     python data.py scan ROOT                     # sort every video under ROOT into usable / broken
     python data.py bench ROOT                    # loader clips/s against raw PyAV decoding
 """
@@ -97,15 +97,15 @@ def _decode_frames(container, start, num_frames, fps, box=None, size=None):
     if shown is None and not picked:
         raise ClipError(f"no video frame at {start:.2f}s")
     picked += [shown] * (num_frames - len(picked))  # the stream ended inside the window: hold the last
-    if box is None:
-        rgb = {id(f): f.to_ndarray(format="rgb24") for f in picked}
-    else:
+    scale, rows, cols = {}, slice(None), slice(None)
+    if box is not None:
         height, width = picked[0].height, picked[0].width
         top, left, h, w = box(height, width)
         full_h, full_w = max(size, round(height * size / h)), max(size, round(width * size / w))
         top, left = min(round(top * size / h), full_h - size), min(round(left * size / w), full_w - size)
-        rgb = {id(f): f.to_ndarray(format="rgb24", width=full_w, height=full_h, interpolation="AREA")
-               [top:top + size, left:left + size] for f in picked}
+        scale = dict(width=full_w, height=full_h, interpolation="AREA")
+        rows, cols = slice(top, top + size), slice(left, left + size)
+    rgb = {id(f): f.to_ndarray(format="rgb24", **scale)[rows, cols] for f in picked}  # each distinct frame once
     return np.stack([rgb[id(f)] for f in picked])
 
 

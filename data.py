@@ -30,7 +30,11 @@ from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as v1
 from torchvision.transforms import v2
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
+# Extensions of the video files real downloads come in (compared in lower case). A file in a class
+# folder with another extension is not skipped in silence: the scan opens it, and uses it or names it.
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".mpg", ".mpeg", ".3gp", ".flv", ".wmv",
+                    ".ogv", ".ts", ".mts", ".m2ts")
+METADATA_EXTENSIONS = (".txt", ".csv", ".json", ".md")  # split files, annotations, the scan's own outputs
 
 
 @dataclass(frozen=True, order=True)
@@ -62,6 +66,10 @@ class ClipSpec:
 
 class ClipError(RuntimeError):
     """A file that cannot give the clip asked of it (named, counted, never replaced by another)."""
+
+
+class SplitNotFound(FileNotFoundError):
+    """A split that the data does not have (no folder, or no CSV row for it)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,8 +164,11 @@ def decode_clip(path, video_start, spec, audio_path=None, audio_start=None, box=
                 return frames, _decode_audio(c, audio_start, spec.audio_seconds, spec.sample_rate)
         with av.open(audio_path) as c:
             return frames, _decode_audio(c, audio_start, spec.audio_seconds, spec.sample_rate)
-    except (av.FFmpegError, IndexError, ClipError) as e:  # IndexError: a stream is missing
-        raise ClipError(f"{path if audio_path == path else f'{path} (audio {audio_path})'}: {e}") from e
+    except Exception as e:  # noqa: BLE001 -- FFmpeg errors, a missing stream, audio whose layout changes
+        # mid-file (frames that no longer concatenate), ...: all are this file's fault, so the clip is
+        # reported with the file's name and left out; it is never replaced by another video.
+        what = "" if isinstance(e, ClipError) else f"{type(e).__name__}: "
+        raise ClipError(f"{path if audio_path == path else f'{path} (audio {audio_path})'}: {what}{e}") from e
 
 
 def centre_box(height, width):
@@ -283,53 +294,88 @@ def inject_faulty_positives(num_instances, n0, seed=0):
 # ----------------------------------------------------------------------------------------------
 # Listings of real datasets (sorted, so bank slots are the same on every machine)
 # ----------------------------------------------------------------------------------------------
-def kinetics_folder(root, split):
-    """root/<split>/<class>/*.mp4 -> (videos, classes)."""
+def video_files(folder, recursive=False):
+    """Every file under folder that may be a video, sorted: hidden files and metadata (split lists,
+    CSVs, JSON) are not; a file with an unknown extension is, so that the scan uses it or names it."""
+    files = Path(folder).rglob("*") if recursive else Path(folder).iterdir()
+    return sorted(f for f in files if f.is_file() and not f.name.startswith(".")
+                  and f.suffix.lower() not in METADATA_EXTENSIONS)
+
+
+def _align_classes(found, classes, where, log):
+    """The class list of a split: its own sorted folders / labels, or, given `classes` (the training
+    split's), that list, so that label c means the same class in every split. Classes of this split
+    that the list lacks are left out, and said so."""
+    found = sorted(set(found))
+    if classes is None:
+        return found
+    extra = [c for c in found if c not in classes]
+    if extra:
+        log(f"{where}: {len(extra)} class(es) not among the {len(classes)} training classes, left out: "
+            f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    return list(classes)
+
+
+def kinetics_folder(root, split, classes=None, log=print):
+    """root/<split>/<class>/<video> -> (videos, classes). With `classes`, labels index that list."""
     base = Path(root) / split
     if not base.is_dir():
-        raise FileNotFoundError(f"no folder {base}: expected Kinetics laid out as ROOT/<split>/<class>/<video>")
-    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
-    videos = [Video(str(f), label) for label, c in enumerate(classes)
-              for f in sorted((base / c).iterdir()) if f.suffix.lower() in VIDEO_EXTENSIONS]
+        raise SplitNotFound(f"no folder {base}: expected Kinetics laid out as ROOT/<split>/<class>/<video>")
+    found = [p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    classes = _align_classes(found, classes, str(base), log)
+    videos = [Video(str(f), label) for label, c in enumerate(classes) if (base / c).is_dir()
+              for f in video_files(base / c)]
     return videos, classes
 
 
-def kinetics_csv(csv_path, root, split):
+CSV_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
+
+
+def kinetics_csv(csv_path, root, split, classes=None, log=print):
     """The official CSV (label, youtube_id, time_start, time_end, split) with clips stored as
     root/<split>/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4 (the common downloaders' naming).
-    Rows whose file is missing are kept: the scan reports them."""
+    Rows whose file is missing are kept: the scan reports them. With `classes`, labels index that list."""
     with open(csv_path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == split]
+        reader = csv.DictReader(f)
+        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_path}: no column {', '.join(missing)} (a Kinetics CSV has the columns "
+                             f"{', '.join(CSV_COLUMNS)}; found {', '.join(reader.fieldnames or []) or 'none'})")
+        rows = [r for r in reader if r["split"] == split]
     if not rows:
-        raise ValueError(f"{csv_path}: no row with split == {split!r}")
-    classes = sorted({r["label"] for r in rows})
+        raise SplitNotFound(f"{csv_path}: no row with split == {split!r} (Kinetics ships one CSV per split: "
+                            f"give the one that has it)")
+    classes = _align_classes([r["label"] for r in rows], classes, f"{csv_path} [{split}]", log)
     videos = sorted(Video(str(Path(root) / split / r["label"] /
                               f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}.mp4"),
-                          classes.index(r["label"])) for r in rows)
+                          classes.index(r["label"])) for r in rows if r["label"] in classes)
     return videos, classes
 
 
-def select_subset(videos, classes, class_names=None, num_videos=None, seed=0):
-    """Keep the named classes (relabelled 0..C-1), then a class-balanced, seeded subset of num_videos."""
-    if class_names:
-        missing = sorted(set(class_names) - set(classes))
-        if missing:
-            raise ValueError(f"--classes names classes not in the dataset: {missing}")
-        keep = sorted(set(class_names))
-        videos = [replace(v, label=keep.index(classes[v.label])) for v in videos if classes[v.label] in keep]
-        classes = keep
-    if num_videos and num_videos < len(videos):
-        rng = random.Random(seed)
-        per_class = [[v for v in videos if v.label == c] for c in range(len(classes))]
+def keep_classes(videos, classes, class_names):
+    """Only the named classes, relabelled 0..C-1 in sorted name order."""
+    missing = sorted(set(class_names) - set(classes))
+    if missing:
+        raise ValueError(f"--classes names classes not in the dataset: {missing}")
+    keep = sorted(set(class_names))
+    return [replace(v, label=keep.index(classes[v.label])) for v in videos if classes[v.label] in keep], keep
+
+
+def balanced_subset(videos, num_classes, num_videos, seed=0):
+    """A class-balanced, seeded subset of num_videos (round robin over the classes, as far as each
+    class has videos), sorted by path."""
+    if num_videos >= len(videos):
+        return videos
+    rng = random.Random(seed)
+    per_class = [[v for v in videos if v.label == c] for c in range(num_classes)]
+    for vs in per_class:
+        rng.shuffle(vs)
+    picked = []
+    while len(picked) < num_videos:
         for vs in per_class:
-            rng.shuffle(vs)
-        picked = []
-        while len(picked) < num_videos:  # round robin over classes: balanced as far as each allows
-            for vs in per_class:
-                if vs and len(picked) < num_videos:
-                    picked.append(vs.pop())
-        videos = sorted(picked, key=lambda v: v.path)
-    return videos, classes
+            if vs and len(picked) < num_videos:
+                picked.append(vs.pop())
+    return sorted(picked, key=lambda v: v.path)
 
 
 def ucf101(root, splits_dir, fold=1, split="train"):
@@ -357,14 +403,23 @@ def hmdb51(root, splits_dir, fold=1, split="train"):
     return sorted(videos), classes
 
 
-def pretraining_split(root, split, spec, csv_path=None, classes_file=None, subset=None, seed=0, log=print):
-    """Kinetics-style listing (folder or CSV) -> class list / subset -> scan.
-    Returns (usable videos, classes, broken [(path, reason)]); the scan is cached beside the data."""
+def pretraining_split(root, split, spec, csv_path=None, class_names=None, subset=None, seed=0, classes=None,
+                      probe_many=None, log=print):
+    """Kinetics-style listing (folder or CSV) -> named classes -> scan -> class-balanced subset.
+    Returns (usable videos, classes, broken [(path, reason)]); the scan is cached beside the data.
+    `classes` (the training split's list) makes another split's labels mean the same classes.
+    The subset is drawn from the usable videos, so broken files do not unbalance it."""
     root = Path(root)
-    videos, classes = kinetics_csv(csv_path, root, split) if csv_path else kinetics_folder(root, split)
-    names = [c.strip() for c in Path(classes_file).read_text().splitlines() if c.strip()] if classes_file else None
-    videos, classes = select_subset(videos, classes, names, subset, seed)
-    usable, broken = scan(videos, spec, root / f".scan-cache-{split}.json", name=f"{root} [{split}]", log=log)
+    if csv_path:
+        videos, classes = kinetics_csv(csv_path, root, split, classes, log)
+    else:
+        videos, classes = kinetics_folder(root, split, classes, log)
+    if class_names:
+        videos, classes = keep_classes(videos, classes, class_names)
+    usable, broken = scan(videos, spec, root / f".scan-cache-{split}.json", name=f"{root} [{split}]",
+                          probe_many=probe_many, log=log)
+    if subset:
+        usable = balanced_subset(usable, len(classes), subset, seed)
     return usable, classes, broken
 
 
@@ -386,6 +441,14 @@ def natural_faulty_flags(videos):
 # ----------------------------------------------------------------------------------------------
 def probe(path, need_audio=True, min_seconds=0.0):
     """(duration, None) for a usable file, (0, reason) for a broken one."""
+    duration, reason = _probe(path, need_audio, min_seconds)
+    suffix = Path(path).suffix.lower()
+    if reason and suffix not in VIDEO_EXTENSIONS and Path(path).exists():  # say why it was tried at all
+        reason += f" (and {suffix or 'no extension'} is not a known video extension)"
+    return duration, reason
+
+
+def _probe(path, need_audio, min_seconds):
     p = Path(path)
     if not p.exists():
         return 0.0, "missing file"
@@ -407,27 +470,35 @@ def probe(path, need_audio=True, min_seconds=0.0):
                 c.seek(0)
     except StopIteration:
         return 0.0, "corrupt: a stream has no decodable frame"
-    except (av.FFmpegError, UnicodeDecodeError) as e:
+    except Exception as e:  # noqa: BLE001 -- whatever FFmpeg or PyAV raise on this file is its reason
         return 0.0, f"cannot open / corrupt: {type(e).__name__}"
     if duration < min_seconds:
         return duration, f"too short: {duration:.2f}s < {min_seconds:.2f}s"
     return duration, None
 
 
-def scan(videos, spec=ClipSpec(), cache_path=None, name="dataset", log=print):
+def probe_all(paths, need_audio, min_seconds):
+    """probe() for each path, one after the other (the default of scan's `probe_many`)."""
+    return [probe(p, need_audio, min_seconds) for p in paths]
+
+
+def scan(videos, spec=ClipSpec(), cache_path=None, name="dataset", probe_many=None, log=print):
     """Probe every video once (cached by path, size and mtime) -> (usable videos with durations, broken
-    [(path, reason)]). Prints a summary with counts per reason; no usable file is an error."""
+    [(path, reason)]). Prints a summary with counts per reason; no usable file is an error.
+    probe_many(paths, need_audio, min_seconds) -> [(duration, reason)] probes the files the cache does
+    not know (default: probe_all; train.py spreads them over the processes of a multi-GPU run)."""
     cache = {}
     if cache_path and Path(cache_path).exists():
         cache = json.loads(Path(cache_path).read_text())
     key_of = lambda p: (f"{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}:{spec.need_audio}:{spec.seconds}"
                         if os.path.exists(p) else "missing")
+    keys = {v.path: key_of(v.path) for v in videos}
+    todo = [v.path for v in videos if cache.get(v.path, {}).get("key") != keys[v.path]]
+    probed = dict(zip(todo, (probe_many or probe_all)(todo, spec.need_audio, spec.seconds)))
     usable, broken, fresh = [], [], {}
     for v in videos:
-        key = key_of(v.path)
-        hit = cache.get(v.path)
-        duration, reason = (hit["duration"], hit["reason"]) if hit and hit["key"] == key else \
-            probe(v.path, spec.need_audio, spec.seconds)
+        key = keys[v.path]
+        duration, reason = probed[v.path] if v.path in probed else (cache[v.path]["duration"], cache[v.path]["reason"])
         fresh[v.path] = {"key": key, "duration": duration, "reason": reason}
         if reason:
             broken.append((v.path, reason))
@@ -759,7 +830,7 @@ def main():
         root = Path(args.root)
         if not root.is_dir():
             p.error(f"{root} is not a folder")
-        videos = [Video(str(f)) for f in sorted(root.rglob("*")) if f.suffix.lower() in VIDEO_EXTENSIONS]
+        videos = [Video(str(f)) for f in video_files(root, recursive=True)]
         spec = ClipSpec(need_audio=not args.no_audio, frames=1, fps=1 / max(args.min_seconds, 1e-3),
                         audio_seconds=max(args.min_seconds, 1e-3))
         _, broken = scan(videos, spec, root / ".scan-cache.json", name=str(root))

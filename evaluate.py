@@ -14,15 +14,16 @@ import json
 import random
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 import data
+from losses import gather_from_all_ranks
 from model import AVModel
 
 
@@ -37,8 +38,14 @@ def recall_at_k(query, gallery, query_labels, gallery_labels, ks=(1, 5, 10, 20))
     return {f"R@{k}": hit[:, :k].any(1).float().mean().item() for k in ks if k <= gallery.shape[0]}
 
 
-def nearest_neighbours(query, gallery, k):
-    return torch.cdist(query.float(), gallery.float()).topk(k, dim=1, largest=False).indices
+def nearest_neighbours(query, gallery, k, chunk=None):
+    """Indices (Q, k) of the k nearest gallery items of each query (Euclidean). The distances are
+    computed for a chunk of queries at a time, at most ~2^26 of them (256 MB): all at once, 20k
+    Kinetics val queries against 240k training videos would need 19 GB."""
+    gallery = gallery.float()
+    chunk = chunk or max(1, 2**26 // max(len(gallery), 1))
+    return torch.cat([torch.cdist(q.float(), gallery).topk(k, dim=1, largest=False).indices
+                      for q in query.split(chunk)])
 
 
 def per_class_recall_at_1(query, gallery, query_labels, gallery_labels, classes):
@@ -66,35 +73,56 @@ def roc_auc(score, positive):
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def detection_metrics(s, faulty):
+def detection_metrics(s, faulty, ignore=None):
     """How well low alignment s_i = v̄_i·ā_i finds the faulty pairs: ROC AUC of -s, and the precision
-    of the n lowest-scored instances with n = number of faulty pairs (precision at n₀·N)."""
+    of the n lowest-scored instances with n = number of faulty pairs (precision at n₀·N).
+    `ignore` marks instances scored neither as faulty nor as clean (faulty pairs of another kind)."""
     s, faulty = np.asarray(s, dtype=np.float64), np.asarray(faulty, dtype=bool)
+    if ignore is not None:
+        keep = ~np.asarray(ignore, dtype=bool)
+        s, faulty = s[keep], faulty[keep]
     n = int(faulty.sum())
     lowest = np.argsort(s, kind="stable")[:n]
     return {"auc": roc_auc(-s, faulty), "precision_at_n": float(faulty[lowest].mean()) if n else float("nan"),
-            "n_faulty": n}
+            "n_faulty": n, "n_scored": len(s), "chance": n / max(len(s), 1)}
 
 
 def detection_report(s, injected, natural=None):
-    """detection_metrics against the injected pairs and, where the data marks them (the embedded
-    set's annotations.csv), the natural faulty pairs that were not injected; only the sets present."""
-    sets = {"injected": injected, "natural": None if natural is None else natural & ~injected}
-    return {name: detection_metrics(s, f) for name, f in sets.items() if f is not None and f.any()}
+    """detection_metrics of the injected pairs and, where the data marks them (the embedded set's
+    annotations.csv), of the natural faulty pairs that were not injected; only the sets present.
+    Each kind is scored against the clean pairs alone: finding a pair of the other kind is neither a
+    hit nor a false alarm."""
+    natural = None if natural is None else natural & ~injected
+    report = {}
+    if injected.any():
+        report["injected"] = detection_metrics(s, injected, ignore=natural)
+    if natural is not None and natural.any():
+        report["natural"] = detection_metrics(s, natural, ignore=injected)
+    return report
 
 
 # ----------------------------------------------------------------------------------------------
 # Features
 # ----------------------------------------------------------------------------------------------
+@dataclass
+class VideoFeatures:
+    features: dict        # {"pooled": (N, D), "map": (N, D')}, averaged over each video's clips
+    labels: torch.Tensor  # (N,)
+    index: torch.Tensor   # (N,) each row's position in the dataset (a video that failed is missing)
+    errors: list          # the failures, named
+
+
 @torch.no_grad()
-def extract_video_features(model, dataset, device, batch_size=16, workers=0):
-    """Per video: "pooled" and "map" features averaged over the dataset's clips (eval mode gives
-    video (n, 3, T, H, W)). Returns (features {kind: (N, D)}, labels (N,), kept indices, errors);
-    a video that fails to decode is named in errors and left out, never replaced."""
+def extract_video_features(model, dataset, device, batch_size=16, workers=0, kinds=("pooled", "map"),
+                           rank=0, world=1):
+    """Per video, the encoder's features (eval mode gives video (n, 3, T, H, W): n clips, averaged).
+    A video that fails to decode is named in errors and left out, never replaced. With world > 1,
+    each rank extracts every world-th video and all ranks get the whole result, in dataset order."""
     model.eval()
     transforms = data.BatchTransforms(dataset.spec, train=False).to(device)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=data.collate_clips)
-    feats, labels, kept, errors = {"pooled": [], "map": []}, [], [], []
+    share = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
+    loader = DataLoader(share, batch_size=batch_size, num_workers=workers, collate_fn=data.collate_clips)
+    feats, labels, kept, errors = {k: [] for k in kinds}, [], [], []
     for batch in loader:
         errors += batch["errors"]
         if "video" not in batch:
@@ -102,10 +130,25 @@ def extract_video_features(model, dataset, device, batch_size=16, workers=0):
         video = transforms.video(batch["video"].to(device, non_blocking=True))  # (B, n, 3, T, H, W)
         b, n = video.shape[:2]
         for kind, f in model.video_features(video.flatten(0, 1)).items():      # (B*n, D)
-            feats[kind].append(f.float().view(b, n, -1).mean(1).cpu())
-        labels.append(batch["label"])
-        kept.append(batch["index"])
-    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels), torch.cat(kept), errors
+            if kind in kinds:
+                feats[kind].append(f.float().view(b, n, -1).mean(1))
+        labels.append(batch["label"].to(device))
+        kept.append(batch["index"].to(device))
+    if not kept:  # nothing decoded in this share: empty rows of the right width (ranks gather them)
+        spec = dataset.spec
+        blank = model.video_features(torch.zeros(1, 3, spec.frames, spec.size, spec.size, device=device))
+        feats = {k: [blank[k].float()[:0]] for k in kinds}
+        labels, kept = [torch.zeros(0, dtype=torch.long, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
+    feats, labels, kept = {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels), torch.cat(kept)
+    if world > 1:
+        feats = {k: gather_from_all_ranks(v) for k, v in feats.items()}
+        labels, kept = gather_from_all_ranks(labels), gather_from_all_ranks(kept)
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, errors)
+        errors = [e for share_errors in shares for e in share_errors]
+        order = kept.argsort()
+        feats, labels, kept = {k: v[order] for k, v in feats.items()}, labels[order], kept[order]
+    return VideoFeatures({k: v.cpu() for k, v in feats.items()}, labels.cpu(), kept.cpu(), errors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,14 +213,16 @@ def evaluate_downstream(name, model, listing, spec, args, device, log):
     scan = lambda vs, split: data.scan(vs, spec, name=f"{name} [{split}]", log=log)[0]  # noqa: E731
     train_v, test_v = scan(train_v, "train"), scan(test_v, "test")
     t = time.perf_counter()
-    gal, gal_y, _, err_g = extract_video_features(model, data.AVClips(train_v, spec, False, args.clips), device,
-                                                  workers=args.workers)
-    qry, qry_y, _, err_q = extract_video_features(model, data.AVClips(test_v, spec, False, args.clips), device,
-                                                  workers=args.workers)
-    out = {"train_videos": len(gal_y), "test_videos": len(qry_y), "classes": len(classes),
-           "data_errors": err_g + err_q,
-           "retrieval": recall_at_k(qry[args.retrieval_features], gal[args.retrieval_features], qry_y, gal_y),
-           "linear_probe_video_top1": linear_probe(gal["pooled"], gal_y, qry["pooled"], qry_y, len(classes))}
+    gallery = extract_video_features(model, data.AVClips(train_v, spec, False, args.clips), device, workers=args.workers)
+    queries = extract_video_features(model, data.AVClips(test_v, spec, False, args.clips), device, workers=args.workers)
+    for e in gallery.errors + queries.errors:
+        log(f"data error ({name} video left out): {e}")
+    kind = args.retrieval_features
+    out = {"train_videos": len(gallery.labels), "test_videos": len(queries.labels), "classes": len(classes),
+           "data_errors": gallery.errors + queries.errors,
+           "retrieval": recall_at_k(queries.features[kind], gallery.features[kind], queries.labels, gallery.labels),
+           "linear_probe_video_top1": linear_probe(gallery.features["pooled"], gallery.labels,
+                                                   queries.features["pooled"], queries.labels, len(classes))}
     clip, video = finetune(model, data.AVClips(train_v, spec, True), data.AVClips(test_v, spec, False, args.clips),
                            len(classes), device, args.ft_epochs, args.ft_lr, args.ft_batch_size, args.workers)
     out.update(finetune_clip_top1=clip, finetune_video_top1=video, seconds=time.perf_counter() - t)
@@ -187,36 +232,21 @@ def evaluate_downstream(name, model, listing, spec, args, device, log):
 # ----------------------------------------------------------------------------------------------
 # The pre-training set: per-class R@1, top-4 retrievals, detection
 # ----------------------------------------------------------------------------------------------
+def training_instances(ckpt):
+    """The run's instances, bank slot by bank slot, exactly as it trained on them (never a re-listing,
+    which could differ: files added, removed, or scanned with other requirements)."""
+    if "instances" not in ckpt:
+        raise SystemExit("evaluate.py: this checkpoint does not record its instances (written by an older "
+                         "train.py); train again to evaluate the pre-training set, or pass --skip pretrain")
+    return [data.Video(path, label, duration) for path, label, duration in ckpt["instances"]]
+
+
 def pretraining_analysis(model, ckpt, spec, args, device, out_dir, log):
     run = ckpt["args"]
-    root = Path(run["data_root"]) if run["data_root"] else Path(run["toy_root"]) / "kinetics"
     classes = ckpt["classes"]
-    train_v, _, _ = data.pretraining_split(root, run["split"], spec, run["csv"], run["classes"], run["subset"],
-                                           run["seed"], log)
-    if [v.path for v in train_v] != ckpt["videos"]:
-        raise SystemExit(f"evaluate.py: the pre-training files under {root} changed since the run "
-                         f"({len(train_v)} usable now, {len(ckpt['videos'])} then): bank slots no longer match")
-    val_v, _, _ = data.pretraining_split(root, run["val_split"], spec, run["csv"], run["classes"], None, run["seed"], log)
-    gal, gal_y, gal_i, _ = extract_video_features(model, data.AVClips(train_v, spec, False, 2), device, workers=args.workers)
-    qry, qry_y, qry_i, _ = extract_video_features(model, data.AVClips(val_v, spec, False, 2), device, workers=args.workers)
-    kind = args.retrieval_features
-    results = {"pretrain_retrieval": recall_at_k(qry[kind], gal[kind], qry_y, gal_y),
-               "per_class_R@1": per_class_recall_at_1(qry[kind], gal[kind], qry_y, gal_y, classes)}
-
-    # top-4 retrievals for one query per class (up to --queries), with a frame of each video
-    first_of_class = {}
-    for row, y in enumerate(qry_y.tolist()):
-        first_of_class.setdefault(y, row)
-    rows = list(first_of_class.values())[: args.queries]
-    nn_idx = nearest_neighbours(qry[kind][rows], gal[kind], 4)
-    frame_spec = data.ClipSpec(frames=1, fps=1.0, need_audio=False)
-    grid, listing = [], []
-    for r, neighbours in zip(rows, nn_idx.tolist()):
-        items = [val_v[int(qry_i[r])]] + [train_v[int(gal_i[n])] for n in neighbours]
-        grid.append([frame_112(v, frame_spec) for v in items])
-        listing.append([{"path": v.path, "class": classes[v.label]} for v in items])
-    np.savez_compressed(out_dir / "retrievals.npz", frames=np.array(grid, dtype=np.uint8))
-    results["top4_retrievals"] = listing
+    train_v = training_instances(ckpt)
+    results = {}
+    results.update(retrieval_on_pretraining_set(model, run, classes, train_v, spec, args, device, out_dir, log))
 
     # faulty-positive detection from the bank's alignment scores
     s = ckpt["criterion"]["bank.s"].cpu().numpy()
@@ -229,6 +259,44 @@ def pretraining_analysis(model, ckpt, spec, args, device, out_dir, log):
         {"instance": int(i), "video": train_v[i].path, "audio_from": train_v[audio_from.get(int(i), int(i))].path,
          "s": float(s[i]), "injected": bool(injected[i]), "natural": bool(natural[i]) if natural is not None else None}
         for i in np.argsort(s, kind="stable")[:100]]
+    return results
+
+
+def retrieval_on_pretraining_set(model, run, classes, train_v, spec, args, device, out_dir, log):
+    """R@K and per-class R@1 of held-out clips among the training clips (labels of the training
+    classes), and the top-4 retrievals of one query per class with a frame of each video (Figure 4).
+    Empty when the held-out split is not there."""
+    root = Path(run["data_root"]) if run["data_root"] else Path(run["toy_root"]) / "kinetics"
+    try:
+        val_v, _, _ = data.pretraining_split(root, run["val_split"], spec, run.get("val_csv") or run["csv"],
+                                             seed=run["seed"], classes=classes, log=log)
+    except FileNotFoundError as e:  # no such split, or nothing usable in it
+        log(f"pre-training set: no held-out videos, so no retrieval, per-class R@1 or Figure 4 ({e})")
+        return {}
+    gallery = extract_video_features(model, data.AVClips(train_v, spec, False, 2), device, workers=args.workers)
+    queries = extract_video_features(model, data.AVClips(val_v, spec, False, 2), device, workers=args.workers)
+    for e in gallery.errors + queries.errors:
+        log(f"data error (pre-training video left out): {e}")
+    if not len(gallery.labels) or not len(queries.labels):
+        log("pre-training set: no video decoded, so no retrieval, per-class R@1 or Figure 4")
+        return {}
+    kind = args.retrieval_features
+    qry, gal = queries.features[kind], gallery.features[kind]
+    results = {"pretrain_retrieval": recall_at_k(qry, gal, queries.labels, gallery.labels),
+               "per_class_R@1": per_class_recall_at_1(qry, gal, queries.labels, gallery.labels, classes)}
+    first_of_class = {}
+    for row, y in enumerate(queries.labels.tolist()):
+        first_of_class.setdefault(y, row)
+    rows = list(first_of_class.values())[: args.queries]
+    nn_idx = nearest_neighbours(qry[rows], gal, min(4, len(gal)))
+    frame_spec = data.ClipSpec(frames=1, fps=1.0, need_audio=False)
+    grid, listing = [], []
+    for r, neighbours in zip(rows, nn_idx.tolist()):
+        items = [val_v[int(queries.index[r])]] + [train_v[int(gallery.index[n])] for n in neighbours]
+        grid.append([frame_112(v, frame_spec) for v in items])
+        listing.append([{"path": v.path, "class": classes[v.label]} for v in items])
+    np.savez_compressed(out_dir / "retrievals.npz", frames=np.array(grid, dtype=np.uint8))
+    results["top4_retrievals"] = listing
     return results
 
 
@@ -343,8 +411,11 @@ def print_table(r):
             print(f"{what} faulty positives ({d['n_faulty']}): ROC AUC {d['auc']:.3f}, precision at n {d['precision_at_n']:.3f}")
     if "most_likely_faulty" in r:
         top = r["most_likely_faulty"]
-        flag = "injected" if "detection_injected" in r else "natural"
-        print(f"of the 100 most likely faulty pairs, {sum(bool(x[flag]) for x in top)} are {flag} faulty pairs")
+        injected, natural = sum(x["injected"] for x in top), sum(bool(x["natural"]) and not x["injected"] for x in top)
+        marks = top and top[0]["natural"] is not None
+        print(f"of the {len(top)} most likely faulty pairs: {injected} injected"
+              + (f", {natural} natural (marked in annotations.csv), {len(top) - injected - natural} clean" if marks
+                 else f", {len(top) - injected} not injected (this data marks no natural faulty pairs)"))
 
 
 if __name__ == "__main__":

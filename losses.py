@@ -1,7 +1,7 @@
 """Robust-xID losses: xID, Weighted-xID, Soft-xID and Robust-xID.
 
 Morgado, Misra, Vasconcelos. Robust Audio-Visual Instance Discrimination. CVPR 2021.
-Read beside the paper; symbols follow ../shared/paper/METHOD.md:
+Read beside the paper; symbols follow METHOD.md (beside this file):
 
     v_i, a_i     L2-normalised video / audio embeddings of instance i       (B, d)
     v̄, ā         memory banks, one slot per training instance               (N, d)
@@ -72,7 +72,7 @@ class MemoryBank(nn.Module):
         indices are gathered first, so all ranks apply the same update and hold identical banks."""
         index, v, a = index.to(self.v_bar.device), v.detach().float(), a.detach().float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            index, v, a = (_gather_from_all_ranks(t) for t in (index, v, a))
+            index, v, a = (gather_from_all_ranks(t) for t in (index, v, a))
         self.check_index(index)
         m = self.momentum
         self.v_bar[index] = F.normalize(m * self.v_bar[index] + (1 - m) * v, dim=1)
@@ -80,7 +80,7 @@ class MemoryBank(nn.Module):
         self.s[index] = (self.v_bar[index] * self.a_bar[index]).sum(1)
 
 
-def _gather_from_all_ranks(t):
+def gather_from_all_ranks(t):
     """Concatenate a tensor from every rank along dim 0. Batches may differ in size (a rank whose
     clip failed to decode has one row fewer), so sizes are exchanged first and rows padded."""
     world = dist.get_world_size()
@@ -235,7 +235,8 @@ class RobustXIDLoss(nn.Module):
         return {"generator": self.generator.get_state()}
 
     def set_extra_state(self, state):
-        self.generator.set_state(state["generator"])
+        # a CPU generator takes only a CPU byte tensor; a checkpoint mapped to a GPU carries a GPU one
+        self.generator.set_state(state["generator"].to("cpu", torch.uint8))
 
     def forward(self, v, a, index, warmup=False, negatives=None):
         """v, a: (B, d) L2-normalised embeddings; index: (B,) bank slots of the batch.

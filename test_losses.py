@@ -1,4 +1,4 @@
-"""The losses of losses.py, checked against the equations of ../shared/paper/METHOD.md.
+"""The losses of losses.py, checked against the equations of METHOD.md.
 
 The reference below is a slow loop written straight from the equations, one instance and one
 candidate at a time, in float64; every vectorised result must agree with it.

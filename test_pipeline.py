@@ -217,19 +217,20 @@ def test_injected_item_carries_the_donor_audio(toy):
 
 
 def test_subset_class_list_and_balance(toy):
+    """--classes keeps the named classes, relabelled 0..C-1 in sorted name order; --subset draws a
+    class-balanced, seeded subset."""
     videos, classes = data.toy_splits(toy)["kinetics"]("train")
-    sub, sub_classes = data.select_subset(videos, classes, ["circle_horizontal", "square_vertical"])
+    sub, sub_classes = data.keep_classes(videos, classes, ["square_vertical", "circle_horizontal"])
     assert sub_classes == ["circle_horizontal", "square_vertical"] and len(sub) == 8
-    # the kept videos are exactly those of the named classes, relabelled 0..C-1 in sorted name order
     named = {v.path: classes[v.label] for v in videos if classes[v.label] in sub_classes}
     assert {v.path: sub_classes[v.label] for v in sub} == named
     assert [v.label for v in sub].count(0) == 4
-    sub, _ = data.select_subset(videos, classes, num_videos=20, seed=1)
+    sub = data.balanced_subset(videos, len(classes), 20, seed=1)
     counts = np.bincount([v.label for v in sub], minlength=10)
     assert len(sub) == 20 and counts.max() - counts.min() <= 1
-    assert sub == data.select_subset(videos, classes, num_videos=20, seed=1)[0]
+    assert sub == data.balanced_subset(videos, len(classes), 20, seed=1)
     with pytest.raises(ValueError, match="--classes"):
-        data.select_subset(videos, classes, ["no_such_class"])
+        data.keep_classes(videos, classes, ["no_such_class"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,7 +458,7 @@ def test_detection_metrics_known_injected_set():
     s = np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.85])
     faulty = np.array([0, 1, 0, 1, 0, 0], dtype=bool)
     d = evaluate.detection_metrics(s, faulty)
-    assert d == {"auc": 1.0, "precision_at_n": 1.0, "n_faulty": 2}
+    assert d == {"auc": 1.0, "precision_at_n": 1.0, "n_faulty": 2, "n_scored": 6, "chance": 2 / 6}
     faulty = np.array([0, 1, 0, 0, 1, 0], dtype=bool)       # one faulty pair hides at 0.7
     d = evaluate.detection_metrics(s, faulty)
     brute = np.mean([float(-s[i] > -s[j]) for i in np.flatnonzero(faulty) for j in np.flatnonzero(~faulty)])

@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +54,12 @@ def get_args(argv=None):
                    "default: the embedded dataset in --toy-root (generated on first use)")
     g.add_argument("--toy-root", default="data/toy", help="where the embedded dataset lives")
     g.add_argument("--csv", default=None, help="official Kinetics CSV (label,youtube_id,time_start,time_end,split)")
+    g.add_argument("--val-csv", default=None, help="CSV of the held-out split (Kinetics' validate.csv); "
+                   "default: --csv, whose rows of --val-split are used when it has them")
     g.add_argument("--split", default="train", help="split folder / CSV split to pre-train on")
     g.add_argument("--val-split", default="val", help="held-out split for the retrieval printed at the end")
-    g.add_argument("--subset", type=int, default=None, help="class-balanced, seeded subset of this many videos")
-    g.add_argument("--classes", default=None, help="file with one class name per line (e.g. Kinetics-Sounds)")
+    g.add_argument("--subset", type=int, default=None, help="class-balanced, seeded subset of this many usable videos")
+    g.add_argument("--classes", default=None, help="file with one class name per line: pre-train on these classes only")
     g = p.add_argument_group("clips")
     g.add_argument("--frames", type=int, default=8, help="frames per video clip (paper: 8)")
     g.add_argument("--fps", type=float, default=8.0, help="clip frame rate (paper: 16)")
@@ -84,6 +87,7 @@ def get_args(argv=None):
     g.add_argument("--no-eval", action="store_true", help="skip the retrieval / detection summary at the end")
     args = p.parse_args(argv)
 
+    # every check that can be made before touching data or the run folder is made here
     checks = [("--lam", 0 <= args.lam <= 1, "must be in [0, 1]"), ("--kappa", args.kappa > 0, "must be > 0"),
               ("--w-min", 0 <= args.w_min <= 1, "must be in [0, 1]"), ("--n0", 0 <= args.n0 < 1, "must be in [0, 1)"),
               ("--tau", args.tau > 0, "must be > 0"), ("--tau-s", args.tau_s > 0, "must be > 0"),
@@ -93,16 +97,28 @@ def get_args(argv=None):
               ("--workers", args.workers >= 0, "must be >= 0"), ("--frames", args.frames >= 1, "must be >= 1"),
               ("--fps", args.fps > 0, "must be > 0"), ("--audio-seconds", args.audio_seconds > 0, "must be > 0"),
               ("--num-negatives", args.num_negatives is None or args.num_negatives >= 1, "must be >= 1"),
-              ("--crop", args.crop >= 16, "must be >= 16")]
+              ("--crop", args.crop >= 16, "must be >= 16"), ("--log-every", args.log_every >= 1, "must be >= 1"),
+              ("--sample-rate", args.sample_rate >= 1000, "must be >= 1000 (Hz)"),
+              ("--n-mels", 1 <= args.n_mels <= args.sample_rate // 50 + 1,
+               f"must be in [1, {args.sample_rate // 50 + 1}] (the frequency bins of a 40 ms window at --sample-rate)"),
+              ("--subset", args.subset is None or args.subset >= 2, "must be >= 2"),
+              ("--bench-steps", args.bench_steps >= 1, "must be >= 1")]
     for flag, ok, rule in checks:
         if not ok:
             p.error(f"{flag} {rule}, got {getattr(args, flag[2:].replace('-', '_'))}")
     if args.data_root and not Path(args.data_root).is_dir():
         p.error(f"--data-root {args.data_root} is not a folder")
-    if args.csv and not Path(args.csv).is_file():
-        p.error(f"--csv {args.csv} does not exist")
-    if args.classes and not Path(args.classes).is_file():
-        p.error(f"--classes {args.classes} does not exist")
+    for flag in ("csv", "val_csv", "classes"):
+        if getattr(args, flag) and not Path(getattr(args, flag)).is_file():
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist")
+    if args.val_csv and not args.csv:
+        p.error("--val-csv needs --csv (the training split's CSV)")
+    args.class_names = None
+    if args.classes:
+        args.class_names = [c.strip() for c in Path(args.classes).read_text().splitlines() if c.strip()]
+        if not args.class_names:
+            p.error(f"--classes {args.classes} names no class (one class name per line); "
+                    f"leave the flag out to use every class")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available here")
     if (Path(args.out) / "checkpoint.pt").exists() and not args.resume and not args.bench:
@@ -129,11 +145,62 @@ def setup_distributed(device_flag):
     return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
-def load_split(args, split, spec, log):
-    """The pre-training listing of a split: (usable videos, classes, broken [(path, reason)])."""
+def load_split(args, split, spec, log, rank=0, world=1, classes=None):
+    """The pre-training listing of a split: (usable videos, classes, broken [(path, reason)]).
+    Rank 0 lists the files and reads the scan's cache; the files to probe are spread over all ranks;
+    every rank gets rank 0's result, so all agree on N and on the order of the bank slots."""
     root = Path(args.data_root) if args.data_root else Path(args.toy_root) / "kinetics"
-    return data.pretraining_split(root, split, spec, csv_path=args.csv, classes_file=args.classes,
-                                  subset=args.subset if split == args.split else None, seed=args.seed, log=log)
+    csv_path = (args.val_csv or args.csv) if split != args.split else args.csv
+    subset = args.subset if split == args.split else None
+
+    def listing(probe_many):
+        return data.pretraining_split(root, split, spec, csv_path, args.class_names if classes is None else None,
+                                      subset, args.seed, classes=classes, probe_many=probe_many, log=log)
+    return shared_by_ranks(listing, rank, world)
+
+
+def shared_by_ranks(fn, rank, world):
+    """fn(probe_many) runs on rank 0; the files it probes are spread over every rank (each probes one
+    share, the results are gathered), and every rank returns what rank 0 returned (or raises what it
+    raised). With one process it is fn(None)."""
+    if world == 1:
+        return fn(None)
+
+    def probe_share(paths, need_audio, min_seconds):
+        mine = data.probe_all(paths[rank::world], need_audio, min_seconds)
+        shares = [None] * world
+        dist.all_gather_object(shares, mine)
+        return [shares[k % world][k // world] for k in range(len(paths))]
+
+    if rank == 0:
+        def probe_many(paths, need_audio, min_seconds):
+            dist.broadcast_object_list([("probe", paths, need_audio, min_seconds)], src=0)
+            return probe_share(paths, need_audio, min_seconds)
+        try:
+            message = ("done", fn(probe_many))
+        except BaseException as e:  # the other ranks must hear of it, or they would wait forever
+            message = ("raise", e)
+        dist.broadcast_object_list([message], src=0)
+    else:
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0)
+            message = box[0]
+            if message[0] != "probe":
+                break
+            probe_share(*message[1:])
+    if message[0] == "raise":
+        raise message[1]
+    return message[1]
+
+
+def gather_objects(obj, world):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class RunLog:
@@ -146,6 +213,13 @@ class RunLog:
         if self.active:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def keep_epochs_up_to(self, epoch):
+        """On resume: drop what was logged after the checkpoint (steps of an epoch that did not finish),
+        so the curves have each epoch once."""
+        if self.active and self.path.exists():
+            kept = [x for x in self.path.read_text().splitlines() if x.strip() and json.loads(x)["epoch"] <= epoch]
+            data.atomic_write(self.path, "".join(x + "\n" for x in kept))
 
 
 def atomic_save(obj, path):
@@ -229,21 +303,17 @@ def main(argv=None):
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     if args.batch_size % world:
         parser.error(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not args.resume:
-            (out / "log.jsonl").unlink(missing_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
     if not args.data_root:
         if is_main:
             data.ensure_toy(args.toy_root, log=log)
         if world > 1:
             dist.barrier()
 
-    # data: the scan names broken files; injection is seeded and saved with the run
+    # data: the scan names broken files; injection is seeded. Nothing is written to --out before every
+    # check has passed, and --bench writes nothing there at all.
     spec = data.ClipSpec(frames=args.frames, fps=args.fps, size=args.crop, audio_seconds=args.audio_seconds,
                          sample_rate=args.sample_rate, n_mels=args.n_mels)
-    videos, classes, broken = load_split(args, args.split, spec, log)
+    videos, classes, broken = load_split(args, args.split, spec, log, rank, world)
     N = len(videos)
     K = args.num_negatives or min(1024, N // 2)
     if K >= N:
@@ -253,11 +323,19 @@ def main(argv=None):
     audio_source, pairs = data.inject_faulty_positives(N, args.n0, args.seed)
     injected = (audio_source != torch.arange(N)).numpy()
     natural = data.natural_faulty_flags(videos)
-    if is_main:
+    ckpt = None
+    if args.resume:  # map to the CPU: load_state_dict then copies each tensor to where it lives
+        ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+        if ckpt["videos"] != [v.path for v in videos] or ckpt["injected_pairs"] != pairs:
+            parser.error(f"--resume: the usable videos or the injected pairs differ from the checkpoint's "
+                         f"({ckpt['num_instances']} slots then, {N} usable videos now): bank slots would not match")
+    if is_main and not args.bench:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
         data.atomic_write(out / "injection.json", json.dumps({"n0": args.n0, "seed": args.seed, "num_instances": N,
                                                    "pairs": [{"instance": i, "audio_from": j, "video": videos[i].path,
                                                               "audio_video": videos[j].path} for i, j in pairs]}, indent=1))
-        (out / "broken.txt").write_text("".join(f"{p}\t{r}\n" for p, r in broken))
+        data.atomic_write(out / "broken.txt", "".join(f"{p}\t{r}\n" for p, r in broken))
     labels = torch.tensor([v.label for v in videos], device=device)
     labels_known = all(v.label >= 0 for v in videos)
     dataset = data.AVClips(videos, spec, train=True, audio_source=audio_source)
@@ -278,17 +356,17 @@ def main(argv=None):
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     start_epoch = 0
-    if args.resume:
-        ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
-        if ckpt["videos"] != [v.path for v in videos] or ckpt["injected_pairs"] != pairs:
-            parser.error(f"--resume: the usable videos or the injected pairs differ from the checkpoint's "
-                         f"({ckpt['num_instances']} slots then, {N} usable videos now): bank slots would not match")
+    runlog = RunLog(out, is_main and not args.bench)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
         criterion.load_state_dict(ckpt["criterion"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch = ckpt["epoch"] + 1
-        log(f"resumed {out} after epoch {ckpt['epoch'] + 1}")
+        runlog.keep_epochs_up_to(start_epoch)
+        log(f"resumed {out} after epoch {start_epoch}")
+    elif is_main and not args.bench:
+        runlog.path.unlink(missing_ok=True)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
 
     log(f"{args.mode}: {N} videos ({len(classes)} classes, {len(broken)} broken left out), K={K}, "
@@ -297,7 +375,6 @@ def main(argv=None):
     if args.bench:
         return bench(args, ddp, criterion, optimizer, scaler, loader, transforms, device, amp_dtype)
 
-    runlog = RunLog(out, is_main)
     step = start_epoch * len(loader)
     for epoch in range(start_epoch, args.epochs):
         reseed(args.seed, epoch, rank)
@@ -312,9 +389,10 @@ def main(argv=None):
         for batch in bar:
             t_ready = time.perf_counter()
             wait += t_ready - t_last
-            for e in batch["errors"]:
+            for e in batch["errors"]:  # every rank names its own failures at once; rank 0 counts them all
                 data_errors.append(e)
-                log(f"data error (clip left out of this step, not replaced): {e}")
+                print(f"{'' if is_main else f'[rank {rank}] '}data error (clip left out of this step, "
+                      f"not replaced): {e}", file=sys.stdout if is_main else sys.stderr, flush=True)
             has_data = "video" in batch
             if world > 1:  # all ranks take the same steps, or DDP's all-reduce would wait forever
                 flag = torch.tensor([float(has_data)], device=device)
@@ -343,30 +421,36 @@ def main(argv=None):
             t_last = time.perf_counter()
 
         elapsed = time.perf_counter() - t_epoch
-        summary = {k: v / max(n_batches, 1) for k, v in sums.items()}
+        data_errors = [e for errors in gather_objects(data_errors, world) for e in errors]
+        if n_batches == 0:
+            raise SystemExit(f"epoch {epoch + 1}: no step could be taken, every clip failed to decode; first errors:\n  "
+                             + "\n  ".join(data_errors[:5]))
+        summary = {k: v / n_batches for k, v in sums.items()}
         summary.update(bank_statistics(criterion, injected, natural))
         summary.update(clips_per_s=clips / elapsed, data_wait_fraction=wait / max(wait + compute, 1e-9),
                        data_errors=len(data_errors), bank_spread_across_ranks=bank_spread(criterion, world))
-        runlog.write(kind="epoch", epoch=epoch + 1, step=step, warmup=warmup, **summary)
+        if is_main:  # the checkpoint first: a log record never describes an epoch the checkpoint lacks
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "criterion": criterion.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                         "num_instances": N, "classes": classes, "videos": [v.path for v in videos],
+                         "instances": [[v.path, v.label, v.duration] for v in videos],
+                         "injected_pairs": pairs, "args": vars(args)}, out / "checkpoint.pt")
+            # RNGs need no saving: reseed() fixes them at every epoch start from (seed, epoch, rank),
+            # and the negatives' generator is part of the criterion's state.
+        runlog.write(kind="epoch", epoch=epoch + 1, step=step, warmup=warmup, data_error_files=data_errors[:100],
+                     **summary)
         log(f"epoch {epoch + 1}/{args.epochs}: loss {summary.get('loss', float('nan')):.3f}  "
             f"w mean {summary['w_mean']:.2f}  "
             + (f"injected AUC {summary['injected_auc']:.2f}  " if "injected_auc" in summary else "")
             + (f"natural AUC {summary['natural_auc']:.2f}  " if "natural_auc" in summary else "")
             + f"{summary['clips_per_s']:.0f} clips/s  data wait {100 * summary['data_wait_fraction']:.0f}%"
             + (f"  data errors {len(data_errors)}" if data_errors else ""))
-        if is_main:
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "criterion": criterion.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                         "num_instances": N, "classes": classes, "videos": [v.path for v in videos],
-                         "injected_pairs": pairs, "args": vars(args)}, out / "checkpoint.pt")
-            # RNGs need no saving: reseed() fixes them at every epoch start from (seed, epoch, rank),
-            # and the negatives' generator is part of the criterion's state.
 
-    if is_main and not args.no_eval:
-        final_summary(args, model, criterion, videos, injected, natural, spec, device, out, log)
+    if not args.no_eval:  # every rank takes part: the features of the training videos are shared out
+        final_summary(args, model, criterion, videos, classes, injected, natural, spec, device, out, log, rank, world)
     if world > 1:
-        dist.barrier()  # ranks reach the end at different times (rank 0 saves, evaluates); tearing
-        dist.destroy_process_group()  # down the group while a peer is still busy was seen to hang
+        dist.barrier()  # ranks reach the end at different times (rank 0 saves); tearing down the group
+        dist.destroy_process_group()  # while a peer is still busy was seen to hang
 
 
 def bank_spread(criterion, world):
@@ -379,37 +463,49 @@ def bank_spread(criterion, world):
     return (max(parts) - min(parts)).item()
 
 
-def final_summary(args, model, criterion, videos, injected, natural, spec, device, out, log):
-    """What the run learned: video retrieval on held-out clips, and faulty-positive detection."""
+def final_summary(args, model, criterion, videos, classes, injected, natural, spec, device, out, log, rank, world):
+    """What the run learned: video retrieval of held-out clips among the training clips, and
+    faulty-positive detection. Each rank extracts the features of its share of the videos (at
+    Kinetics scale that is the cost of the summary: 2 clips per video), so no rank waits on another
+    for long; the nearest-neighbour search runs in chunks of queries on rank 0."""
     t = time.perf_counter()
     results = {}
+    eval_spec = replace(spec, need_audio=False)
     try:
-        val, _, _ = load_split(args, args.val_split, spec, log)
-    except FileNotFoundError as e:
-        log(f"no held-out split for retrieval ({e})")
+        val, _, _ = load_split(args, args.val_split, eval_spec, log, rank, world, classes=classes)
+    except data.SplitNotFound as e:
+        log(f"no held-out split for the retrieval summary: {e}")
         val = None
     if val:
-        gallery = evaluate.extract_video_features(model, data.AVClips(videos, spec, False, num_clips=2), device,
-                                                  workers=args.workers)
-        queries = evaluate.extract_video_features(model, data.AVClips(val, spec, False, num_clips=2), device,
-                                                  workers=args.workers)
-        r = evaluate.recall_at_k(queries[0]["pooled"], gallery[0]["pooled"], queries[1], gallery[1], ks=(1, 5))
-        results["train_summary_retrieval"] = r
-        log(f"video retrieval, {len(val)} held-out {args.val_split} clips -> {len(videos)} {args.split} clips: "
-            + "  ".join(f"{k} {v:.3f}" for k, v in r.items()) + f"  (chance R@1 ~ {chance(gallery[1], queries[1]):.3f})")
+        gallery = evaluate.extract_video_features(model, data.AVClips(videos, eval_spec, False, num_clips=2), device,
+                                                  workers=args.workers, rank=rank, world=world)
+        queries = evaluate.extract_video_features(model, data.AVClips(val, eval_spec, False, num_clips=2), device,
+                                                  workers=args.workers, rank=rank, world=world)
+        for name, part in (("training", gallery), ("held-out", queries)):
+            for e in part.errors:
+                log(f"data error ({name} video left out of the summary): {e}")
+        if rank == 0:
+            r = evaluate.recall_at_k(queries.features["pooled"], gallery.features["pooled"], queries.labels,
+                                     gallery.labels, ks=(1, 5))
+            results["train_summary_retrieval"] = r
+            log(f"video retrieval, {len(queries.labels)} held-out {args.val_split} clips -> {len(gallery.labels)} "
+                f"{args.split} clips: " + "  ".join(f"{k} {v:.3f}" for k, v in r.items())
+                + f"  (chance R@1 ~ {chance(gallery.labels, queries.labels):.3f})")
+    if not rank == 0:
+        return
     for name, d in evaluate.detection_report(criterion.bank.s.cpu().numpy(), injected, natural).items():
         results[f"detection_{name}"] = d
         log(f"{name} faulty positives ({d['n_faulty']}"
             + (", marked in annotations.csv" if name == "natural" else "")
             + f"): ROC AUC {d['auc']:.3f}, precision of the {d['n_faulty']} lowest-scored "
-            f"{d['precision_at_n']:.3f} (chance {d['n_faulty'] / len(injected):.3f})")
+            f"{d['precision_at_n']:.3f} (chance {d['chance']:.3f})")
     path = evaluate.merge_results(out, results)
     log(f"summary in {time.perf_counter() - t:.0f}s, written to {path}")
 
 
 def chance(gallery_labels, query_labels):
     """Expected R@1 of random features: the share of gallery items of the query's class."""
-    counts = torch.bincount(gallery_labels).float() / len(gallery_labels)
+    counts = torch.bincount(gallery_labels, minlength=int(query_labels.max()) + 1).float() / len(gallery_labels)
     return counts[query_labels].mean().item()
 
 

@@ -120,33 +120,42 @@ def _decode_frames(container, start, num_frames, fps, box=None, size=None):
 def _decode_audio(container, start, seconds, rate):
     """Mono float waveform (rate·seconds,) from start, resampled by FFmpeg (any rate, any channels).
     The window's frames are joined first and resampled in one call: per-frame calls cost more than
-    decoding them."""
+    decoding them. A stream may change its channels or rate mid-file (broadcast recordings do), so
+    each run of frames with one format is joined and resampled on its own."""
     stream = container.streams.audio[0]
     t0 = _origin(container) + start
     container.seek(int(max(t0, 0) / stream.time_base), stream=stream, backward=True)
-    chunks, first, fmt, layout, in_rate = [], None, None, None, None
+    runs, first = [], None  # runs: [((format, layout, rate), [arrays])], in decoding order
     for frame in container.decode(stream):
         if frame.time is None or frame.time + frame.samples / frame.sample_rate < t0:
             continue
-        if first is None:
-            first, fmt, layout, in_rate = frame.time, frame.format.name, frame.layout.name, frame.sample_rate
-        chunks.append(frame.to_ndarray())
+        first = frame.time if first is None else first
+        kind = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if not runs or runs[-1][0] != kind:
+            runs.append((kind, []))
+        runs[-1][1].append(frame.to_ndarray())
         if frame.time > t0 + seconds:
             break
     if first is None:
         raise ClipError(f"no audio at {start:.2f}s")
-    if (fmt, layout, in_rate) in (("flt", "mono", rate), ("fltp", "mono", rate)):
-        wave = np.concatenate(chunks, axis=1).reshape(-1)  # already what we want (AAC decodes to fltp)
-    else:
-        joined = av.AudioFrame.from_ndarray(np.concatenate(chunks, axis=1), format=fmt, layout=layout)
-        joined.sample_rate = in_rate
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        wave = np.concatenate([f.to_ndarray().reshape(-1) for f in resampler.resample(joined) + resampler.resample(None)])
+    wave = np.concatenate([_mono_at(rate, kind, arrays) for kind, arrays in runs])
     offset, n = int(round((t0 - first) * rate)), int(round(seconds * rate))
     if offset < 0:  # the audio stream starts after t0: silence before it
         wave, offset = np.concatenate([np.zeros(-offset, np.float32), wave]), 0
     wave = wave[offset:offset + n]
     return np.pad(wave, (0, n - len(wave)))
+
+
+def _mono_at(rate, kind, arrays):
+    """Decoded frames of one format, layout and rate -> mono float32 at `rate`."""
+    fmt, layout, in_rate = kind
+    joined = np.concatenate(arrays, axis=1)
+    if fmt in ("flt", "fltp") and layout == "mono" and in_rate == rate:
+        return joined.reshape(-1)  # already what we want (AAC decodes to fltp)
+    frame = av.AudioFrame.from_ndarray(joined, format=fmt, layout=layout)
+    frame.sample_rate = in_rate
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+    return np.concatenate([f.to_ndarray().reshape(-1) for f in resampler.resample(frame) + resampler.resample(None)])
 
 
 def decode_clip(path, video_start, spec, audio_path=None, audio_start=None, box=None):
@@ -333,7 +342,8 @@ CSV_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
 
 def kinetics_csv(csv_path, root, split, classes=None, log=print):
     """The official CSV (label, youtube_id, time_start, time_end, split) with clips stored as
-    root/<split>/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4 (the common downloaders' naming).
+    root/<split>/<label>/<youtube_id>_<start:06d>_<end:06d>.<ext> (the common downloaders' naming;
+    any video container).
     Rows whose file is missing are kept: the scan reports them. With `classes`, labels index that list."""
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
@@ -346,9 +356,15 @@ def kinetics_csv(csv_path, root, split, classes=None, log=print):
         raise SplitNotFound(f"{csv_path}: no row with split == {split!r} (Kinetics ships one CSV per split: "
                             f"give the one that has it)")
     classes = _align_classes([r["label"] for r in rows], classes, f"{csv_path} [{split}]", log)
-    videos = sorted(Video(str(Path(root) / split / r["label"] /
-                              f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}.mp4"),
-                          classes.index(r["label"])) for r in rows if r["label"] in classes)
+    stored = {}  # downloaders keep whatever container YouTube served (.mp4, .mkv, .webm): match by name
+
+    def path_of(row):
+        folder = Path(root) / split / row["label"]
+        if folder not in stored:
+            stored[folder] = {f.stem: f for f in video_files(folder)} if folder.is_dir() else {}
+        stem = f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}"
+        return str(stored[folder].get(stem, folder / f"{stem}.mp4"))  # absent: the scan names it missing
+    videos = sorted(Video(path_of(r), classes.index(r["label"])) for r in rows if r["label"] in classes)
     return videos, classes
 
 

@@ -210,8 +210,13 @@ def finetune(model, train_set, test_set, num_classes, device, epochs, lr, batch_
 def evaluate_downstream(name, model, listing, spec, args, device, log):
     """Retrieval (test videos query train videos), linear probe and fine-tuning on one labelled set."""
     (train_v, classes), (test_v, _) = listing("train"), listing("test")
-    scan = lambda vs, split: data.scan(vs, spec, name=f"{name} [{split}]", log=log)[0]  # noqa: E731
-    train_v, test_v = scan(train_v, "train"), scan(test_v, "test")
+    (train_v, broken_train), (test_v, broken_test) = (data.scan(vs, spec, name=f"{name} [{split}]", log=log)
+                                                      for vs, split in ((train_v, "train"), (test_v, "test")))
+    broken = broken_train + broken_test
+    for path, reason in broken[:20]:
+        log(f"  {name}: left out {path} ({reason})")
+    if len(broken) > 20:
+        log(f"  {name}: ... and {len(broken) - 20} more, all listed in results.json")
     t = time.perf_counter()
     gallery = extract_video_features(model, data.AVClips(train_v, spec, False, args.clips), device, workers=args.workers)
     queries = extract_video_features(model, data.AVClips(test_v, spec, False, args.clips), device, workers=args.workers)
@@ -219,7 +224,7 @@ def evaluate_downstream(name, model, listing, spec, args, device, log):
         log(f"data error ({name} video left out): {e}")
     kind = args.retrieval_features
     out = {"train_videos": len(gallery.labels), "test_videos": len(queries.labels), "classes": len(classes),
-           "data_errors": gallery.errors + queries.errors,
+           "broken": [f"{p}\t{r}" for p, r in broken], "data_errors": gallery.errors + queries.errors,
            "retrieval": recall_at_k(queries.features[kind], gallery.features[kind], queries.labels, gallery.labels),
            "linear_probe_video_top1": linear_probe(gallery.features["pooled"], gallery.labels,
                                                    queries.features["pooled"], queries.labels, len(classes))}

@@ -6,7 +6,7 @@
     python plots.py toy-clip     # a frame strip and spectrogram of an embedded clip
 
 A sweep trains and evaluates every grid point that has no complete results.json yet (an interrupted
-sweep resumes where it stopped), then draws mean ± std over seeds.
+sweep resumes where it stopped), then draws mean ± sample std (ddof 1) over seeds.
 """
 import argparse
 import json
@@ -84,6 +84,12 @@ def sweep(kind, args):
     return table
 
 
+def mean_and_spread(ys):
+    """ys (points, seeds) -> mean and sample standard deviation (ddof 1) over the seeds of each point;
+    the population std (ddof 0) would understate the spread by √2 with two seeds."""
+    return ys.mean(1), ys.std(1, ddof=1) if ys.shape[1] > 1 else np.zeros(len(ys))
+
+
 def draw_sweep(x, lines, xlabel, title, out, extra=None):
     """Four panels (PANELS); lines: [(label, style, marker, {x: [results of each seed]})]."""
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
@@ -91,7 +97,7 @@ def draw_sweep(x, lines, xlabel, title, out, extra=None):
         for label, style, marker, runs in lines:
             ys = np.array([[metric(r, ds, name) for r in runs[v]] for v in x])
             if marker:
-                ax.errorbar(x, ys.mean(1), ys.std(1), marker=marker, ls=style, color="k", capsize=3, label=label)
+                ax.errorbar(x, *mean_and_spread(ys), marker=marker, ls=style, color="k", capsize=3, label=label)
             else:  # a baseline that does not depend on x
                 ax.axhline(ys.mean(), ls=style, color="0.6", lw=1.5, label=label)
         if extra:
@@ -115,7 +121,7 @@ def draw_delta(table, args, out):
     if 0.0 not in args.n0:
         lines.append(("xID, no injection", ":", None, {d: [table[(0.0, "xid", s)] for s in args.seeds] for d in args.deltas}))
     draw_sweep(args.deltas, lines, "δ (mid-point of W at μ + δσ)",
-               f"Figure 1 on the embedded data: δ sweep (w_min = 0.25, κ = 0.5), mean ± std over "
+               f"Figure 1 on the embedded data: δ sweep (w_min = 0.25, κ = 0.5), mean ± sample std (ddof 1) over "
                f"{len(args.seeds)} seeds, {args.epochs} epochs", out)
 
 
@@ -125,7 +131,7 @@ def draw_lambda(table, args, out):
         ax.axvline(0.65, color="0.5", ls=":", label="paper: collapse above")
     lines = [("Soft-xID, cycle", "-", "o", {lam: [table[(lam, s)] for s in args.seeds] for lam in args.lams})]
     draw_sweep(args.lams, lines, "λ (soft-target mixing)",
-               f"Figure 2 on the embedded data: λ sweep of Soft-xID (cycle targets), mean ± std over "
+               f"Figure 2 on the embedded data: λ sweep of Soft-xID (cycle targets), mean ± sample std (ddof 1) over "
                f"{len(args.seeds)} seeds, {args.epochs} epochs", out, extra=paper)
 
 
@@ -169,8 +175,12 @@ def retrieval_grid(run_dir, out):
 
 
 def score_histogram(run_dir, out, deltas=(-2, -1, 0)):
-    """Alignment scores s_i of clean and injected pairs, with W(s) for a few δ drawn over them."""
+    """Alignment scores s_i of clean and injected pairs, with W(s) drawn over them for the run's own
+    δ, κ and w_min, and for a few other δ at the run's κ and w_min."""
     ckpt = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    run = ckpt["args"]
+    kappa, w_min = run["kappa"], run["w_min"]
+    deltas = sorted({*deltas, run["delta"]})
     s = ckpt["criterion"]["bank.s"]
     injected = torch.zeros(len(s), dtype=torch.bool)
     injected[[i for i, _ in ckpt["injected_pairs"]]] = True
@@ -190,14 +200,15 @@ def score_histogram(run_dir, out, deltas=(-2, -1, 0)):
     mu, sigma = s.mean(), s.std()
     grid = torch.linspace(float(s.min()), float(s.max()), 200)
     for k, d in enumerate(deltas):
-        w_ax.plot(grid, faulty_positive_weights(grid, mu, sigma, d), color="k", ls=STYLES[k % 4], lw=1,
-                  label=f"W(s), δ = {d:g}")
+        w_ax.plot(grid, faulty_positive_weights(grid, mu, sigma, d, kappa, w_min), color="k", ls=STYLES[k % 4],
+                  lw=2 if d == run["delta"] else 1, label=f"W(s), δ = {d:g}" + (" (the run's)" if d == run["delta"] else ""))
     w_ax.set_ylim(0, 1.05)
     w_ax.set_ylabel("weight W(s)")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = w_ax.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
-    ax.set_title(f"scores at the end of the run (n₀ = {ckpt['args']['n0']:g}); w_min = 0.25, κ = 0.5", fontsize=10)
+    ax.set_title(f"scores at the end of the run (n₀ = {run['n0']:g}); W(s) with the run's w_min = {w_min:g}, "
+                 f"κ = {kappa:g}", fontsize=10)
     fig.tight_layout()
     save(fig, out)
 

@@ -313,7 +313,10 @@ def main(argv=None):
     # check has passed, and --bench writes nothing there at all.
     spec = data.ClipSpec(frames=args.frames, fps=args.fps, size=args.crop, audio_seconds=args.audio_seconds,
                          sample_rate=args.sample_rate, n_mels=args.n_mels)
-    videos, classes, broken = load_split(args, args.split, spec, log, rank, world)
+    try:
+        videos, classes, broken = load_split(args, args.split, spec, log, rank, world)
+    except ValueError as e:  # a CSV without a column, --classes naming a class the data lacks
+        parser.error(str(e))
     N = len(videos)
     K = args.num_negatives or min(1024, N // 2)
     if K >= N:

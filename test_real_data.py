@@ -1,0 +1,411 @@
+"""The path a researcher takes with real downloads, end to end, on a Kinetics-style download the tests
+write themselves: several containers and codecs, files without audio, too short, zero bytes,
+truncated, unknown extensions, odd names, a class that only one split has; the official CSVs
+(train rows only in train.csv, as Kinetics ships them); UCF101 and HMDB51 folders with their
+official split files. Each test names the behaviour it pins down."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluate
+import plots
+import train
+from test_pipeline import write_av
+
+# one clip = 4 frames at 4 fps (1 s) and 1 s of audio; the fixture's files are 2 s long
+FLAGS = ["--frames", "4", "--fps", "4", "--crop", "16", "--n-mels", "32", "--batch-size", "8",
+         "--num-negatives", "8", "--workers", "0", "--warmup-epochs", "1"]
+SPEC = data.ClipSpec(frames=4, fps=4.0, size=16, audio_seconds=1.0, n_mels=32)
+FOOTBALL = "passing American football (in game)"   # Kinetics labels have spaces and parentheses
+
+
+def clip_name(k, ext=".mp4"):
+    """The downloaders' naming of a Kinetics clip: <youtube_id>_<start:06d>_<end:06d>.<ext>."""
+    return f"yt{k:09d}_{10 * k:06d}_{10 * k + 10:06d}{ext}"
+
+
+def write_channel_change(path):
+    """An MPEG-TS recording whose audio goes from mono to stereo after 2 s (two recordings joined,
+    as broadcast captures are): the channel count changes mid-file."""
+    write_av(Path(path).with_suffix(".a"), fmt="mpegts", vcodec="mpeg2video", acodec="mp2", layout="mono", fps=25)
+    write_av(Path(path).with_suffix(".b"), fmt="mpegts", vcodec="mpeg2video", acodec="mp2", layout="stereo", fps=25,
+             offset=2.0)
+    Path(path).write_bytes(Path(path).with_suffix(".a").read_bytes() + Path(path).with_suffix(".b").read_bytes())
+    Path(path).with_suffix(".a").unlink()
+    Path(path).with_suffix(".b").unlink()
+    return str(path)
+
+
+# (class, file, how to write it, usable?) -- the training split of the download
+GOOD = {
+    "abseiling": [(clip_name(0), {}), (clip_name(1), {}),
+                  (clip_name(2, ".mkv"), dict(fmt="matroska", acodec="pcm_s16le", layout="stereo", rate=48000)),
+                  (clip_name(3, ".webm"), dict(fmt="webm", vcodec="libvpx-vp9", acodec="libopus", rate=48000))],
+    "playing guitar": [(clip_name(10, ".avi"), dict(fmt="avi", vcodec="mpeg4", acodec="libmp3lame", rate=44100)),
+                       (clip_name(11), dict(rate=44100, layout="stereo", size=(50, 38))),
+                       (clip_name(12, ".mpg"), dict(fmt="mpeg", vcodec="mpeg1video", acodec="mp2", fps=25)),
+                       (clip_name(13, ".MP4"), {})],
+    FOOTBALL: [(clip_name(20, ".m4v"), dict(fmt="mp4")), (clip_name(21, ".mov"), dict(fmt="mov")),
+               (clip_name(22, ".ts"), "channel change"), (clip_name(23, ".vid"), dict(fmt="mp4"))],
+    "zumba": [(clip_name(30 + k), {}) for k in range(4)],              # no held-out videos of this class
+}
+BROKEN = {  # file -> the start of the reason the scan must give
+    ("abseiling", clip_name(4)): "no audio stream",
+    ("abseiling", clip_name(5)): "too short",
+    ("playing guitar", clip_name(14)): "zero bytes",
+    ("playing guitar", clip_name(15)): "cannot open / corrupt",        # truncated download
+    (FOOTBALL, clip_name(24, ".part")): "cannot open / corrupt",      # a download that never finished
+}
+MISSING_ROW = ("zumba", clip_name(39))                                 # in train.csv, never downloaded
+HELD_OUT = {"abseiling": [40, 41], "playing guitar": [42, 43], FOOTBALL: [44], "yoga": [45]}  # yoga: val only
+
+
+@pytest.fixture(scope="session")
+def download(tmp_path_factory):
+    """A Kinetics download (folder layout + official CSVs) and UCF101 / HMDB51 in their formats."""
+    root = tmp_path_factory.mktemp("download")
+    k400, rows = root / "kinetics", {"train": [], "val": []}
+    for label, files in GOOD.items():
+        for name, how in files:
+            (k400 / "train" / label).mkdir(parents=True, exist_ok=True)
+            path = k400 / "train" / label / name
+            write_channel_change(path) if how == "channel change" else write_av(path, **how)
+    good = k400 / "train" / "abseiling" / clip_name(0)
+    for (label, name), reason in BROKEN.items():
+        path = k400 / "train" / label / name
+        if reason == "no audio stream":
+            write_av(path, acodec=None)
+        elif reason == "too short":
+            write_av(path, seconds=0.5)
+        elif reason == "zero bytes":
+            path.write_bytes(b"")
+        else:
+            path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (k400 / "train" / "abseiling" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")   # hidden: not a video
+    for label, ks in HELD_OUT.items():
+        (k400 / "val" / label).mkdir(parents=True)
+        for k in ks:
+            write_av(k400 / "val" / label / clip_name(k))
+    for split in ("train", "val"):
+        for folder in sorted((k400 / split).iterdir()):
+            for f in sorted(folder.iterdir()):
+                if not f.name.startswith(".") and f.suffix != ".part":
+                    yid, start, end = f.stem.rsplit("_", 2)
+                    rows[split].append(f"{folder.name},{yid},{int(start)},{int(end)},{split}")
+    rows["train"].append(f"{MISSING_ROW[0]},{MISSING_ROW[1].rsplit('_', 2)[0]},390,400,train")
+    header = "label,youtube_id,time_start,time_end,split\n"
+    (root / "train.csv").write_text(header + "\n".join(_quote(r) for r in rows["train"]) + "\n")
+    (root / "validate.csv").write_text(header + "\n".join(_quote(r) for r in rows["val"]) + "\n")
+
+    # UCF101: UCF-101/<Class>/v_<Class>_gNN_cMM.avi; group 1 is the test set of fold 1
+    ucf, lists = root / "UCF-101", {"train": [], "test": []}
+    for c, name in enumerate(["ApplyEyeMakeup", "Archery", "BabyCrawling"]):
+        (ucf / name).mkdir(parents=True)
+        for g in range(1, 5):
+            rel = f"{name}/v_{name}_g{g:02d}_c01.avi"
+            write_av(ucf / rel, fmt="avi", vcodec="mpeg4", acodec=None if g % 2 else "libmp3lame", rate=44100)
+            lists["test" if g == 1 else "train"].append(rel if g == 1 else f"{rel} {c + 1}")
+    (ucf / "Archery" / "v_Archery_g04_c01.avi").write_bytes(b"")                     # broken in the train list
+    splits = root / "ucfTrainTestlist"
+    splits.mkdir()
+    (splits / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 Archery\n3 BabyCrawling\n")
+    (splits / "trainlist01.txt").write_text("\n".join(lists["train"]) + "\n")
+    (splits / "testlist01.txt").write_text("\n".join(lists["test"]) + "\n")
+
+    # HMDB51: hmdb51/<class>/<name>.avi, <class>_test_split1.txt with 1 (train), 2 (test), 0 (unused)
+    hmdb, hsplits = root / "hmdb51", root / "testTrainMulti_7030_splits"
+    hsplits.mkdir()
+    for name in ("brush_hair", "cartwheel", "catch"):
+        (hmdb / name).mkdir(parents=True)
+        files = [f"Veoh_Alpha_Dog_{k}_{name}_f_nm_np1_fr_goo_{k}.avi" for k in range(3)] + [f"#{name}!_&_u_cm_np1_ba_med_0.avi"]
+        for f in files:
+            write_av(hmdb / name / f, fmt="avi", vcodec="mpeg4", acodec=None)
+        (hsplits / f"{name}_test_split1.txt").write_text("".join(f"{f} {t}\n" for f, t in zip(files, (1, 1, 2, 0))))
+    return root
+
+
+def _quote(row):
+    label, rest = row.split(",", 1)
+    return f'"{label}",{rest}' if "," in label or " " in label else row
+
+
+def run_train(root, out, *flags):
+    train.main(["--data-root", str(root / "kinetics"), "--out", str(out), *FLAGS, *flags])
+    return [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def downstream_flags(root):
+    return ["--ucf-root", str(root / "UCF-101"), "--ucf-splits", str(root / "ucfTrainTestlist"),
+            "--hmdb-root", str(root / "hmdb51"), "--hmdb-splits", str(root / "testTrainMulti_7030_splits")]
+
+
+def tree(folder):
+    """Every file under folder with its bytes (what a command must leave alone)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Listing and scan: every file is used or named
+# ----------------------------------------------------------------------------------------------
+def test_every_file_of_a_download_is_used_or_named(download):
+    """Any container FFmpeg reads is used, whatever its extension (.mpg, .m4v, .MP4, an unknown
+    .vid); every other file of a class folder is named with a reason; hidden files are not videos."""
+    videos, classes = data.kinetics_folder(download / "kinetics", "train")
+    assert classes == sorted(GOOD)
+    usable, broken = data.scan(videos, SPEC, log=lambda *a: None)
+    assert sorted(Path(v.path).name for v in usable) == sorted(n for files in GOOD.values() for n, _ in files)
+    reasons = {(Path(p).parent.name, Path(p).name): r for p, r in broken}
+    assert set(reasons) == set(BROKEN)
+    for key, start in BROKEN.items():
+        assert reasons[key].startswith(start), (key, reasons[key])
+    assert ".part is not a known video extension" in reasons[(FOOTBALL, clip_name(24, ".part"))]
+
+
+def test_csv_finds_clips_in_any_container_and_names_missing_rows(download):
+    """The official CSV gives a file name without its container; a clip stored as .mkv or .webm is
+    found, and a row whose clip was never downloaded is named as missing."""
+    videos, classes = data.kinetics_csv(download / "train.csv", download / "kinetics", "train")
+    assert classes == sorted(GOOD)
+    names = {Path(v.path).name for v in videos}
+    assert {clip_name(2, ".mkv"), clip_name(3, ".webm"), clip_name(12, ".mpg"), clip_name(23, ".vid")} <= names
+    usable, broken = data.scan(videos, SPEC, log=lambda *a: None)
+    assert len(usable) == 16
+    assert (str(download / "kinetics" / "train" / "zumba" / MISSING_ROW[1]), "missing file") in broken
+    with pytest.raises(data.SplitNotFound, match="no row with split == 'val'"):
+        data.kinetics_csv(download / "train.csv", download / "kinetics", "val")
+
+
+def test_csv_without_a_column_is_named(download, tmp_path, capsys):
+    bad = tmp_path / "train.csv"
+    bad.write_text("label,youtube_id,time_start,split\nabseiling,yt000000000,0,train\n")
+    with pytest.raises(ValueError, match=re.escape(f"{bad}: no column time_end")):
+        data.kinetics_csv(bad, download / "kinetics", "train")
+    with pytest.raises(SystemExit):
+        run_train(download, tmp_path / "run", "--csv", str(bad))
+    assert "no column time_end" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_held_out_labels_follow_the_training_classes(download):
+    """A held-out split missing a class (zumba) or with one more (yoga): label c still means the
+    training split's class c, and the extra class is left out with a message."""
+    _, classes = data.kinetics_folder(download / "kinetics", "train")
+    said = []
+    for val, _ in (data.kinetics_folder(download / "kinetics", "val", classes, log=said.append),
+                   data.kinetics_csv(download / "validate.csv", download / "kinetics", "val", classes, log=said.append)):
+        assert {Path(v.path).parent.name for v in val} == {"abseiling", "playing guitar", FOOTBALL}
+        assert all(classes[v.label] == Path(v.path).parent.name for v in val)
+    assert len(said) == 2 and all("yoga" in s and "left out" in s for s in said)
+
+
+def test_subset_is_drawn_from_the_usable_videos(download):
+    """--subset draws from what the scan kept: broken files do not unbalance the classes."""
+    for seed in range(4):
+        usable, classes, _ = data.pretraining_split(download / "kinetics", "train", SPEC, subset=8, seed=seed,
+                                                    log=lambda *a: None)
+        assert np.bincount([v.label for v in usable], minlength=4).tolist() == [2, 2, 2, 2]
+
+
+def test_audio_whose_channels_change_mid_file_decodes(download):
+    """Mono, then stereo, in one window: each run of frames is resampled on its own."""
+    path = download / "kinetics" / "train" / FOOTBALL / clip_name(22, ".ts")
+    _, wave = data.decode_clip(path, 1.5, SPEC)
+    assert wave.shape == (16000,) and wave[:8000].std() > 0.02 and wave[8000:].std() > 0.02
+
+
+def test_any_exception_while_decoding_drops_the_clip_with_its_name(download, monkeypatch):
+    """Not only FFmpeg's errors: whatever a file makes the decoder raise, the clip is reported with
+    the file's name and the exception's type, and left out (never replaced by another video)."""
+    def boom(*args, **kwargs):
+        raise RuntimeError("the decoder met something new")
+    monkeypatch.setattr(data, "_decode_frames", boom)
+    path = download / "kinetics" / "train" / "zumba" / clip_name(30)
+    item = data.AVClips([data.Video(str(path), 0, 2.0)], SPEC)[0]
+    assert item["index"] == 0 and str(path) in item["error"] and "RuntimeError" in item["error"]
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py -> evaluate.py -> plots.py on the download
+# ----------------------------------------------------------------------------------------------
+def test_folder_download_end_to_end(download, tmp_path, capsys, monkeypatch):
+    """train.py (with its end-of-run summary) -> evaluate.py (UCF101, HMDB51 and the pre-training
+    set, with exactly the run's instances: the file without audio that training left out does not
+    come back) -> plots.py run; W(s) in the histogram is drawn with the run's own κ and w_min."""
+    out = tmp_path / "run"
+    log = run_train(download, out, "--epochs", "2", "--n0", "0.25", "--mode", "weighted", "--kappa", "0.3",
+                    "--w-min", "0.1")
+    assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [1, 2]
+    said = capsys.readouterr().out
+    assert "16 videos (4 classes, 5 broken left out)" in said and "video retrieval, 5 held-out val clips" in said
+    broken = (out / "broken.txt").read_text()
+    assert all(name in broken for _, name in BROKEN)
+    results = json.loads((out / "results.json").read_text())
+    assert {"R@1", "R@5"} <= set(results["train_summary_retrieval"]) and results["detection_injected"]["n_faulty"] == 4
+
+    r = evaluate.main([str(out), *downstream_flags(download), "--clips", "2", "--ft-epochs", "1", "--workers", "0",
+                       "--queries", "3"])
+    assert r["ucf"]["classes"] == 3 and r["ucf"]["train_videos"] == 8 and r["ucf"]["test_videos"] == 3
+    assert r["hmdb"]["classes"] == 3 and r["hmdb"]["train_videos"] == 6 and r["hmdb"]["test_videos"] == 3
+    assert set(r["per_class_R@1"]) == {"abseiling", "playing guitar", FOOTBALL}     # labels by training class
+    assert len(r["most_likely_faulty"]) == 16 and sum(x["injected"] for x in r["most_likely_faulty"]) == 4
+    said = capsys.readouterr().out
+    assert "v_Archery_g04_c01.avi" in said and "zero bytes" in said                 # the broken UCF file, named
+    assert "of the 16 most likely faulty pairs: 4 injected, 12 not injected" in said
+
+    drawn = []
+    real = plots.faulty_positive_weights
+    monkeypatch.setattr(plots, "faulty_positive_weights",
+                        lambda s, mu, sigma, d, kappa, w_min: drawn.append((d, kappa, w_min)) or real(s, mu, sigma, d, kappa, w_min))
+    plots.main(["run", str(out), "--out", str(tmp_path / "figs")])
+    assert drawn and {(k, w) for _, k, w in drawn} == {(0.3, 0.1)} and -2.0 in {d for d, _, _ in drawn}
+    for name in ("fig3_per_class_r1", "fig4_retrievals", "score_histogram", "training_curves"):
+        assert (tmp_path / "figs" / f"{name}.png").stat().st_size > 5000
+
+
+def test_csv_with_train_rows_only_then_resumed_with_the_val_csv(download, tmp_path, capsys):
+    """Kinetics' train.csv has train rows only: the run ends with its detection summary and says why
+    there is no retrieval (no traceback, results.json written). Resumed once with --val-csv, it
+    continues from the checkpoint and its summary retrieves held-out clips; each epoch is logged once."""
+    out = tmp_path / "run"
+    run_train(download, out, "--csv", str(download / "train.csv"), "--epochs", "1", "--n0", "0.25")
+    said = capsys.readouterr().out
+    assert "no held-out split for the retrieval summary" in said and "no row with split == 'val'" in said
+    results = json.loads((out / "results.json").read_text())
+    assert "detection_injected" in results and "train_summary_retrieval" not in results
+    log = run_train(download, out, "--csv", str(download / "train.csv"), "--val-csv", str(download / "validate.csv"),
+                    "--epochs", "2", "--n0", "0.25", "--resume", "--log-every", "1")
+    assert "resumed" in capsys.readouterr().out
+    assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [1, 2]
+    assert "train_summary_retrieval" in json.loads((out / "results.json").read_text())
+    r = evaluate.main([str(out), "--skip", "ucf", "hmdb", "--clips", "2", "--workers", "0", "--queries", "2"])
+    assert "pretrain_retrieval" in r and set(r["per_class_R@1"]) <= set(GOOD)
+
+
+def test_two_processes_end_to_end_name_every_decode_error(download, tmp_path):
+    """torchrun with 2 CPU processes on the download, summary included: the probing is shared, the
+    features of the summary are shared, and a clip that fails on either rank is named and counted.
+    The failing file passed an earlier scan and was damaged after it (size and mtime kept, so the
+    scan's cache still vouches for it)."""
+    root = tmp_path / "download"
+    shutil.copytree(download / "kinetics", root / "kinetics")
+    data.pretraining_split(root / "kinetics", "train", SPEC, log=lambda *a: None)      # fills the cache
+    victim = root / "kinetics" / "train" / "zumba" / clip_name(31)
+    stat = victim.stat()
+    victim.write_bytes(b"\0" * stat.st_size)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--data-root", str(root / "kinetics"), "--out", str(out), *FLAGS, "--epochs", "2", "--n0", "0.25",
+           "--device", "cpu"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in log if r["kind"] == "epoch"]
+    assert [r["data_errors"] for r in epochs] == [1, 1] and all(victim.name in r["data_error_files"][0] for r in epochs)
+    assert all(r["bank_spread_across_ranks"] == 0.0 for r in epochs)
+    assert done.stdout.count("scan ") == 2                        # rank 0 reports train and val scans once each
+    results = json.loads((out / "results.json").read_text())
+    assert "train_summary_retrieval" in results and "detection_injected" in results
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder: never damaged by a refused command or a benchmark; each epoch logged once
+# ----------------------------------------------------------------------------------------------
+def test_bench_and_a_refused_resume_leave_the_run_folder_alone(download, tmp_path):
+    out = tmp_path / "run"
+    run_train(download, out, "--epochs", "1", "--n0", "0.25", "--no-eval")
+    before = tree(out)
+    train.main(["--data-root", str(download / "kinetics"), "--out", str(out), *FLAGS, "--bench", "--bench-steps", "1"])
+    assert tree(out) == before
+    with pytest.raises(SystemExit):                                # other injected pairs: refused
+        run_train(download, out, "--epochs", "2", "--n0", "0.5", "--resume", "--no-eval")
+    assert tree(out) == before
+
+
+def test_an_epoch_is_logged_only_once_its_checkpoint_is_saved(download, tmp_path, monkeypatch):
+    """Killed while saving epoch 2 (or in the middle of it): the log keeps no record of epoch 2, and
+    the resumed run logs every epoch and every step once."""
+    out = tmp_path / "run"
+    real, calls = train.atomic_save, []
+
+    def dies_at_second_save(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(obj, path)
+    monkeypatch.setattr(train, "atomic_save", dies_at_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(download, out, "--epochs", "3", "--log-every", "1", "--no-eval")
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [1] and {r["epoch"] for r in log} == {1, 2}
+    monkeypatch.setattr(train, "atomic_save", real)
+    log = run_train(download, out, "--epochs", "3", "--log-every", "1", "--no-eval", "--resume")
+    assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [1, 2, 3]
+    steps = [r["step"] for r in log if r["kind"] == "step"]
+    assert steps == sorted(set(steps)) and len(steps) == 3 * 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--log-every", "0"], "--log-every must be >= 1"), (["--sample-rate", "100"], "--sample-rate must be >= 1000"),
+    (["--n-mels", "500"], "--n-mels must be in \\[1, 321\\]"), (["--subset", "-3"], "--subset must be >= 2"),
+    (["--bench-steps", "0"], "--bench-steps must be >= 1"),
+    (["--num-negatives", "16"], "--num-negatives 16 must be smaller than the dataset \\(16 usable videos\\)"),
+    (["--classes", "EMPTY"], "names no class"),
+    (["--val-csv", "VALCSV"], "--val-csv needs --csv"),
+])
+def test_invalid_values_stop_before_anything_is_written(download, tmp_path, capsys, flags, message):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    flags = [f.replace("EMPTY", str(tmp_path / "empty.txt")).replace("VALCSV", str(download / "validate.csv"))
+             for f in flags]
+    with pytest.raises(SystemExit):
+        run_train(download, tmp_path / "run", *flags)
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_resume_on_a_gpu(download, tmp_path):
+    """The negatives' generator state comes back as a CPU byte tensor whatever device the run used."""
+    out = tmp_path / "run"
+    run_train(download, out, "--epochs", "1", "--no-eval", "--device", "cuda")
+    log = run_train(download, out, "--epochs", "2", "--no-eval", "--device", "cuda", "--resume")
+    assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection and error bars
+# ----------------------------------------------------------------------------------------------
+def test_each_kind_of_faulty_pair_is_scored_against_clean_pairs_only():
+    """Injected pairs found perfectly among clean ones, while natural faulty pairs score lower still:
+    the natural ones are neither hits nor false alarms of the injected detector (and vice versa)."""
+    s = np.array([0.9, 0.8, 0.7, 0.6, 0.3, 0.2, 0.1, 0.0])
+    injected = np.array([0, 0, 0, 0, 1, 1, 0, 0], dtype=bool)
+    natural = np.array([0, 0, 0, 0, 0, 0, 1, 1], dtype=bool)
+    report = evaluate.detection_report(s, injected, natural)
+    assert report["injected"]["auc"] == 1.0 and report["injected"]["precision_at_n"] == 1.0
+    assert report["natural"]["auc"] == 1.0 and report["injected"]["n_scored"] == 6
+    assert report["injected"]["chance"] == pytest.approx(2 / 6)
+
+
+def test_the_most_likely_faulty_pairs_count_both_kinds(capsys):
+    top = [{"injected": True, "natural": False}] * 3 + [{"injected": False, "natural": True}] * 2 \
+        + [{"injected": False, "natural": False}] * 5
+    evaluate.print_table({"most_likely_faulty": top, "detection_injected": {"n_faulty": 3, "auc": 1, "precision_at_n": 1}})
+    assert "of the 10 most likely faulty pairs: 3 injected, 2 natural (marked in annotations.csv), 5 clean" \
+        in capsys.readouterr().out
+
+
+def test_error_bars_are_the_sample_std_over_seeds():
+    """Two seeds at 0.4 and 0.6: sample std (ddof 1) 0.1414, not the population std 0.1."""
+    mean, spread = plots.mean_and_spread(np.array([[0.4, 0.6], [0.5, 0.5]]))
+    assert mean.tolist() == pytest.approx([0.5, 0.5]) and spread.tolist() == pytest.approx([0.02 ** 0.5, 0.0])

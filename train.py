@@ -480,16 +480,15 @@ def final_summary(args, model, criterion, videos, classes, injected, natural, sp
         log(f"no held-out split for the retrieval summary: {e}")
         val = None
     if val:
-        gallery = evaluate.extract_video_features(model, data.AVClips(videos, eval_spec, False, num_clips=2), device,
-                                                  workers=args.workers, rank=rank, world=world)
-        queries = evaluate.extract_video_features(model, data.AVClips(val, eval_spec, False, num_clips=2), device,
-                                                  workers=args.workers, rank=rank, world=world)
+        gallery, queries = (evaluate.extract_video_features(model, data.AVClips(vs, eval_spec, False, num_clips=2),
+                                                            device, workers=args.workers, kinds=("pooled",),
+                                                            rank=rank, world=world) for vs in (videos, val))
         for name, part in (("training", gallery), ("held-out", queries)):
             for e in part.errors:
                 log(f"data error ({name} video left out of the summary): {e}")
         if rank == 0:
-            r = evaluate.recall_at_k(queries.features["pooled"], gallery.features["pooled"], queries.labels,
-                                     gallery.labels, ks=(1, 5))
+            r = evaluate.recall_at_k(queries.features["pooled"].to(device), gallery.features["pooled"].to(device),
+                                     queries.labels.to(device), gallery.labels.to(device), ks=(1, 5))
             results["train_summary_retrieval"] = r
             log(f"video retrieval, {len(queries.labels)} held-out {args.val_split} clips -> {len(gallery.labels)} "
                 f"{args.split} clips: " + "  ".join(f"{k} {v:.3f}" for k, v in r.items())

@@ -334,10 +334,24 @@ def kinetics_folder(root, split, classes=None, log=print):
     classes = _align_classes(found, classes, str(base), log)
     videos = [Video(str(f), label) for label, c in enumerate(classes) if (base / c).is_dir()
               for f in video_files(base / c)]
+    stray = [p for p in base.iterdir() if p.is_file() and not p.name.startswith(".")] + \
+            [p for c in classes if (base / c).is_dir() for p in (base / c).iterdir() if p.is_dir()]
+    if stray:  # outside the layout: not videos of a class, but not left out in silence either
+        log(f"{base}: {len(stray)} item(s) outside ROOT/<split>/<class>/<video> ignored, e.g. {stray[0]}")
     return videos, classes
 
 
 CSV_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
+
+
+def check_csv_columns(csv_path):
+    """A ValueError naming the file and the columns it lacks, unless it has all of CSV_COLUMNS."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        found = csv.DictReader(f).fieldnames or []
+    missing = [c for c in CSV_COLUMNS if c not in found]
+    if missing:
+        raise ValueError(f"{csv_path}: no column {', '.join(missing)} (a Kinetics CSV has the columns "
+                         f"{', '.join(CSV_COLUMNS)}; found {', '.join(found) or 'none'})")
 
 
 def kinetics_csv(csv_path, root, split, classes=None, log=print):
@@ -345,13 +359,9 @@ def kinetics_csv(csv_path, root, split, classes=None, log=print):
     root/<split>/<label>/<youtube_id>_<start:06d>_<end:06d>.<ext> (the common downloaders' naming;
     any video container).
     Rows whose file is missing are kept: the scan reports them. With `classes`, labels index that list."""
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path}: no column {', '.join(missing)} (a Kinetics CSV has the columns "
-                             f"{', '.join(CSV_COLUMNS)}; found {', '.join(reader.fieldnames or []) or 'none'})")
-        rows = [r for r in reader if r["split"] == split]
+    check_csv_columns(csv_path)
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+        rows = [r for r in csv.DictReader(f) if r["split"] == split]
     if not rows:
         raise SplitNotFound(f"{csv_path}: no row with split == {split!r} (Kinetics ships one CSV per split: "
                             f"give the one that has it)")
@@ -360,8 +370,10 @@ def kinetics_csv(csv_path, root, split, classes=None, log=print):
 
     def path_of(row):
         folder = Path(root) / split / row["label"]
-        if folder not in stored:
-            stored[folder] = {f.stem: f for f in video_files(folder)} if folder.is_dir() else {}
+        if folder not in stored:  # a known video extension wins over a thumbnail or extracted audio
+            files = sorted(video_files(folder) if folder.is_dir() else [],
+                           key=lambda f: (f.suffix.lower() in VIDEO_EXTENSIONS, f.name))
+            stored[folder] = {f.stem: f for f in files}
         stem = f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}"
         return str(stored[folder].get(stem, folder / f"{stem}.mp4"))  # absent: the scan names it missing
     videos = sorted(Video(path_of(r), classes.index(r["label"])) for r in rows if r["label"] in classes)
@@ -505,7 +517,10 @@ def scan(videos, spec=ClipSpec(), cache_path=None, name="dataset", probe_many=No
     not know (default: probe_all; train.py spreads them over the processes of a multi-GPU run)."""
     cache = {}
     if cache_path and Path(cache_path).exists():
-        cache = json.loads(Path(cache_path).read_text())
+        try:
+            cache = json.loads(Path(cache_path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log(f"scan: the cache {cache_path} is unreadable; scanning again (it will be rewritten)")
     key_of = lambda p: (f"{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}:{spec.need_audio}:{spec.seconds}"
                         if os.path.exists(p) else "missing")
     keys = {v.path: key_of(v.path) for v in videos}

@@ -275,7 +275,7 @@ def retrieval_on_pretraining_set(model, run, classes, train_v, spec, args, devic
     try:
         val_v, _, _ = data.pretraining_split(root, run["val_split"], spec, run.get("val_csv") or run["csv"],
                                              seed=run["seed"], classes=classes, log=log)
-    except FileNotFoundError as e:  # no such split, or nothing usable in it
+    except (FileNotFoundError, ValueError) as e:  # no such split, nothing usable in it, a bad CSV
         log(f"pre-training set: no held-out videos, so no retrieval, per-class R@1 or Figure 4 ({e})")
         return {}
     gallery = extract_video_features(model, data.AVClips(train_v, spec, False, 2), device, workers=args.workers)
@@ -298,16 +298,21 @@ def retrieval_on_pretraining_set(model, run, classes, train_v, spec, args, devic
     grid, listing = [], []
     for r, neighbours in zip(rows, nn_idx.tolist()):
         items = [val_v[int(queries.index[r])]] + [train_v[int(gallery.index[n])] for n in neighbours]
-        grid.append([frame_112(v, frame_spec) for v in items])
+        grid.append([frame_112(v, frame_spec, log) for v in items])
         listing.append([{"path": v.path, "class": classes[v.label]} for v in items])
     np.savez_compressed(out_dir / "retrievals.npz", frames=np.array(grid, dtype=np.uint8))
     results["top4_retrievals"] = listing
     return results
 
 
-def frame_112(video, spec):
-    """The middle frame of a video, centre-cropped and resized to 112x112 for the retrieval figure."""
-    frames, _ = data.decode_clip(video.path, video.duration / 2, replace(spec, size=112), box=data.centre_box)
+def frame_112(video, spec, log=print):
+    """The middle frame of a video, centre-cropped and resized to 112x112 for the retrieval figure
+    (a grey frame, and a message, for a video that fails to decode now)."""
+    try:
+        frames, _ = data.decode_clip(video.path, video.duration / 2, replace(spec, size=112), box=data.centre_box)
+    except data.ClipError as e:
+        log(f"data error (Figure 4 shows a grey frame): {e}")
+        return np.full((112, 112, 3), 128, np.uint8)
     return frames[0]
 
 

@@ -57,7 +57,7 @@ def ensure_point(run_dir, train_flags, args):
     common = ["--toy-root", args.toy_root, "--out", str(run_dir), "--epochs", str(args.epochs), "--no-eval",
               "--warmup-epochs", str(args.warmup_epochs), "--workers", str(args.workers)]
     ckpt = run_dir / "checkpoint.pt"
-    done = torch.load(ckpt, weights_only=False)["epoch"] + 1 if ckpt.exists() else 0
+    done = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] + 1 if ckpt.exists() else 0
     if done < args.epochs:
         train.main(common + train_flags + (["--resume"] if done else []))
     return evaluate.main([str(run_dir), "--skip", "pretrain", "--workers", str(args.workers),

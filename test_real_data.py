@@ -184,6 +184,21 @@ def test_csv_finds_clips_in_any_container_and_names_missing_rows(download):
         data.kinetics_csv(download / "train.csv", download / "kinetics", "val")
 
 
+def test_csv_prefers_the_video_to_a_thumbnail_or_extracted_audio(download, tmp_path):
+    """yt-dlp leaves a .webp thumbnail beside a clip, pipelines extract .wav files: a CSV row names
+    the clip without its container, and the file with a video extension is the one taken. A CSV
+    saved by a spreadsheet (byte-order mark) reads the same."""
+    root = tmp_path / "k"
+    (root / "train" / "zumba").mkdir(parents=True)
+    clip = write_av(root / "train" / "zumba" / clip_name(7))
+    (root / "train" / "zumba" / clip_name(7, ".webp")).write_bytes(b"RIFF....WEBP")
+    (root / "train" / "zumba" / clip_name(7, ".wav")).write_bytes(b"RIFF....WAVE")
+    table = tmp_path / "train.csv"
+    table.write_text("\ufefflabel,youtube_id,time_start,time_end,split\nzumba,yt000000007,70,80,train\n", encoding="utf-8")
+    videos, _ = data.kinetics_csv(table, root, "train")
+    assert [v.path for v in videos] == [clip]
+
+
 def test_csv_without_a_column_is_named(download, tmp_path, capsys):
     bad = tmp_path / "train.csv"
     bad.write_text("label,youtube_id,time_start,split\nabseiling,yt000000000,0,train\n")
@@ -290,18 +305,35 @@ def test_csv_with_train_rows_only_then_resumed_with_the_val_csv(download, tmp_pa
     assert "pretrain_retrieval" in r and set(r["per_class_R@1"]) <= set(GOOD)
 
 
+def test_a_held_out_csv_whose_videos_are_all_missing_ends_with_the_detection_summary(download, tmp_path, capsys):
+    """validate.csv given, its videos never downloaded: the run still ends with its summary (detection),
+    and says why there is no retrieval."""
+    lonely = tmp_path / "validate.csv"
+    lonely.write_text("label,youtube_id,time_start,time_end,split\nabseiling,ytnothere00,0,10,val\n")
+    out = tmp_path / "run"
+    run_train(download, out, "--csv", str(download / "train.csv"), "--val-csv", str(lonely), "--epochs", "1",
+              "--n0", "0.25")
+    assert "no held-out split for the retrieval summary: no usable video" in capsys.readouterr().out
+    assert "detection_injected" in json.loads((out / "results.json").read_text())
+
+
 def test_two_processes_end_to_end_name_every_decode_error(download, tmp_path):
-    """torchrun with 2 CPU processes on the download, summary included: the probing is shared, the
-    features of the summary are shared, and a clip that fails on either rank is named and counted.
-    The failing file passed an earlier scan and was damaged after it (size and mtime kept, so the
-    scan's cache still vouches for it)."""
+    """torchrun with 2 CPU processes on the download, summary included: a clip that fails on rank 1
+    is named there at once and counted in rank 0's epoch log, and the summary (features shared out
+    over the ranks, held-out split scanned by both) is written. The failing files passed an earlier
+    scan and were damaged after it (size and mtime kept, so the scan's cache still vouches for them)."""
     root = tmp_path / "download"
     shutil.copytree(download / "kinetics", root / "kinetics")
-    data.pretraining_split(root / "kinetics", "train", SPEC, log=lambda *a: None)      # fills the cache
-    victim = root / "kinetics" / "train" / "zumba" / clip_name(31)
-    stat = victim.stat()
-    victim.write_bytes(b"\0" * stat.st_size)
-    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    usable, _, _ = data.pretraining_split(root / "kinetics", "train", SPEC, log=lambda *a: None)  # fills the cache
+    on_rank_1 = set()
+    for epoch in (0, 1):  # DistributedSampler's order: randperm(N) seeded with seed + epoch, rank r takes r::2
+        order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(0 + epoch)).tolist()
+        on_rank_1.add(order[1::2][0])
+    victims = [Path(usable[i].path) for i in sorted(on_rank_1)]
+    for victim in victims:
+        stat = victim.stat()
+        victim.write_bytes(b"\0" * stat.st_size)
+        os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            "--data-root", str(root / "kinetics"), "--out", str(out), *FLAGS, "--epochs", "2", "--n0", "0.25",
@@ -309,11 +341,15 @@ def test_two_processes_end_to_end_name_every_decode_error(download, tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "[rank 1] data error" in done.stderr
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     epochs = [r for r in log if r["kind"] == "epoch"]
-    assert [r["data_errors"] for r in epochs] == [1, 1] and all(victim.name in r["data_error_files"][0] for r in epochs)
+    for r in epochs:  # each victim fails as a video; an injected pair may also take its audio from one
+        assert r["data_errors"] == len(r["data_error_files"]) >= len(victims)
+        assert all(any(v.name in e for v in victims) for e in r["data_error_files"])
+        assert all(any(e.startswith(str(v)) for e in r["data_error_files"]) for v in victims)
     assert all(r["bank_spread_across_ranks"] == 0.0 for r in epochs)
-    assert done.stdout.count("scan ") == 2                        # rank 0 reports train and val scans once each
+    assert "video retrieval, 5 held-out val clips" in done.stdout
     results = json.loads((out / "results.json").read_text())
     assert "train_summary_retrieval" in results and "detection_injected" in results
 
@@ -349,10 +385,30 @@ def test_an_epoch_is_logged_only_once_its_checkpoint_is_saved(download, tmp_path
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [1] and {r["epoch"] for r in log} == {1, 2}
     monkeypatch.setattr(train, "atomic_save", real)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"kind": "step", "epoch": 2, "st')                            # a line cut short by the kill
     log = run_train(download, out, "--epochs", "3", "--log-every", "1", "--no-eval", "--resume")
     assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [1, 2, 3]
     steps = [r["step"] for r in log if r["kind"] == "step"]
     assert steps == sorted(set(steps)) and len(steps) == 3 * 2
+
+
+def test_an_epoch_saved_but_not_yet_logged_is_logged_on_resume(download, tmp_path, monkeypatch):
+    """Killed between saving epoch 2's checkpoint and writing its log record: the resumed run writes
+    that record from the checkpoint, so the curves have every epoch."""
+    out = tmp_path / "run"
+    real = train.RunLog.write
+
+    def dies_logging_epoch_2(self, **record):
+        if record["kind"] == "epoch" and record["epoch"] == 2:
+            raise KeyboardInterrupt
+        real(self, **record)
+    monkeypatch.setattr(train.RunLog, "write", dies_logging_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(download, out, "--epochs", "3", "--no-eval")
+    monkeypatch.setattr(train.RunLog, "write", real)
+    log = run_train(download, out, "--epochs", "3", "--no-eval", "--resume")
+    assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("flags, message", [

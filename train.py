@@ -113,6 +113,15 @@ def get_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist")
     if args.val_csv and not args.csv:
         p.error("--val-csv needs --csv (the training split's CSV)")
+    for flag in ("csv", "val_csv"):  # the columns now, not after training (the summary reads --val-csv)
+        if getattr(args, flag):
+            try:
+                data.check_csv_columns(getattr(args, flag))
+            except ValueError as e:
+                p.error(f"--{flag.replace('_', '-')}: {e}")
+    for flag in ("data_root", "toy_root", "csv", "val_csv"):  # the checkpoint's paths work from any folder
+        if getattr(args, flag):
+            setattr(args, flag, str(Path(getattr(args, flag)).resolve()))
     args.class_names = None
     if args.classes:
         args.class_names = [c.strip() for c in Path(args.classes).read_text().splitlines() if c.strip()]
@@ -214,12 +223,23 @@ class RunLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def keep_epochs_up_to(self, epoch):
-        """On resume: drop what was logged after the checkpoint (steps of an epoch that did not finish),
-        so the curves have each epoch once."""
-        if self.active and self.path.exists():
-            kept = [x for x in self.path.read_text().splitlines() if x.strip() and json.loads(x)["epoch"] <= epoch]
-            data.atomic_write(self.path, "".join(x + "\n" for x in kept))
+    def resume_at(self, epoch, epoch_record):
+        """On resume: drop what was logged after the checkpoint (steps of an epoch that did not finish,
+        a line cut short by the kill) and add the checkpoint's own epoch record if the run died before
+        writing it, so the log has every epoch and step once."""
+        if not self.active:
+            return
+        kept = []
+        for line in self.path.read_text().splitlines() if self.path.exists() else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record["epoch"] <= epoch:
+                kept.append(record)
+        if epoch_record and not any(r["kind"] == "epoch" and r["epoch"] == epoch for r in kept):
+            kept.append(epoch_record)
+        data.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def atomic_save(obj, path):
@@ -366,7 +386,7 @@ def main(argv=None):
         criterion.load_state_dict(ckpt["criterion"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch = ckpt["epoch"] + 1
-        runlog.keep_epochs_up_to(start_epoch)
+        runlog.resume_at(start_epoch, ckpt.get("epoch_record"))
         log(f"resumed {out} after epoch {start_epoch}")
     elif is_main and not args.bench:
         runlog.path.unlink(missing_ok=True)
@@ -432,16 +452,17 @@ def main(argv=None):
         summary.update(bank_statistics(criterion, injected, natural))
         summary.update(clips_per_s=clips / elapsed, data_wait_fraction=wait / max(wait + compute, 1e-9),
                        data_errors=len(data_errors), bank_spread_across_ranks=bank_spread(criterion, world))
+        record = dict(kind="epoch", epoch=epoch + 1, step=step, warmup=warmup, data_error_files=data_errors[:100],
+                      **summary)
         if is_main:  # the checkpoint first: a log record never describes an epoch the checkpoint lacks
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "criterion": criterion.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                          "num_instances": N, "classes": classes, "videos": [v.path for v in videos],
                          "instances": [[v.path, v.label, v.duration] for v in videos],
-                         "injected_pairs": pairs, "args": vars(args)}, out / "checkpoint.pt")
+                         "injected_pairs": pairs, "args": vars(args), "epoch_record": record}, out / "checkpoint.pt")
             # RNGs need no saving: reseed() fixes them at every epoch start from (seed, epoch, rank),
             # and the negatives' generator is part of the criterion's state.
-        runlog.write(kind="epoch", epoch=epoch + 1, step=step, warmup=warmup, data_error_files=data_errors[:100],
-                     **summary)
+        runlog.write(**record)
         log(f"epoch {epoch + 1}/{args.epochs}: loss {summary.get('loss', float('nan')):.3f}  "
             f"w mean {summary['w_mean']:.2f}  "
             + (f"injected AUC {summary['injected_auc']:.2f}  " if "injected_auc" in summary else "")
@@ -476,7 +497,7 @@ def final_summary(args, model, criterion, videos, classes, injected, natural, sp
     eval_spec = replace(spec, need_audio=False)
     try:
         val, _, _ = load_split(args, args.val_split, eval_spec, log, rank, world, classes=classes)
-    except data.SplitNotFound as e:
+    except (FileNotFoundError, ValueError) as e:  # no such split, nothing usable in it, a bad CSV
         log(f"no held-out split for the retrieval summary: {e}")
         val = None
     if val:
@@ -486,7 +507,9 @@ def final_summary(args, model, criterion, videos, classes, injected, natural, sp
         for name, part in (("training", gallery), ("held-out", queries)):
             for e in part.errors:
                 log(f"data error ({name} video left out of the summary): {e}")
-        if rank == 0:
+        if not len(gallery.labels) or not len(queries.labels):  # the same on every rank (gathered)
+            log("no training or held-out video decoded: no retrieval summary")
+        elif rank == 0:
             r = evaluate.recall_at_k(queries.features["pooled"].to(device), gallery.features["pooled"].to(device),
                                      queries.labels.to(device), gallery.labels.to(device), ks=(1, 5))
             results["train_summary_retrieval"] = r

@@ -95,11 +95,16 @@ def gather_from_all_ranks(t):
     return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
 
 
+def check_num_negatives(K, num_instances):
+    """K must leave room for the positive: 1 <= K <= N - 1."""
+    if not 0 < K < num_instances:
+        raise ValueError(f"K (number of negatives) must be in [1, N-1] = [1, {num_instances - 1}], got {K}")
+
+
 def sample_negatives(num_instances, K, generator):
     """K distinct slots drawn uniformly, shared by the whole batch (METHOD.md allows one shared set).
     Drawn on the CPU from a seeded generator: every rank of a multi-GPU run draws the same set."""
-    if not 0 < K < num_instances:
-        raise ValueError(f"K (number of negatives) must be in [1, N-1] = [1, {num_instances - 1}], got {K}")
+    check_num_negatives(K, num_instances)
     return torch.randperm(num_instances, generator=generator)[:K]
 
 
@@ -133,55 +138,68 @@ def _masked_log_softmax(logits, mask):
 def _cycle_scores(x_pos, y_pos, x_neg, y_neg, lse_neg, tau_s, mask):
     """S_x(j|i) ∝ P(y_j | x_i) · P(x_i | y_j): j is a target when the cycle x_i -> y_j -> x_i closes.
 
-    P(x_i | y_j) is normalised over the candidate x's {x_k : k ∈ C_i} = {x_i} ∪ negatives.
-    lse_neg[n] = log Σ_{m ∈ negatives} exp(y_n·x_m / τ_s) is shared by every row (K,)."""
-    xy = candidate_logits(x_pos, y_pos, y_neg) / tau_s                 # x_i·y_j/τ_s      (B, 1+K)
-    log_forward = _masked_log_softmax(xy, mask)                         # log P(y_j | x_i) (B, 1+K)
-    # back from the positive y_i: normalised over x_i and the negatives' x.
-    back_pos = _masked_log_softmax(candidate_logits(y_pos, x_pos, x_neg) / tau_s, mask)[:, :1]  # (B, 1)
-    # back from a negative y_n: y_n·x_i/τ_s = xy[:, 1:], over x_i and the negatives' x. If x_i is
-    # itself among the negatives (masked), lse_neg already counts it once.
-    has_self = mask.any(1, keepdim=True) if mask is not None else torch.zeros_like(back_pos, dtype=torch.bool)
-    log_z = torch.where(has_self, lse_neg[None, :], torch.logaddexp(lse_neg[None, :], xy[:, 1:]))
-    back_neg = xy[:, 1:] - log_z                                         # log P(x_i | y_n) (B, K)
-    log_back = torch.cat([back_pos, back_neg], dim=1)                   # (B, 1+K)
-    return _masked_log_softmax(log_forward + log_back, mask).exp()
+    Both factors are over the candidates C_i: P(y_j | x_i) over the y's, P(x_i | y_j) over the x's
+    {x_k : k ∈ C_i} = {x_i} ∪ negatives. lse_neg[n] = log Σ_{m ∈ negatives} exp(y_n·x_m / τ_s) (K,) is
+    the negatives' part of that normaliser for a negative y_n; it is the same for every row."""
+    xy = candidate_logits(x_pos, y_pos, y_neg) / tau_s                 # x_i·y_j/τ_s           (B, 1+K)
+    log_forward = _masked_log_softmax(xy, mask)                         # log P(y_j | x_i)      (B, 1+K)
+
+    # j = i, the positive: x_i·y_i against y_i·x_k for the candidate x's
+    log_back_pos = _masked_log_softmax(candidate_logits(y_pos, x_pos, x_neg) / tau_s, mask)[:, :1]  # (B, 1)
+
+    # j = n, a negative: log P(x_i | y_n) = y_n·x_i/τ_s - log Σ_{k∈C_i} exp(y_n·x_k/τ_s), where the sum
+    # is the negatives' part (lse_neg) plus x_i's own term -- unless x_i is itself one of the
+    # negatives (then lse_neg counts it already, and its own term is exp(-inf) = 0)
+    own_term = xy[:, 1:]                                                # y_n·x_i/τ_s           (B, K)
+    if mask is not None:
+        own_term = own_term.masked_fill(mask.any(1, keepdim=True), float("-inf"))
+    log_z = torch.logaddexp(lse_neg[None, :], own_term)                 # (B, K)
+    log_back_neg = xy[:, 1:] - log_z                                    # log P(x_i | y_n)      (B, K)
+
+    log_back = torch.cat([log_back_pos, log_back_neg], dim=1)           # log P(x_i | y_j)      (B, 1+K)
+    return _masked_log_softmax(log_forward + log_back, mask).exp()      # renormalised over j
 
 
 @torch.no_grad()
 def softening_scores(strategy, v_pos, a_pos, v_neg, a_neg, tau_s=0.07, mask=None):
     """Softening scores S_v(j|i), S_a(j|i) over the candidates, from the memory banks (our reading).
 
-    v_pos, a_pos: the batch's own bank rows (B, d); v_neg, a_neg: the K shared negatives' rows (K, d).
-    mask (B, K), optional: True where a negative is the row's own instance (it gets no mass).
-    Returns (S_v, S_a), each (B, 1+K), rows summing to 1, column 0 the positive.
-
-      bootstrap  S_v(j|i) = softmax_j(v̄_i·ā_j / τ_s)   the model's own cross-modal prediction
-      swapped    S_v(j|i) = softmax_j(ā_i·v̄_j / τ_s)   the other modality's prediction
-      neighbor   S_v(j|i) = softmax_j(v̄_i·v̄_j / τ_s)   within-modal similarity
-      cycle      S_v(j|i) ∝ P(ā_j|v̄_i) · P(v̄_i|ā_j)    the cycle v_i -> a_j -> v_i closes
-    S_a swaps the roles of v and a.
+    v_pos, a_pos: the batch's own bank rows v̄_i, ā_i (B, d); v_neg, a_neg: the K shared negatives'
+    rows (K, d). mask (B, K), optional: True where a negative is the row's own instance (no mass).
+    Returns (S_v, S_a), each (B, 1+K), rows summing to 1, column 0 the positive. S_a swaps v and a.
     """
-    if strategy not in STRATEGIES:
+    def softmax_j(query, own, others):
+        """softmax_j(query_i · key_j / τ_s) over the candidates: key_i = own, then the negatives."""
+        return _masked_log_softmax(candidate_logits(query, own, others) / tau_s, mask).exp()
+
+    if strategy == "bootstrap":    # the model's own cross-modal prediction
+        S_v = softmax_j(v_pos, a_pos, a_neg)                            # softmax_j(v̄_i·ā_j / τ_s)
+        S_a = softmax_j(a_pos, v_pos, v_neg)                            # softmax_j(ā_i·v̄_j / τ_s)
+    elif strategy == "swapped":    # the other modality's prediction
+        S_v = softmax_j(a_pos, v_pos, v_neg)                            # softmax_j(ā_i·v̄_j / τ_s)
+        S_a = softmax_j(v_pos, a_pos, a_neg)                            # softmax_j(v̄_i·ā_j / τ_s)
+    elif strategy == "neighbor":   # within-modal similarity
+        S_v = softmax_j(v_pos, v_pos, v_neg)                            # softmax_j(v̄_i·v̄_j / τ_s)
+        S_a = softmax_j(a_pos, a_pos, a_neg)                            # softmax_j(ā_i·ā_j / τ_s)
+    elif strategy == "cycle":      # the cycle v_i -> a_j -> v_i closes
+        g = a_neg @ v_neg.t() / tau_s                                   # ā_n·v̄_m / τ_s  (K, K)
+        S_v = _cycle_scores(v_pos, a_pos, v_neg, a_neg, g.logsumexp(1), tau_s, mask)  # ∝ P(ā_j|v̄_i)·P(v̄_i|ā_j)
+        S_a = _cycle_scores(a_pos, v_pos, a_neg, v_neg, g.logsumexp(0), tau_s, mask)  # ∝ P(v̄_j|ā_i)·P(ā_i|v̄_j)
+    else:
         raise ValueError(f"softening strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy == "cycle":
-        g = a_neg @ v_neg.t() / tau_s                 # ā_n·v̄_m/τ_s over the negatives (K, K)
-        S_v = _cycle_scores(v_pos, a_pos, v_neg, a_neg, g.logsumexp(1), tau_s, mask)
-        S_a = _cycle_scores(a_pos, v_pos, a_neg, v_neg, g.logsumexp(0), tau_s, mask)
-        return S_v, S_a
-    # (query, its own row, the negatives' rows) of S_v and of S_a; see the table above
-    args_v, args_a = {"bootstrap": ((v_pos, a_pos, a_neg), (a_pos, v_pos, v_neg)),
-                      "swapped": ((a_pos, v_pos, v_neg), (v_pos, a_pos, a_neg)),
-                      "neighbor": ((v_pos, v_pos, v_neg), (a_pos, a_pos, a_neg))}[strategy]
-    return tuple(_masked_log_softmax(candidate_logits(*args) / tau_s, mask).exp()     # (B, 1+K)
-                 for args in (args_v, args_a))
+    return S_v, S_a
+
+
+def one_hot_targets(like):
+    """T(j|i) = 1[j = i]: all the mass on the positive, column 0 (xID's targets). like: (B, 1+K)."""
+    one_hot = torch.zeros_like(like)
+    one_hot[:, 0] = 1.0
+    return one_hot
 
 
 def soft_targets(S, lam):
     """T(j|i) = (1 - λ)·1[j = i] + λ·S(j|i); the positive is column 0. λ = 0 gives xID's one-hot."""
-    one_hot = torch.zeros_like(S)
-    one_hot[:, 0] = 1.0
-    return (1 - lam) * one_hot + lam * S
+    return (1 - lam) * one_hot_targets(S) + lam * S
 
 
 def soft_cross_entropy(logits, targets, mask=None):
@@ -215,7 +233,7 @@ class RobustXIDLoss(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if strategy not in STRATEGIES:
+        if strategy not in STRATEGIES:  # here, not at the first soft step after the warm-up
             raise ValueError(f"softening strategy must be one of {STRATEGIES}, got {strategy!r}")
         for name, value, ok, rule in [("tau", tau, tau > 0, "> 0"), ("tau_s", tau_s, tau_s > 0, "> 0"),
                                       ("kappa", kappa, kappa > 0, "> 0"),
@@ -223,9 +241,7 @@ class RobustXIDLoss(nn.Module):
                                       ("w_min", w_min, 0 <= w_min <= 1, "in [0, 1]")]:
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {value}")
-        if not 0 < num_negatives < num_instances:
-            raise ValueError(f"K (number of negatives) must be in [1, N-1] = [1, {num_instances - 1}], "
-                             f"got {num_negatives}")
+        check_num_negatives(num_negatives, num_instances)
         self.bank = MemoryBank(num_instances, dim, bank_momentum, seed)
         self.mode, self.K, self.tau, self.tau_s = mode, num_negatives, tau, tau_s
         self.delta, self.kappa, self.w_min, self.lam, self.strategy = delta, kappa, w_min, lam, strategy
@@ -271,7 +287,7 @@ class RobustXIDLoss(nn.Module):
                                                 self.tau_s, mask)
                     T_v, T_a = soft_targets(S_v, lam), soft_targets(S_a, lam)   # (B, 1+K)
                 else:
-                    T_v = T_a = soft_targets(torch.zeros_like(logits_v), 0.0)  # one-hot
+                    T_v = T_a = one_hot_targets(logits_v)                      # 1[j = i]
 
             loss_v = (w * soft_cross_entropy(logits_v, T_v, mask)).sum() / w.sum()  # -log P(ā|v) terms
             loss_a = (w * soft_cross_entropy(logits_a, T_a, mask)).sum() / w.sum()  # -log P(v̄|a) terms

@@ -1,12 +1,15 @@
-"""Audio-visual data: the embedded toy dataset, Kinetics / UCF101 / HMDB51 listings, a scan that names
-every broken file, PyAV clip decoding, and faulty-positive injection (n₀).
+"""Reading audio-visual data: Kinetics / UCF101 / HMDB51 listings, a scan that names every broken file,
+PyAV clip decoding, the dataset and its batch transforms, and the injected faulty positives (n₀).
 
-    files on disk -> scan -> AVClips[i] = {video uint8 (3,T,H,W), audio waveform (1,S), index, label, faulty}
-      (loader workers: decode, crop, flip)  -> batch -> BatchTransforms on the model's device:
-      colour jitter, normalisation, log-mel -> video float (B,3,T,H,W), audio (B,1,F,S)
+    files on disk -> listing -> scan -> AVClips[i] = {video uint8 (3,T,H,W), audio waveform (1,S), index,
+      label, faulty}  (loader workers: decode, crop, flip)  -> batch -> BatchTransforms on the model's
+      device: colour jitter, normalisation, log-mel -> video float (B,3,T,H,W), audio (B,1,F,S)
+
+Injection lives here, not in train.py or losses.py: it decides which file each instance's audio is
+read from (AVClips' audio_source), so it is a property of the data a run is served, like its
+listing; the loss never knows. train.py, evaluate.py and plots.py all read it from here.
 
 Command line:
-    python data.py make-toy --root data/toy      # write the embedded dataset (about 45 s on 2 cores)
     python data.py scan ROOT                     # sort every video under ROOT into usable / broken
     python data.py bench ROOT                    # loader clips/s against raw PyAV decoding
 """
@@ -15,7 +18,6 @@ import csv
 import json
 import os
 import random
-import shutil
 import time
 from collections import Counter
 from itertools import takewhile
@@ -27,8 +29,7 @@ import numpy as np
 import torch
 import torchaudio
 from torch.utils.data import Dataset, default_collate
-from torchvision import transforms as v1
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
 
 # Extensions of the video files real downloads come in (compared in lower case). A file in a class
 # folder with another extension is not skipped in silence: the scan opens it, and uses it or names it.
@@ -218,7 +219,7 @@ class AVClips(Dataset):
         if not self.train:
             return centre_box(height, width)
         # torchvision draws the box (area 40-100% of the frame, aspect 3/4-4/3); FFmpeg applies it
-        return v1.RandomResizedCrop.get_params(torch.empty(1, height, width), [0.4, 1.0], [3 / 4, 4 / 3])
+        return RandomResizedCrop.get_params(torch.empty(1, height, width), [0.4, 1.0], [3 / 4, 4 / 3])
 
     def _clip(self, video, audio_video, start):
         spec = self.spec
@@ -451,19 +452,6 @@ def pretraining_split(root, split, spec, csv_path=None, class_names=None, subset
     return usable, classes, broken
 
 
-def natural_faulty_flags(videos):
-    """Which videos the embedded dataset marks as natural faulty positives (annotations.csv beside
-    the split folders); None for data without such a file."""
-    if not videos:
-        return None
-    ann = Path(videos[0].path).parents[2] / "annotations.csv"
-    if not ann.exists():
-        return None
-    with open(ann, newline="") as f:
-        marked = {str(ann.parent.parent / r["path"]) for r in csv.DictReader(f) if r["faulty_positive"] == "1"}
-    return np.array([v.path in marked for v in videos])
-
-
 # ----------------------------------------------------------------------------------------------
 # The scan: open every file once, sort it into usable or broken with a reason, cache the result
 # ----------------------------------------------------------------------------------------------
@@ -557,225 +545,6 @@ def atomic_write(path, text):
 
 
 # ----------------------------------------------------------------------------------------------
-# The embedded toy dataset: bouncing shapes that click when they hit a wall
-# ----------------------------------------------------------------------------------------------
-PALETTE = {"red": (225, 50, 45), "green": (50, 200, 70), "blue": (60, 100, 235), "yellow": (235, 215, 50),
-           "magenta": (215, 60, 205), "cyan": (50, 205, 215), "white": (235, 235, 235)}
-# Pre-training classes: picture (shape, direction of motion) and sound (pitch, timbre) together. The
-# colour is drawn per clip, a nuisance as in real video, so matching sound to picture needs the shape
-# and the motion (and, for the instance, the timing of the wall hits).
-TOY_KINETICS = [("circle", "horizontal", 262, "sine"), ("square", "vertical", 330, "square"),
-                ("triangle", "diagonal", 392, "saw"), ("diamond", "horizontal", 440, "square"),
-                ("cross", "vertical", 523, "sine"), ("ring", "diagonal", 587, "saw"),
-                ("circle", "vertical", 659, "saw"), ("square", "diagonal", 698, "sine"),
-                ("triangle", "vertical", 784, "square"), ("ring", "horizontal", 880, "sine")]
-# Downstream classes need what pre-training should teach (shape, motion, its timing) with colour and
-# sound made irrelevant: every shape x direction (UCF, 18 classes) and shape x speed (HMDB, 12), any
-# colour, any pitch. Many classes and few labelled videos per class, as in UCF101 and HMDB51, so
-# that neither retrieval (R@5) nor fine-tuning from scratch is easy without pre-training.
-SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
-TOY_UCF = [(s, m) for s in SHAPES for m in ("horizontal", "vertical", "diagonal")]
-TOY_HMDB = [(s, sp) for s in SHAPES for sp in ("slow", "fast")]
-TOY_VERSION = 4  # bump when the generator changes: existing copies are then regenerated
-SPEEDS = {"normal": (35.0, 80.0), "slow": (20.0, 35.0), "fast": (80.0, 120.0)}  # pixels/s at 64 px
-
-
-def _shape_mask(shape, dx, dy, r):
-    d = np.hypot(dx, dy)
-    return {"circle": d <= r, "ring": (d <= r) & (d >= 0.55 * r),
-            "square": np.maximum(abs(dx), abs(dy)) <= 0.85 * r, "diamond": abs(dx) + abs(dy) <= 1.15 * r,
-            "triangle": (abs(dy) <= 0.8 * r) & (abs(dx) <= 0.6 * (dy + 0.8 * r)),
-            "cross": ((abs(dx) <= r / 3) & (abs(dy) <= r)) | ((abs(dy) <= r / 3) & (abs(dx) <= r))}[shape]
-
-
-def _bounce(u0, speed, length, t):
-    """Reflecting motion on [0, length]: positions at times t and the times of wall hits."""
-    u = u0 + speed * t
-    pos = np.abs((u + length) % (2 * length) - length)
-    k = np.arange(1, int((u0 + speed * t[-1]) // length) + 1)
-    hits = (k * length - u0) / speed
-    return pos, hits[hits > 0]
-
-
-def _tone(pitch, timbre, t):
-    phase = 2 * np.pi * pitch * t
-    if timbre == "sine":
-        return np.sin(phase)
-    harmonics = range(1, 8, 2) if timbre == "square" else range(1, 6)
-    return sum(np.sin(h * phase) / h for h in harmonics) * 0.7
-
-
-def _render_clip(rng, shape, colour, motion, speed_range, pitch, timbre, audio_kind, size, fps, seconds, rate):
-    """Frames (T, H, W, 3) and waveform of one instance, and its event times (the wall hits)."""
-    t_video = np.arange(int(seconds * fps)) / fps
-    r = 0.22 * size
-    speed = rng.uniform(*speed_range) * size / 64
-    length = size - 2 * r - 2
-    axes = {"horizontal": (1, 0), "vertical": (0, 1), "diagonal": (1, 1)}[motion]
-    pos, events = [], []
-    for moving in axes:
-        if moving:
-            p, e = _bounce(rng.uniform(0, 2 * length), speed * rng.uniform(0.8, 1.2), length, t_video)
-            pos.append(r + 1 + p)
-            events.append(e)
-        else:
-            pos.append(np.full_like(t_video, rng.uniform(r + 1, size - r - 1)))
-    events = np.sort(np.concatenate(events))
-    events = events[events < seconds]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    background = rng.uniform(20, 90) + rng.uniform(-15, 15) * (xx / size)
-    frames = np.empty((len(t_video), size, size, 3), np.uint8)
-    for k in range(len(t_video)):
-        img = np.repeat(background[..., None], 3, axis=2)
-        img[_shape_mask(shape, xx - pos[0][k], yy - pos[1][k], r)] = PALETTE[colour]
-        frames[k] = np.clip(img + rng.normal(0, 3, img.shape), 0, 255)
-    t = np.arange(int(seconds * rate)) / rate
-    wave = 0.01 * rng.standard_normal(len(t))
-    if audio_kind == "events":            # a click and a decaying tone at every wall hit
-        for e in events:
-            after = t >= e
-            dt = t[after] - e
-            wave[after] += 0.5 * np.exp(-dt / 0.05) * _tone(pitch, timbre, dt)
-            wave[after] += 0.4 * (dt < 0.003) * rng.standard_normal(after.sum())
-    elif audio_kind == "music":           # natural faulty positive: unrelated background music
-        for start in np.arange(0, seconds, 0.25):
-            on = (t >= start) & (t < start + 0.25)
-            wave[on] += 0.25 * _tone(rng.choice([196, 247, 294, 349, 415, 494]), "sine", t[on])
-    else:                                  # natural faulty positive: a voice-over-like babble
-        babble = np.convolve(rng.standard_normal(len(t)), np.ones(8) / 8, mode="same")
-        wave += 0.4 * babble * (0.5 + 0.5 * np.sin(2 * np.pi * 4.0 * t + rng.uniform(0, 6)))
-    return frames, wave.astype(np.float32), events
-
-
-def write_av_file(path, frames, wave, fps, rate):
-    """H.264 video + AAC mono audio in an .mp4, with PyAV."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        vs = out.add_stream("libx264", rate=int(fps))
-        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        # constant quantiser, one thread: x264's CRF rate control was seen to give different bytes
-        # for the same frames from run to run, and the seed must fix what is decoded
-        vs.codec_context.options = {"preset": "veryfast", "qp": "20", "threads": "1"}
-        vs.codec_context.thread_count = 1
-        aus = out.add_stream("aac", rate=rate)
-        aus.layout = "mono"
-        for f in frames:
-            out.mux(vs.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-        out.mux(vs.encode())
-        af = av.AudioFrame.from_ndarray(np.clip(wave, -1, 1)[None], format="fltp", layout="mono")
-        af.sample_rate, af.pts = rate, 0
-        out.mux(aus.encode(af))
-        out.mux(aus.encode())
-
-
-def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=30, faulty_share=0.1,
-             size=64, fps=16, seconds=3.0, rate=16000, log=print):
-    """Write the embedded dataset under root: kinetics/{train,val}/<class>/<id>.mp4 (+ the official-style
-    CSV and annotations.csv marking natural faulty positives), ucf/ and hmdb/ with split files."""
-    root, t0 = Path(root), time.time()
-    marker = root / "toy.json"
-    if root.is_dir() and any(root.iterdir()) and not marker.exists():
-        raise ValueError(f"make-toy: {root} is not empty and holds no toy.json (not an embedded dataset); "
-                         f"give an empty or new --root")
-    # what an earlier version wrote goes first (its classes may have other names); the marker says
-    # "incomplete" until the last file is written, so an interrupted run is made again
-    for generated in ("kinetics", "ucf", "hmdb"):
-        shutil.rmtree(root / generated, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write(marker, json.dumps({"version": TOY_VERSION, "complete": False}))
-    rng = np.random.default_rng(seed)
-    events_of = {}
-
-    def clip(rel, shape, colour, motion, speed, pitch, timbre, audio_kind="events"):
-        frames, wave, events = _render_clip(rng, shape, colour, motion, SPEEDS[speed], pitch, timbre,
-                                            audio_kind, size, fps, seconds, rate)
-        write_av_file(root / rel, frames, wave, fps, rate)
-        events_of[rel] = [round(float(e), 4) for e in events]
-
-    # pre-training set: Kinetics layout, 80% train / 20% val, a share of natural faulty positives
-    annotations, csv_rows = [], []
-    for c, (shape, motion, pitch, timbre) in enumerate(TOY_KINETICS):
-        name = f"{shape}_{motion}"
-        for k in range(per_class):
-            split = "train" if k < int(0.8 * per_class) else "val"
-            kind = "events" if rng.random() >= faulty_share else str(rng.choice(["music", "voice-over"]))
-            yid = f"toy{c:02d}{k:04d}"  # unique over the dataset, as YouTube ids are
-            rel = f"kinetics/{split}/{name}/{yid}_000000_{int(seconds):06d}.mp4"
-            clip(rel, shape, str(rng.choice(list(PALETTE))), motion, "normal", pitch, timbre, kind)
-            annotations.append({"path": rel, "split": split, "label": name, "audio": kind,
-                                "faulty_positive": int(kind != "events")})
-            csv_rows.append({"label": name, "youtube_id": yid, "time_start": 0, "time_end": int(seconds), "split": split})
-    for fname, rows in [("annotations.csv", annotations), ("kinetics_toy.csv", csv_rows)]:
-        with open(root / "kinetics" / fname, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-
-    # UCF101 stand-in: shape x direction, any colour, any pitch; three folds by groups, like UCF101
-    lists = {f: ([], []) for f in (1, 2, 3)}
-    for shape, motion in TOY_UCF:
-        name = f"{shape.capitalize()}{motion.capitalize()}"
-        for k in range(downstream_per_class):
-            group = k // 2 + 1
-            rel = f"{name}/v_{name}_g{group:02d}_c{k % 2 + 1:02d}.mp4"
-            clip(f"ucf/videos/{rel}", shape, str(rng.choice(list(PALETTE))), motion, "normal",
-                 float(rng.uniform(200, 900)), str(rng.choice(["sine", "square", "saw"])))
-            for fold in (1, 2, 3):
-                test = group % 3 == fold - 1
-                lists[fold][test].append(rel if test else f"{rel} {TOY_UCF.index((shape, motion)) + 1}")
-    splits = root / "ucf" / "ucfTrainTestlist"
-    splits.mkdir(parents=True, exist_ok=True)
-    (splits / "classInd.txt").write_text("".join(f"{i + 1} {s.capitalize()}{m.capitalize()}\n"
-                                                 for i, (s, m) in enumerate(TOY_UCF)))
-    for fold, (train, test) in lists.items():
-        (splits / f"trainlist0{fold}.txt").write_text("\n".join(train) + "\n")
-        (splits / f"testlist0{fold}.txt").write_text("\n".join(test) + "\n")
-
-    # HMDB51 stand-in: shape x speed; 70/30 per class and fold, HMDB's split-file format
-    splits = root / "hmdb" / "testTrainMulti_7030_splits"
-    splits.mkdir(parents=True, exist_ok=True)
-    for shape, speed in TOY_HMDB:
-        name = f"{shape}_{speed}"
-        names = [f"{name}_{k:03d}.mp4" for k in range(downstream_per_class)]
-        for n in names:
-            clip(f"hmdb/videos/{name}/{n}", shape, str(rng.choice(list(PALETTE))),
-                 str(rng.choice(["horizontal", "vertical", "diagonal"])), speed,
-                 float(rng.uniform(200, 900)), str(rng.choice(["sine", "square", "saw"])))
-        for fold in (1, 2, 3):
-            test = set(np.random.default_rng(seed * 10 + fold).permutation(len(names))[: round(0.3 * len(names))])
-            (splits / f"{name}_test_split{fold}.txt").write_text(
-                "".join(f"{n} {2 if k in test else 1}\n" for k, n in enumerate(names)))
-
-    atomic_write(root / "events.json", json.dumps(events_of))
-    params = dict(version=TOY_VERSION, complete=True, seed=seed, per_class=per_class, downstream_per_class=downstream_per_class,
-                  faulty_share=faulty_share, size=size, fps=fps, seconds=seconds, rate=rate)
-    atomic_write(marker, json.dumps(params, indent=1))  # written last: marks a complete set
-    log(f"wrote the embedded dataset to {root} in {time.time() - t0:.1f}s "
-        f"({len(events_of)} clips, {size}px, {fps} fps, {rate} Hz)")
-    return root
-
-
-def ensure_toy(root="data/toy", log=print):
-    """The embedded dataset under root, generated on first use; a partial one (toy.json says
-    incomplete) or one from another version of the generator is made again."""
-    marker = Path(root) / "toy.json"
-    made = json.loads(marker.read_text()) if marker.exists() else {}
-    if made.get("version") == TOY_VERSION and made.get("complete"):
-        return Path(root)
-    log(f"generating the embedded dataset in {root} ({'first use' if not made else 'it was incomplete or older'})")
-    return make_toy(root, log=log)
-
-
-def toy_splits(root):
-    """(pre-train, downstream) listings of the embedded dataset, through the real-data parsers."""
-    root = Path(root)
-    return {"kinetics": lambda split: kinetics_folder(root / "kinetics", split),
-            "ucf": lambda split, fold=1: ucf101(root / "ucf" / "videos", root / "ucf" / "ucfTrainTestlist", fold, split),
-            "hmdb": lambda split, fold=1: hmdb51(root / "hmdb" / "videos", root / "hmdb" / "testTrainMulti_7030_splits", fold, split)}
-
-
-# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 def _raw_decode(path, start, spec):
@@ -825,17 +594,6 @@ def _bench(root, num, spec, batch_size):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("make-toy", help="write the embedded audio-visual dataset")
-    m.add_argument("--root", default="data/toy", help="output folder")
-    m.add_argument("--seed", type=int, default=0, help="same seed, same clips")
-    m.add_argument("--per-class", type=int, default=60, help="pre-training clips per class (80%% train, 20%% val)")
-    m.add_argument("--downstream-per-class", type=int, default=30, help="clips per class of the UCF/HMDB stand-ins")
-    m.add_argument("--faulty-share", type=float, default=0.1,
-                   help="share of pre-training clips with unrelated audio (natural faulty positives)")
-    m.add_argument("--size", type=int, default=64, help="frame width and height in pixels (even)")
-    m.add_argument("--fps", type=int, default=16, help="frames per second")
-    m.add_argument("--seconds", type=float, default=3.0, help="clip length")
-    m.add_argument("--rate", type=int, default=16000, help="audio sample rate (Hz)")
     s = sub.add_parser("scan", help="sort the videos under ROOT into usable and broken")
     s.add_argument("root")
     s.add_argument("--no-audio", action="store_true", help="do not require an audio stream")
@@ -849,15 +607,7 @@ def main():
     b.add_argument("--fps", type=float, default=ClipSpec().fps, help="clip frame rate")
     b.add_argument("--batch-size", type=int, default=32, help="clips per batch (train.py's default)")
     args = p.parse_args()
-    if args.cmd == "make-toy":
-        if args.size % 2:
-            p.error("--size must be even (H.264 with 4:2:0 chroma)")
-        try:
-            make_toy(args.root, args.seed, args.per_class, args.downstream_per_class, args.faulty_share,
-                     args.size, args.fps, args.seconds, args.rate)
-        except ValueError as e:
-            p.error(str(e))
-    elif args.cmd == "scan":
+    if args.cmd == "scan":
         root = Path(args.root)
         if not root.is_dir():
             p.error(f"{root} is not a folder")
@@ -869,8 +619,9 @@ def main():
         out.write_text("".join(f"{path}\t{reason}\n" for path, reason in broken))
         print(f"broken files listed in {out}")
     else:
-        if args.root == "data/toy":
-            ensure_toy(args.root)
+        if not Path(args.root).is_dir():
+            p.error(f"{args.root} is not a folder (the embedded dataset is written by `python embedded_dataset.py`, "
+                    f"or by `python train.py` on first use)")
         _bench(args.root, args.clips, ClipSpec(frames=args.frames, fps=args.fps, size=args.crop), args.batch_size)
 
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 import data
+import embedded_dataset
 from losses import gather_from_all_ranks
 from model import AVModel
 
@@ -258,7 +259,7 @@ def pretraining_analysis(model, ckpt, spec, args, device, out_dir, log):
     injected = np.zeros(len(s), dtype=bool)
     injected[[i for i, _ in ckpt["injected_pairs"]]] = True
     audio_from = dict(ckpt["injected_pairs"])
-    natural = data.natural_faulty_flags(train_v)
+    natural = embedded_dataset.natural_faulty_flags(train_v)
     results.update({f"detection_{name}": d for name, d in detection_report(s, injected, natural).items()})
     results["most_likely_faulty"] = [
         {"instance": int(i), "video": train_v[i].path, "audio_from": train_v[audio_from.get(int(i), int(i))].path,
@@ -374,11 +375,11 @@ def main(argv=None):
     spec = data.ClipSpec(frames=run["frames"], fps=run["fps"], size=run["crop"], need_audio=False)
     toy = Path(run["toy_root"])
     if not (args.ucf_root and args.hmdb_root):
-        data.ensure_toy(toy, log=log)
+        embedded_dataset.ensure_toy(toy, log=log)
     sets = {"ucf": (lambda split: data.ucf101(args.ucf_root, args.ucf_splits, args.fold, split)) if args.ucf_root
-            else (lambda split: data.toy_splits(toy)["ucf"](split, args.fold)),
+            else (lambda split: embedded_dataset.toy_splits(toy)["ucf"](split, args.fold)),
             "hmdb": (lambda split: data.hmdb51(args.hmdb_root, args.hmdb_splits, args.fold, split)) if args.hmdb_root
-            else (lambda split: data.toy_splits(toy)["hmdb"](split, args.fold))}
+            else (lambda split: embedded_dataset.toy_splits(toy)["hmdb"](split, args.fold))}
     results = {"evaluated_epoch": ckpt["epoch"] + 1, "fold": args.fold, "retrieval_features": args.retrieval_features,
                "eval_seed": args.seed}
     for name, listing in sets.items():

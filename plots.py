@@ -21,6 +21,7 @@ import torch  # noqa: E402
 import torchaudio  # noqa: E402
 
 import data  # noqa: E402
+import embedded_dataset  # noqa: E402
 from losses import faulty_positive_weights  # noqa: E402
 
 PANELS = [("ucf", "finetune_video_top1", "UCF fine-tune (video top-1)"), ("ucf", "R@5", "UCF retrieval R@5"),
@@ -66,7 +67,7 @@ def ensure_point(run_dir, train_flags, args):
 
 def sweep(kind, args):
     root = Path(args.runs) / kind
-    data.ensure_toy(args.toy_root)
+    embedded_dataset.ensure_toy(args.toy_root)
     table = {}
     if kind == "delta":
         # xID at every n₀, and at n₀ = 0 as the reference without injection
@@ -184,7 +185,7 @@ def score_histogram(run_dir, out, deltas=(-2, -1, 0)):
     s = ckpt["criterion"]["bank.s"]
     injected = torch.zeros(len(s), dtype=torch.bool)
     injected[[i for i, _ in ckpt["injected_pairs"]]] = True
-    natural = data.natural_faulty_flags([data.Video(p) for p in ckpt["videos"]])
+    natural = embedded_dataset.natural_faulty_flags([data.Video(p) for p in ckpt["videos"]])
     natural = torch.zeros_like(injected) if natural is None else torch.from_numpy(natural) & ~injected
     fig, ax = plt.subplots(figsize=(7, 3.6))
     bins = np.linspace(float(s.min()), float(s.max()), 40)
@@ -307,7 +308,7 @@ def main(argv=None):
         score_histogram(run, out / "score_histogram")
         training_curves(run, out / "training_curves")
     else:
-        data.ensure_toy(args.root)
+        embedded_dataset.ensure_toy(args.root)
         toy_clip(args.root, args.clip, args.out)
 
 

@@ -12,6 +12,7 @@ import torch
 from torchvision.transforms import v2
 
 import data
+import embedded_dataset
 from data import ClipSpec, Video
 
 TINY = dict(seed=0, per_class=5, downstream_per_class=6, faulty_share=0.2, size=32, fps=8, seconds=2.0,
@@ -22,7 +23,7 @@ SPEC = ClipSpec(frames=4, fps=4.0, size=24, audio_seconds=1.0, sample_rate=16000
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     """A tiny embedded dataset (10 classes x 5 clips + downstream sets), made once for the session."""
-    return data.make_toy(tmp_path_factory.mktemp("toy"), log=lambda *a: None, **TINY)
+    return embedded_dataset.make_toy(tmp_path_factory.mktemp("toy"), log=lambda *a: None, **TINY)
 
 
 def write_av(path, fmt=None, vcodec="libx264", acodec="aac", size=(32, 32), fps=8, seconds=2.0, rate=16000,
@@ -62,7 +63,7 @@ def write_av(path, fmt=None, vcodec="libx264", acodec="aac", size=(32, 32), fps=
 # ----------------------------------------------------------------------------------------------
 def test_toy_is_deterministic(toy, tmp_path):
     """Same seed, same decoded frames and audio (a second generation, compared clip by clip)."""
-    again = data.make_toy(tmp_path / "again", log=lambda *a: None, **TINY)
+    again = embedded_dataset.make_toy(tmp_path / "again", log=lambda *a: None, **TINY)
     for rel in ["kinetics/train/circle_horizontal/toy000000_000000_000002.mp4",
                 "ucf/videos/SquareVertical/v_SquareVertical_g01_c01.mp4"]:
         a = data.decode_clip(toy / rel, 0.25, SPEC)
@@ -79,20 +80,20 @@ def test_remaking_the_toy_set_leaves_nothing_stale_and_spares_other_folders(tmp_
     (old / "kinetics" / "train" / "old_class" / "x.mp4").write_bytes(b"old")
     (old / "toy.json").write_text(json.dumps({"version": 0}))
     small = dict(TINY, per_class=2, downstream_per_class=2)
-    data.make_toy(old, log=lambda *a: None, **small)
+    embedded_dataset.make_toy(old, log=lambda *a: None, **small)
     assert not (old / "kinetics" / "train" / "old_class").exists()
     assert json.loads((old / "toy.json").read_text())["complete"] is True
     other = tmp_path / "mine"
     (other / "kinetics").mkdir(parents=True)
     (other / "kinetics" / "keep.mp4").write_bytes(b"user data")
     with pytest.raises(ValueError, match="not empty and holds no toy.json"):
-        data.make_toy(other, log=lambda *a: None, **small)
+        embedded_dataset.make_toy(other, log=lambda *a: None, **small)
     assert (other / "kinetics" / "keep.mp4").read_bytes() == b"user data"
 
 
 def test_toy_layout_and_split_files_parse(toy):
     """Kinetics folder layout and official CSV agree; UCF101 / HMDB51 split files parse (3 folds)."""
-    splits = data.toy_splits(toy)
+    splits = embedded_dataset.toy_splits(toy)
     train, classes = splits["kinetics"]("train")
     assert len(classes) == 10 and len(train) == 10 * 4          # 80% of 5 per class
     via_csv, csv_classes = data.kinetics_csv(toy / "kinetics" / "kinetics_toy.csv", toy / "kinetics", "train")
@@ -121,7 +122,7 @@ def test_natural_faulty_positives_are_marked(toy):
 def test_clips_have_documented_shapes(toy):
     """Loader items: video uint8 (3, T, H, W), waveform (1, S); eval: n clips of each. BatchTransforms
     turns a batch into the model's inputs: float video, log-mel (1, F, S) at 100 frames/s."""
-    videos, _ = data.scan(data.toy_splits(toy)["kinetics"]("train")[0][:3], SPEC, log=lambda *a: None)
+    videos, _ = data.scan(embedded_dataset.toy_splits(toy)["kinetics"]("train")[0][:3], SPEC, log=lambda *a: None)
     item = data.AVClips(videos, SPEC, train=True)[1]
     assert item["video"].shape == (3, 4, 24, 24) and item["video"].dtype == torch.uint8
     assert item["audio"].shape == (1, 16000) and item["audio"].dtype == torch.float32
@@ -207,7 +208,7 @@ def test_injection_exact_count_no_self_pairs_seeded():
 
 def test_injected_item_carries_the_donor_audio(toy):
     """An injected instance keeps its own video and gets its donor's audio, and says so."""
-    videos, _ = data.scan(data.toy_splits(toy)["kinetics"]("val")[0][:4], SPEC, log=lambda *a: None)
+    videos, _ = data.scan(embedded_dataset.toy_splits(toy)["kinetics"]("val")[0][:4], SPEC, log=lambda *a: None)
     src = torch.tensor([2, 1, 2, 3])
     own = data.AVClips(videos, SPEC, train=False, num_clips=1)
     swapped = data.AVClips(videos, SPEC, train=False, num_clips=1, audio_source=src)
@@ -219,7 +220,7 @@ def test_injected_item_carries_the_donor_audio(toy):
 def test_subset_class_list_and_balance(toy):
     """--classes keeps the named classes, relabelled 0..C-1 in sorted name order; --subset draws a
     class-balanced, seeded subset."""
-    videos, classes = data.toy_splits(toy)["kinetics"]("train")
+    videos, classes = embedded_dataset.toy_splits(toy)["kinetics"]("train")
     sub, sub_classes = data.keep_classes(videos, classes, ["square_vertical", "circle_horizontal"])
     assert sub_classes == ["circle_horizontal", "square_vertical"] and len(sub) == 8
     named = {v.path: classes[v.label] for v in videos if classes[v.label] in sub_classes}
@@ -308,7 +309,7 @@ def test_low_fps_repeats_frames(tmp_path):
 def test_file_failing_after_scan_is_reported_not_replaced(toy, tmp_path):
     """A clip that breaks while loading comes back named in batch["errors"]; no other instance takes
     its place (its bank slot would be corrupted)."""
-    videos, _ = data.scan(data.toy_splits(toy)["kinetics"]("val")[0][:3], SPEC, log=lambda *a: None)
+    videos, _ = data.scan(embedded_dataset.toy_splits(toy)["kinetics"]("val")[0][:3], SPEC, log=lambda *a: None)
     broken = tmp_path / "was_fine.mp4"
     broken.write_bytes(Path(videos[1].path).read_bytes())
     videos[1] = Video(str(broken), videos[1].label, videos[1].duration)

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
+import embedded_dataset
 import evaluate
 from losses import MODES, STRATEGIES, RobustXIDLoss, faulty_positive_weights
 from model import AUDIO_ENCODERS, VIDEO_ENCODERS, AVModel
@@ -325,7 +326,7 @@ def main(argv=None):
         parser.error(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
     if not args.data_root:
         if is_main:
-            data.ensure_toy(args.toy_root, log=log)
+            embedded_dataset.ensure_toy(args.toy_root, log=log)
         if world > 1:
             dist.barrier()
 
@@ -345,7 +346,7 @@ def main(argv=None):
         parser.error(f"--batch-size {args.batch_size} is larger than the dataset ({N} usable videos)")
     audio_source, pairs = data.inject_faulty_positives(N, args.n0, args.seed)
     injected = (audio_source != torch.arange(N)).numpy()
-    natural = data.natural_faulty_flags(videos)
+    natural = embedded_dataset.natural_faulty_flags(videos)
     ckpt = None
     if args.resume:  # map to the CPU: load_state_dict then copies each tensor to where it lives
         ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)

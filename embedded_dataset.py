@@ -1,0 +1,288 @@
+"""The embedded dataset: a small synthetic audio-visual world written to disk as ordinary video files.
+
+It stands in for Kinetics, UCF101 and HMDB51 on a machine that has none of them, so that
+`python train.py` runs the whole method, through the same loading code (`data.py`) that reads the
+real datasets. A shape bounces between the walls of a dark frame; every time it hits a wall the
+audio has a click and a decaying tone:
+- the class is in both streams: shape and direction of motion in the picture, pitch and timbre in
+  the sound (10 pre-training classes); the colour is drawn per clip, a nuisance as in real video;
+- the instance is in both streams too: the moments of the wall hits (cross-modal instance detail);
+- about 10% of the clips are natural faulty positives: background music or a voice-over-like babble
+  unrelated to the picture, marked in kinetics/annotations.csv;
+- two downstream sets, ucf/ (shape x direction, 18 classes, UCF101's split files) and hmdb/
+  (shape x speed, 12 classes, HMDB51's split files), with any colour and any pitch.
+
+    python embedded_dataset.py --root data/toy      # write it (about 50 s on 2 cores); train.py does on first use
+
+Nothing in data.py depends on this file; this file uses data.py's listings, as any dataset would.
+"""
+import argparse
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+
+from data import atomic_write, hmdb51, kinetics_folder, ucf101
+
+# ----------------------------------------------------------------------------------------------
+# The world: bouncing shapes that click when they hit a wall
+# ----------------------------------------------------------------------------------------------
+PALETTE = {"red": (225, 50, 45), "green": (50, 200, 70), "blue": (60, 100, 235), "yellow": (235, 215, 50),
+           "magenta": (215, 60, 205), "cyan": (50, 205, 215), "white": (235, 235, 235)}
+# Pre-training classes: picture (shape, direction of motion) and sound (pitch, timbre) together. The
+# colour is drawn per clip, a nuisance as in real video, so matching sound to picture needs the shape
+# and the motion (and, for the instance, the timing of the wall hits).
+TOY_KINETICS = [("circle", "horizontal", 262, "sine"), ("square", "vertical", 330, "square"),
+                ("triangle", "diagonal", 392, "saw"), ("diamond", "horizontal", 440, "square"),
+                ("cross", "vertical", 523, "sine"), ("ring", "diagonal", 587, "saw"),
+                ("circle", "vertical", 659, "saw"), ("square", "diagonal", 698, "sine"),
+                ("triangle", "vertical", 784, "square"), ("ring", "horizontal", 880, "sine")]
+# Downstream classes need what pre-training should teach (shape, motion, its timing) with colour and
+# sound made irrelevant: every shape x direction (UCF, 18 classes) and shape x speed (HMDB, 12), any
+# colour, any pitch. Many classes and few labelled videos per class, as in UCF101 and HMDB51, so
+# that neither retrieval (R@5) nor fine-tuning from scratch is easy without pre-training.
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
+TOY_UCF = [(s, m) for s in SHAPES for m in ("horizontal", "vertical", "diagonal")]
+TOY_HMDB = [(s, sp) for s in SHAPES for sp in ("slow", "fast")]
+TOY_VERSION = 4  # bump when the generator changes: existing copies are then regenerated
+SPEEDS = {"normal": (35.0, 80.0), "slow": (20.0, 35.0), "fast": (80.0, 120.0)}  # pixels/s at 64 px
+
+
+def _shape_mask(shape, dx, dy, r):
+    d = np.hypot(dx, dy)
+    return {"circle": d <= r, "ring": (d <= r) & (d >= 0.55 * r),
+            "square": np.maximum(abs(dx), abs(dy)) <= 0.85 * r, "diamond": abs(dx) + abs(dy) <= 1.15 * r,
+            "triangle": (abs(dy) <= 0.8 * r) & (abs(dx) <= 0.6 * (dy + 0.8 * r)),
+            "cross": ((abs(dx) <= r / 3) & (abs(dy) <= r)) | ((abs(dy) <= r / 3) & (abs(dx) <= r))}[shape]
+
+
+def _bounce(u0, speed, length, t):
+    """Reflecting motion on [0, length]: positions at times t and the times of wall hits."""
+    u = u0 + speed * t
+    pos = np.abs((u + length) % (2 * length) - length)
+    k = np.arange(1, int((u0 + speed * t[-1]) // length) + 1)
+    hits = (k * length - u0) / speed
+    return pos, hits[hits > 0]
+
+
+def _tone(pitch, timbre, t):
+    phase = 2 * np.pi * pitch * t
+    if timbre == "sine":
+        return np.sin(phase)
+    harmonics = range(1, 8, 2) if timbre == "square" else range(1, 6)
+    return sum(np.sin(h * phase) / h for h in harmonics) * 0.7
+
+
+def _render_clip(rng, shape, colour, motion, speed_range, pitch, timbre, audio_kind, size, fps, seconds, rate):
+    """Frames (T, H, W, 3) and waveform of one instance, and its event times (the wall hits)."""
+    t_video = np.arange(int(seconds * fps)) / fps
+    r = 0.22 * size
+    speed = rng.uniform(*speed_range) * size / 64
+    length = size - 2 * r - 2
+    axes = {"horizontal": (1, 0), "vertical": (0, 1), "diagonal": (1, 1)}[motion]
+    pos, events = [], []
+    for moving in axes:
+        if moving:
+            p, e = _bounce(rng.uniform(0, 2 * length), speed * rng.uniform(0.8, 1.2), length, t_video)
+            pos.append(r + 1 + p)
+            events.append(e)
+        else:
+            pos.append(np.full_like(t_video, rng.uniform(r + 1, size - r - 1)))
+    events = np.sort(np.concatenate(events))
+    events = events[events < seconds]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    background = rng.uniform(20, 90) + rng.uniform(-15, 15) * (xx / size)
+    frames = np.empty((len(t_video), size, size, 3), np.uint8)
+    for k in range(len(t_video)):
+        img = np.repeat(background[..., None], 3, axis=2)
+        img[_shape_mask(shape, xx - pos[0][k], yy - pos[1][k], r)] = PALETTE[colour]
+        frames[k] = np.clip(img + rng.normal(0, 3, img.shape), 0, 255)
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.01 * rng.standard_normal(len(t))
+    if audio_kind == "events":            # a click and a decaying tone at every wall hit
+        for e in events:
+            after = t >= e
+            dt = t[after] - e
+            wave[after] += 0.5 * np.exp(-dt / 0.05) * _tone(pitch, timbre, dt)
+            wave[after] += 0.4 * (dt < 0.003) * rng.standard_normal(after.sum())
+    elif audio_kind == "music":           # natural faulty positive: unrelated background music
+        for start in np.arange(0, seconds, 0.25):
+            on = (t >= start) & (t < start + 0.25)
+            wave[on] += 0.25 * _tone(rng.choice([196, 247, 294, 349, 415, 494]), "sine", t[on])
+    else:                                  # natural faulty positive: a voice-over-like babble
+        babble = np.convolve(rng.standard_normal(len(t)), np.ones(8) / 8, mode="same")
+        wave += 0.4 * babble * (0.5 + 0.5 * np.sin(2 * np.pi * 4.0 * t + rng.uniform(0, 6)))
+    return frames, wave.astype(np.float32), events
+
+
+def write_av_file(path, frames, wave, fps, rate):
+    """H.264 video + AAC mono audio in an .mp4, with PyAV."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=int(fps))
+        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        # constant quantiser, one thread: x264's CRF rate control was seen to give different bytes
+        # for the same frames from run to run, and the seed must fix what is decoded
+        vs.codec_context.options = {"preset": "veryfast", "qp": "20", "threads": "1"}
+        vs.codec_context.thread_count = 1
+        aus = out.add_stream("aac", rate=rate)
+        aus.layout = "mono"
+        for f in frames:
+            out.mux(vs.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(vs.encode())
+        af = av.AudioFrame.from_ndarray(np.clip(wave, -1, 1)[None], format="fltp", layout="mono")
+        af.sample_rate, af.pts = rate, 0
+        out.mux(aus.encode(af))
+        out.mux(aus.encode())
+
+
+def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=30, faulty_share=0.1,
+             size=64, fps=16, seconds=3.0, rate=16000, log=print):
+    """Write the embedded dataset under root: kinetics/{train,val}/<class>/<id>.mp4 (+ the official-style
+    CSV and annotations.csv marking natural faulty positives), ucf/ and hmdb/ with split files."""
+    root, t0 = Path(root), time.time()
+    marker = root / "toy.json"
+    if root.is_dir() and any(root.iterdir()) and not marker.exists():
+        raise ValueError(f"make-toy: {root} is not empty and holds no toy.json (not an embedded dataset); "
+                         f"give an empty or new --root")
+    # what an earlier version wrote goes first (its classes may have other names); the marker says
+    # "incomplete" until the last file is written, so an interrupted run is made again
+    for generated in ("kinetics", "ucf", "hmdb"):
+        shutil.rmtree(root / generated, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write(marker, json.dumps({"version": TOY_VERSION, "complete": False}))
+    rng = np.random.default_rng(seed)
+    events_of = {}
+
+    def clip(rel, shape, colour, motion, speed, pitch, timbre, audio_kind="events"):
+        frames, wave, events = _render_clip(rng, shape, colour, motion, SPEEDS[speed], pitch, timbre,
+                                            audio_kind, size, fps, seconds, rate)
+        write_av_file(root / rel, frames, wave, fps, rate)
+        events_of[rel] = [round(float(e), 4) for e in events]
+
+    # pre-training set: Kinetics layout, 80% train / 20% val, a share of natural faulty positives
+    annotations, csv_rows = [], []
+    for c, (shape, motion, pitch, timbre) in enumerate(TOY_KINETICS):
+        name = f"{shape}_{motion}"
+        for k in range(per_class):
+            split = "train" if k < int(0.8 * per_class) else "val"
+            kind = "events" if rng.random() >= faulty_share else str(rng.choice(["music", "voice-over"]))
+            yid = f"toy{c:02d}{k:04d}"  # unique over the dataset, as YouTube ids are
+            rel = f"kinetics/{split}/{name}/{yid}_000000_{int(seconds):06d}.mp4"
+            clip(rel, shape, str(rng.choice(list(PALETTE))), motion, "normal", pitch, timbre, kind)
+            annotations.append({"path": rel, "split": split, "label": name, "audio": kind,
+                                "faulty_positive": int(kind != "events")})
+            csv_rows.append({"label": name, "youtube_id": yid, "time_start": 0, "time_end": int(seconds), "split": split})
+    for fname, rows in [("annotations.csv", annotations), ("kinetics_toy.csv", csv_rows)]:
+        with open(root / "kinetics" / fname, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    # UCF101 stand-in: shape x direction, any colour, any pitch; three folds by groups, like UCF101
+    lists = {f: ([], []) for f in (1, 2, 3)}
+    for shape, motion in TOY_UCF:
+        name = f"{shape.capitalize()}{motion.capitalize()}"
+        for k in range(downstream_per_class):
+            group = k // 2 + 1
+            rel = f"{name}/v_{name}_g{group:02d}_c{k % 2 + 1:02d}.mp4"
+            clip(f"ucf/videos/{rel}", shape, str(rng.choice(list(PALETTE))), motion, "normal",
+                 float(rng.uniform(200, 900)), str(rng.choice(["sine", "square", "saw"])))
+            for fold in (1, 2, 3):
+                test = group % 3 == fold - 1
+                lists[fold][test].append(rel if test else f"{rel} {TOY_UCF.index((shape, motion)) + 1}")
+    splits = root / "ucf" / "ucfTrainTestlist"
+    splits.mkdir(parents=True, exist_ok=True)
+    (splits / "classInd.txt").write_text("".join(f"{i + 1} {s.capitalize()}{m.capitalize()}\n"
+                                                 for i, (s, m) in enumerate(TOY_UCF)))
+    for fold, (train, test) in lists.items():
+        (splits / f"trainlist0{fold}.txt").write_text("\n".join(train) + "\n")
+        (splits / f"testlist0{fold}.txt").write_text("\n".join(test) + "\n")
+
+    # HMDB51 stand-in: shape x speed; 70/30 per class and fold, HMDB's split-file format
+    splits = root / "hmdb" / "testTrainMulti_7030_splits"
+    splits.mkdir(parents=True, exist_ok=True)
+    for shape, speed in TOY_HMDB:
+        name = f"{shape}_{speed}"
+        names = [f"{name}_{k:03d}.mp4" for k in range(downstream_per_class)]
+        for n in names:
+            clip(f"hmdb/videos/{name}/{n}", shape, str(rng.choice(list(PALETTE))),
+                 str(rng.choice(["horizontal", "vertical", "diagonal"])), speed,
+                 float(rng.uniform(200, 900)), str(rng.choice(["sine", "square", "saw"])))
+        for fold in (1, 2, 3):
+            test = set(np.random.default_rng(seed * 10 + fold).permutation(len(names))[: round(0.3 * len(names))])
+            (splits / f"{name}_test_split{fold}.txt").write_text(
+                "".join(f"{n} {2 if k in test else 1}\n" for k, n in enumerate(names)))
+
+    atomic_write(root / "events.json", json.dumps(events_of))
+    params = dict(version=TOY_VERSION, complete=True, seed=seed, per_class=per_class, downstream_per_class=downstream_per_class,
+                  faulty_share=faulty_share, size=size, fps=fps, seconds=seconds, rate=rate)
+    atomic_write(marker, json.dumps(params, indent=1))  # written last: marks a complete set
+    log(f"wrote the embedded dataset to {root} in {time.time() - t0:.1f}s "
+        f"({len(events_of)} clips, {size}px, {fps} fps, {rate} Hz)")
+    return root
+
+
+def ensure_toy(root="data/toy", log=print):
+    """The embedded dataset under root, generated on first use; a partial one (toy.json says
+    incomplete) or one from another version of the generator is made again."""
+    marker = Path(root) / "toy.json"
+    made = json.loads(marker.read_text()) if marker.exists() else {}
+    if made.get("version") == TOY_VERSION and made.get("complete"):
+        return Path(root)
+    log(f"generating the embedded dataset in {root} ({'first use' if not made else 'it was incomplete or older'})")
+    return make_toy(root, log=log)
+
+
+def toy_splits(root):
+    """(pre-train, downstream) listings of the embedded dataset, through the real-data parsers."""
+    root = Path(root)
+    return {"kinetics": lambda split: kinetics_folder(root / "kinetics", split),
+            "ucf": lambda split, fold=1: ucf101(root / "ucf" / "videos", root / "ucf" / "ucfTrainTestlist", fold, split),
+            "hmdb": lambda split, fold=1: hmdb51(root / "hmdb" / "videos", root / "hmdb" / "testTrainMulti_7030_splits", fold, split)}
+
+# ----------------------------------------------------------------------------------------------
+# The ground truth the dataset marks
+# ----------------------------------------------------------------------------------------------
+def natural_faulty_flags(videos):
+    """Which videos the embedded dataset marks as natural faulty positives (annotations.csv beside
+    the split folders); None for data without such a file."""
+    if not videos:
+        return None
+    ann = Path(videos[0].path).parents[2] / "annotations.csv"
+    if not ann.exists():
+        return None
+    with open(ann, newline="") as f:
+        marked = {str(ann.parent.parent / r["path"]) for r in csv.DictReader(f) if r["faulty_positive"] == "1"}
+    return np.array([v.path in marked for v in videos])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="data/toy", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same clips")
+    p.add_argument("--per-class", type=int, default=60, help="pre-training clips per class (80%% train, 20%% val)")
+    p.add_argument("--downstream-per-class", type=int, default=30, help="clips per class of the UCF/HMDB stand-ins")
+    p.add_argument("--faulty-share", type=float, default=0.1,
+                   help="share of pre-training clips with unrelated audio (natural faulty positives)")
+    p.add_argument("--size", type=int, default=64, help="frame width and height in pixels (even)")
+    p.add_argument("--fps", type=int, default=16, help="frames per second")
+    p.add_argument("--seconds", type=float, default=3.0, help="clip length")
+    p.add_argument("--rate", type=int, default=16000, help="audio sample rate (Hz)")
+    args = p.parse_args()
+    if args.size % 2:
+        p.error("--size must be even (H.264 with 4:2:0 chroma)")
+    try:
+        make_toy(args.root, args.seed, args.per_class, args.downstream_per_class, args.faulty_share,
+                 args.size, args.fps, args.seconds, args.rate)
+    except ValueError as e:
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -61,7 +61,8 @@ class ClipSpec:
         return self.frames / self.fps
 
     @property
-    def seconds(self):  # the shortest usable file
+    def shortest_file_seconds(self):
+        """A file shorter than this cannot give one clip (the scan calls it too short)."""
         return max(self.video_seconds, self.audio_seconds if self.need_audio else 0.0)
 
 
@@ -260,8 +261,7 @@ class BatchTransforms(torch.nn.Module):
         super().__init__()
         self.train_mode = train
         self.jitter = v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            spec.sample_rate, n_fft=spec.sample_rate // 25, hop_length=spec.sample_rate // 100, n_mels=spec.n_mels)
+        self.mel = mel_spectrogram(spec.sample_rate, spec.n_mels)
 
     def video(self, x):
         """uint8 (..., 3, T, H, W) -> float (..., 3, T, H, W), normalised."""
@@ -273,7 +273,17 @@ class BatchTransforms(torch.nn.Module):
     def audio(self, wave):
         """waveform (..., 1, S) -> log-mel (..., 1, F, S')."""
         with torch.autocast(wave.device.type, enabled=False):  # the spectrogram stays float32
-            return torch.log(self.mel(wave.float()) + 1e-6)
+            return log_mel(self.mel, wave.float())
+
+
+def mel_spectrogram(sample_rate, n_mels):
+    """The audio encoder's input: 40 ms windows, 100 frames per second (AVID's log spectrogram rate)."""
+    return torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=sample_rate // 25, hop_length=sample_rate // 100,
+                                                n_mels=n_mels)
+
+
+def log_mel(mel, wave):
+    return torch.log(mel(wave) + 1e-6)
 
 
 def collate_clips(items):
@@ -287,6 +297,13 @@ def collate_clips(items):
 # ----------------------------------------------------------------------------------------------
 # Faulty positives injected on purpose (n₀)
 # ----------------------------------------------------------------------------------------------
+def injected_mask(pairs, num_instances):
+    """(N,) bool: True for the instances whose audio was injected from another instance."""
+    mask = np.zeros(num_instances, dtype=bool)
+    mask[[i for i, _ in pairs]] = True
+    return mask
+
+
 def inject_faulty_positives(num_instances, n0, seed=0):
     """A seeded fraction n₀ of instances gets the audio of another, random instance (never its own).
     Returns (audio_source (N,), injected pairs [(instance, audio donor), ...]), fixed for the run."""
@@ -509,11 +526,11 @@ def scan(videos, spec=ClipSpec(), cache_path=None, name="dataset", probe_many=No
             cache = json.loads(Path(cache_path).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             log(f"scan: the cache {cache_path} is unreadable; scanning again (it will be rewritten)")
-    key_of = lambda p: (f"{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}:{spec.need_audio}:{spec.seconds}"
+    key_of = lambda p: (f"{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}:{spec.need_audio}:{spec.shortest_file_seconds}"
                         if os.path.exists(p) else "missing")
     keys = {v.path: key_of(v.path) for v in videos}
     todo = [v.path for v in videos if cache.get(v.path, {}).get("key") != keys[v.path]]
-    probed = dict(zip(todo, (probe_many or probe_all)(todo, spec.need_audio, spec.seconds)))
+    probed = dict(zip(todo, (probe_many or probe_all)(todo, spec.need_audio, spec.shortest_file_seconds)))
     usable, broken, fresh = [], [], {}
     for v in videos:
         key = keys[v.path]
@@ -572,7 +589,7 @@ def _bench(root, num, spec, batch_size):
     for _ in range(3):
         t = time.perf_counter()
         for v in videos:
-            _raw_decode(v.path, random.uniform(0, v.duration - spec.seconds), spec)
+            _raw_decode(v.path, random.uniform(0, v.duration - spec.shortest_file_seconds), spec)
         rates["raw"].append(len(videos) / (time.perf_counter() - t))
         t = time.perf_counter()
         n = sum(len(b["index"]) for b in loader)
@@ -597,7 +614,7 @@ def main():
     s = sub.add_parser("scan", help="sort the videos under ROOT into usable and broken")
     s.add_argument("root")
     s.add_argument("--no-audio", action="store_true", help="do not require an audio stream")
-    s.add_argument("--min-seconds", type=float, default=ClipSpec().seconds, help="shortest usable file")
+    s.add_argument("--min-seconds", type=float, default=ClipSpec().shortest_file_seconds, help="shortest usable file")
     s.add_argument("--broken-list", default=None, help="where to write the broken files (default ROOT/broken.txt)")
     b = sub.add_parser("bench", help="loader clips/s against raw PyAV decoding")
     b.add_argument("root", nargs="?", default="data/toy")

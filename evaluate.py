@@ -256,8 +256,7 @@ def pretraining_analysis(model, ckpt, spec, args, device, out_dir, log):
 
     # faulty-positive detection from the bank's alignment scores
     s = ckpt["criterion"]["bank.s"].cpu().numpy()
-    injected = np.zeros(len(s), dtype=bool)
-    injected[[i for i, _ in ckpt["injected_pairs"]]] = True
+    injected = data.injected_mask(ckpt["injected_pairs"], len(s))
     audio_from = dict(ckpt["injected_pairs"])
     natural = embedded_dataset.natural_faulty_flags(train_v)
     results.update({f"detection_{name}": d for name, d in detection_report(s, injected, natural).items()})
@@ -299,14 +298,14 @@ def retrieval_on_pretraining_set(model, run, classes, train_v, spec, args, devic
     grid, listing = [], []
     for r, neighbours in zip(rows, nn_idx.tolist()):
         items = [val_v[int(queries.index[r])]] + [train_v[int(gallery.index[n])] for n in neighbours]
-        grid.append([frame_112(v, frame_spec, log) for v in items])
+        grid.append([middle_frame(v, frame_spec, log) for v in items])
         listing.append([{"path": v.path, "class": classes[v.label]} for v in items])
     np.savez_compressed(out_dir / "retrievals.npz", frames=np.array(grid, dtype=np.uint8))
     results["top4_retrievals"] = listing
     return results
 
 
-def frame_112(video, spec, log=print):
+def middle_frame(video, spec, log=print):
     """The middle frame of a video, centre-cropped and resized to 112x112 for the retrieval figure
     (a grey frame, and a message, for a video that fails to decode now)."""
     try:

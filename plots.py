@@ -18,7 +18,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torchaudio  # noqa: E402
 
 import data  # noqa: E402
 import embedded_dataset  # noqa: E402
@@ -46,7 +45,7 @@ def metric(results, dataset, name):
     return r["retrieval"][name] if name.startswith("R@") else r[name]
 
 
-def ensure_point(run_dir, train_flags, args):
+def train_and_evaluate_point(run_dir, train_flags, args):
     """Train and evaluate one grid point unless its results are complete; resume a half-done one."""
     import evaluate
     import train
@@ -76,12 +75,12 @@ def sweep(kind, args):
             for n0, d in points:
                 flags = ["--mode", "xid"] if d == "xid" else ["--mode", "weighted", "--delta", str(d)]
                 name = f"n0_{n0:g}_{'xid' if d == 'xid' else f'delta_{d:g}'}_seed{seed}"
-                table[(n0, d, seed)] = ensure_point(root / name, flags + ["--n0", str(n0), "--seed", str(seed)], args)
+                table[(n0, d, seed)] = train_and_evaluate_point(root / name, flags + ["--n0", str(n0), "--seed", str(seed)], args)
     else:
         for seed in args.seeds:
             for lam in args.lams:
                 flags = ["--mode", "soft", "--strategy", "cycle", "--lam", str(lam), "--seed", str(seed)]
-                table[(lam, seed)] = ensure_point(root / f"lam_{lam:g}_seed{seed}", flags, args)
+                table[(lam, seed)] = train_and_evaluate_point(root / f"lam_{lam:g}_seed{seed}", flags, args)
     return table
 
 
@@ -183,8 +182,7 @@ def score_histogram(run_dir, out, deltas=(-2, -1, 0)):
     kappa, w_min = run["kappa"], run["w_min"]
     deltas = sorted({*deltas, run["delta"]})
     s = ckpt["criterion"]["bank.s"]
-    injected = torch.zeros(len(s), dtype=torch.bool)
-    injected[[i for i, _ in ckpt["injected_pairs"]]] = True
+    injected = torch.from_numpy(data.injected_mask(ckpt["injected_pairs"], len(s)))
     natural = embedded_dataset.natural_faulty_flags([data.Video(p) for p in ckpt["videos"]])
     natural = torch.zeros_like(injected) if natural is None else torch.from_numpy(natural) & ~injected
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -248,8 +246,7 @@ def toy_clip(root, rel, out, frames=12):
     seconds, rate = params["seconds"], params["rate"]
     spec = data.ClipSpec(frames=frames, fps=frames / seconds, audio_seconds=seconds, sample_rate=rate)
     strip, wave = data.decode_clip(Path(root) / rel, 0.0, spec)
-    mel = torchaudio.transforms.MelSpectrogram(rate, n_fft=rate // 25, hop_length=rate // 100, n_mels=64)
-    logmel = torch.log(mel(torch.from_numpy(wave)) + 1e-6).numpy()
+    logmel = data.log_mel(data.mel_spectrogram(rate, n_mels=64), torch.from_numpy(wave)).numpy()  # the encoder's input, finer
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 4.2), gridspec_kw={"height_ratios": [1, 1.3]})
     top.imshow(np.concatenate(list(strip), axis=1), extent=(0, seconds, 0, seconds / frames))
     top.set_yticks([])

@@ -535,7 +535,7 @@ def test_sweep_skips_finished_points_and_draws(tmp_path):
     point = tmp_path / "p"
     point.mkdir()
     (point / "results.json").write_text(json.dumps(fake()))
-    assert plots.ensure_point(point, ["--mode", "xid"], args) == json.loads((point / "results.json").read_text())
+    assert plots.train_and_evaluate_point(point, ["--mode", "xid"], args) == json.loads((point / "results.json").read_text())
     assert not (point / "checkpoint.pt").exists()                          # nothing was trained
     table = {(n0, d, s): fake() for n0 in args.n0 for d in args.deltas + ["xid"] for s in args.seeds}
     table.update({(0.0, "xid", s): fake() for s in args.seeds})            # the reference without injection

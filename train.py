@@ -155,7 +155,7 @@ def setup_distributed(device_flag):
     return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
-def load_split(args, split, spec, log, rank=0, world=1, classes=None):
+def list_and_scan(args, split, spec, log, rank=0, world=1, classes=None):
     """The pre-training listing of a split: (usable videos, classes, broken [(path, reason)]).
     Rank 0 lists the files and reads the scan's cache; the files to probe are spread over all ranks;
     every rank gets rank 0's result, so all agree on N and on the order of the bank slots."""
@@ -297,7 +297,7 @@ def bank_statistics(criterion, injected, natural):
     bank = criterion.bank
     mu, sigma = bank.score_stats()
     w = faulty_positive_weights(bank.s, mu, sigma, criterion.delta, criterion.kappa, criterion.w_min)
-    stats = {"mu": mu.item(), "sigma": sigma.item(), "w_mean": w.mean().item(), "w_min": w.min().item(),
+    stats = {"mu": mu.item(), "sigma": sigma.item(), "w_mean": w.mean().item(), "smallest_weight": w.min().item(),
              "w_share_below_half": (w < 0.5).float().mean().item()}
     for name, d in evaluate.detection_report(bank.s.cpu().numpy(), injected, natural).items():
         stats.update({f"{name}_{k}": v for k, v in d.items()})
@@ -335,7 +335,7 @@ def main(argv=None):
     spec = data.ClipSpec(frames=args.frames, fps=args.fps, size=args.crop, audio_seconds=args.audio_seconds,
                          sample_rate=args.sample_rate, n_mels=args.n_mels)
     try:
-        videos, classes, broken = load_split(args, args.split, spec, log, rank, world)
+        videos, classes, broken = list_and_scan(args, args.split, spec, log, rank, world)
     except ValueError as e:  # a CSV without a column, --classes naming a class the data lacks
         parser.error(str(e))
     N = len(videos)
@@ -345,7 +345,7 @@ def main(argv=None):
     if args.batch_size // world > N:
         parser.error(f"--batch-size {args.batch_size} is larger than the dataset ({N} usable videos)")
     audio_source, pairs = data.inject_faulty_positives(N, args.n0, args.seed)
-    injected = (audio_source != torch.arange(N)).numpy()
+    injected = data.injected_mask(pairs, N)
     natural = embedded_dataset.natural_faulty_flags(videos)
     ckpt = None
     if args.resume:  # map to the CPU: load_state_dict then copies each tensor to where it lives
@@ -497,7 +497,7 @@ def final_summary(args, model, criterion, videos, classes, injected, natural, sp
     results = {}
     eval_spec = replace(spec, need_audio=False)
     try:
-        val, _, _ = load_split(args, args.val_split, eval_spec, log, rank, world, classes=classes)
+        val, _, _ = list_and_scan(args, args.val_split, eval_spec, log, rank, world, classes=classes)
     except (FileNotFoundError, ValueError) as e:  # no such split, nothing usable in it, a bad CSV
         log(f"no held-out split for the retrieval summary: {e}")
         val = None

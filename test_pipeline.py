@@ -3,6 +3,10 @@ import argparse
 import csv
 import fractions
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -13,6 +17,9 @@ from torchvision.transforms import v2
 
 import data
 import embedded_dataset
+import evaluate
+import plots
+import train
 from data import ClipSpec, Video
 
 TINY = dict(seed=0, per_class=5, downstream_per_class=6, faulty_share=0.2, size=32, fps=8, seconds=2.0,
@@ -195,6 +202,7 @@ def test_audio_events_line_up_with_visual_events(toy):
 # Faulty-positive injection (n₀)
 # ----------------------------------------------------------------------------------------------
 def test_injection_exact_count_no_self_pairs_seeded():
+    """n₀·N instances get another instance's audio, never their own; the same seed, the same pairs."""
     src, pairs = data.inject_faulty_positives(1000, 0.3, seed=4)
     assert len(pairs) == 300 and (src != torch.arange(1000)).sum() == 300
     assert all(i != j for i, j in pairs) and all(src[i] == j for i, j in pairs)
@@ -238,6 +246,7 @@ def test_subset_class_list_and_balance(toy):
 # Broken and unusual files
 # ----------------------------------------------------------------------------------------------
 def test_scan_names_every_broken_file(toy, tmp_path):
+    """Each kind of broken file gets its own reason; the cache is used and invalidated by a change."""
     good = toy / "kinetics/train/circle_horizontal/toy000000_000000_000002.mp4"
     files = {
         "zero.mp4": lambda p: p.write_bytes(b""),
@@ -274,6 +283,7 @@ def test_scan_names_every_broken_file(toy, tmp_path):
 
 
 def test_no_usable_file_is_a_clear_error(tmp_path):
+    """A scan that keeps nothing stops with the dataset's name instead of training on nothing."""
     (tmp_path / "a.mp4").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="no usable video in mydata"):
         data.scan([Video(str(tmp_path / "a.mp4"))], SPEC, name="mydata", log=lambda *a: None)
@@ -323,10 +333,6 @@ def test_file_failing_after_scan_is_reported_not_replaced(toy, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # train.py: every loss mode end to end, resume, two processes, argument errors
 # ----------------------------------------------------------------------------------------------
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import train  # noqa: E402
 
 TRAIN_FLAGS = ["--frames", "4", "--fps", "4", "--crop", "16", "--n-mels", "32", "--batch-size", "8",
                "--num-negatives", "16", "--workers", "0", "--warmup-epochs", "1", "--no-eval"]
@@ -381,7 +387,7 @@ def test_two_processes_keep_identical_banks(toy, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "train.py", "--toy-root", str(toy), "--out", str(out), *TRAIN_FLAGS, "--epochs", "2", "--device", "cpu"]
-    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     log = epochs_of([json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()])
@@ -411,13 +417,14 @@ def test_training_names_and_counts_a_clip_that_fails(toy, tmp_path, monkeypatch,
     (["--data-root", "/no/such/folder"], "--data-root /no/such/folder is not a folder"),
 ])
 def test_argument_errors_name_the_flag(toy, tmp_path, capsys, flags, message):
+    """An invalid value stops train.py with a message that names the flag and the rule."""
     with pytest.raises(SystemExit):
         train.main(["--toy-root", str(toy), "--out", str(tmp_path / "x"), *TRAIN_FLAGS, *flags])
-    import re
     assert re.search(message, capsys.readouterr().err)
 
 
 def test_data_root_without_usable_file_is_named(tmp_path):
+    """A --data-root whose files are all broken is a clear error naming the split, not an empty run."""
     (tmp_path / "train" / "some_class").mkdir(parents=True)
     (tmp_path / "train" / "some_class" / "a.mp4").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="no usable video in .*train"):
@@ -427,7 +434,6 @@ def test_data_root_without_usable_file_is_named(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # evaluate.py: metrics on hand-made inputs, one end-to-end call, clear errors
 # ----------------------------------------------------------------------------------------------
-import evaluate  # noqa: E402
 
 
 def test_recall_at_k_known_answer():
@@ -487,6 +493,8 @@ def test_evaluate_end_to_end(toy, tmp_path):
 
 
 def test_evaluate_errors_are_clear(toy, tmp_path):
+    """evaluate.py names a missing checkpoint, one that does not fit its architecture, and a
+    downstream set with no usable video."""
     with pytest.raises(SystemExit, match="no checkpoint at"):
         evaluate.main([str(tmp_path / "missing_run")])
     out = tmp_path / "run"
@@ -511,7 +519,6 @@ def test_evaluate_errors_are_clear(toy, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # plots.py: the figures of a run, the sweep's bookkeeping
 # ----------------------------------------------------------------------------------------------
-import plots  # noqa: E402
 
 
 def test_run_figures_are_drawn(toy, tmp_path):

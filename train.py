@@ -14,7 +14,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from tqdm import tqdm
 import data
 import embedded_dataset
 import evaluate
-from losses import MODES, STRATEGIES, RobustXIDLoss, faulty_positive_weights
+from losses import MODES, STRATEGIES, RobustXIDLoss, check_num_negatives, faulty_positive_weights
 from model import AUDIO_ENCODERS, VIDEO_ENCODERS, AVModel
 
 
@@ -139,20 +139,143 @@ def get_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Set-up: processes, data, logging
+# The story: set up, train epoch by epoch, summarise
 # ----------------------------------------------------------------------------------------------
-def setup_distributed(device_flag):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train.py` is one process."""
-    if "RANK" not in os.environ:
-        device = torch.device("cuda" if device_flag == "auto" and torch.cuda.is_available()
-                              else "cpu" if device_flag == "auto" else device_flag)
-        return 0, 1, device
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    cuda = torch.cuda.is_available() and device_flag != "cpu"
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+def main(argv=None):
+    parser, args = get_args(argv)
+    run = set_up(parser, args)            # processes, data, injection, model, loss, optimiser, resume
+    if args.bench:
+        return bench(run, args)
+    for epoch in range(run.start_epoch, args.epochs):
+        summary = train_one_epoch(run, args, epoch)
+        save_checkpoint_then_log(run, args, epoch, summary)
+    if not args.no_eval:                  # every rank takes part: the features are shared out
+        final_summary(run, args)
+    if run.world > 1:
+        dist.barrier()                    # ranks reach the end at different times (rank 0 saves); tearing
+        dist.destroy_process_group()      # the group down while a peer is still busy was seen to hang
+
+
+@dataclass
+class Run:
+    """Everything a run holds, built once by set_up()."""
+    rank: int
+    world: int
+    device: torch.device
+    log: callable                         # prints on rank 0 only
+    out: Path                             # the run folder
+    videos: list                          # data.Video per bank slot, in slot order
+    classes: list
+    pairs: list                           # injected faulty positives [(instance, audio donor)]
+    injected: np.ndarray                  # (N,) bool
+    natural: np.ndarray                   # (N,) bool, or None: the data marks no natural faulty pairs
+    spec: data.ClipSpec
+    loader: DataLoader
+    sampler: DistributedSampler
+    transforms: data.BatchTransforms
+    model: AVModel                        # the encoders (what is saved and evaluated)
+    ddp: torch.nn.Module                  # the model as the loop calls it (DDP-wrapped when world > 1)
+    criterion: RobustXIDLoss              # the loss; owns the memory banks and the negatives' generator
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype                # None: full precision
+    runlog: "RunLog"
+    start_epoch: int = 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up. Nothing is written to --out before every check has passed; --bench writes nothing there.
+# ----------------------------------------------------------------------------------------------
+def set_up(parser, args):
+    """Processes, data, injection, model, loss, optimiser; the checkpoint's state on --resume."""
+    rank, world, device = setup_distributed(args.device)
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    out = Path(args.out)
+    if args.batch_size % world:
+        parser.error(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
+    spec, videos, classes, broken, K, audio_source, pairs = load_data(parser, args, rank, world, log)
+    ckpt = None
+    if args.resume:  # mapped to the CPU: load_state_dict then copies each tensor to where it lives
+        ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+        if ckpt["videos"] != [v.path for v in videos] or ckpt["injected_pairs"] != pairs:
+            parser.error(f"--resume: the usable videos or the injected pairs differ from the checkpoint's "
+                         f"({ckpt['num_instances']} slots then, {len(videos)} usable videos now): bank slots would not match")
+    if rank == 0 and not args.bench:  # every check has passed: now the run folder
+        write_run_folder(args, out, videos, pairs, broken)
+
+    dataset = data.AVClips(videos, spec, train=True, audio_source=audio_source)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    cuda = device.type == "cuda"
+    loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.workers,
+                        collate_fn=data.collate_clips, pin_memory=cuda, drop_last=True,
+                        persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
+    torch.manual_seed(args.seed)
+    model = AVModel(args.video_arch, args.audio_arch).to(device)
+    criterion = RobustXIDLoss(len(videos), 128, args.mode, K, args.tau, args.bank_momentum, args.delta, args.kappa,
+                              args.w_min, args.lam, args.strategy, args.tau_s, seed=args.seed).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    amp = args.amp if args.amp != "auto" else ("off" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    run = Run(rank, world, device, log, out, videos, classes, pairs, data.injected_mask(pairs, len(videos)),
+              embedded_dataset.natural_faulty_flags(videos), spec, loader, sampler,
+              data.BatchTransforms(spec, train=True).to(device), model,
+              DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model,
+              criterion, optimizer, scaler, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
+              RunLog(out, rank == 0 and not args.bench))
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
+        criterion.load_state_dict(ckpt["criterion"])
+        scaler.load_state_dict(ckpt["scaler"])
+        run.start_epoch = ckpt["epoch"] + 1
+        run.runlog.resume_at(run.start_epoch, ckpt.get("epoch_record"))
+        log(f"resumed {out} after epoch {run.start_epoch}")
+    elif rank == 0 and not args.bench:
+        run.runlog.path.unlink(missing_ok=True)
+    log(f"{args.mode}: {len(videos)} videos ({len(classes)} classes, {len(broken)} broken left out), K={K}, "
+        f"n0={args.n0} ({len(pairs)} injected), device={device}x{world}, amp={amp}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    return run
+
+
+def load_data(parser, args, rank, world, log):
+    """The clip spec, the usable videos (bank slot order), K, and the seeded injection."""
+    if not args.data_root:
+        if rank == 0:
+            embedded_dataset.ensure_toy(args.toy_root, log=log)
+        if world > 1:
+            dist.barrier()
+    spec = data.ClipSpec(frames=args.frames, fps=args.fps, size=args.crop, audio_seconds=args.audio_seconds,
+                         sample_rate=args.sample_rate, n_mels=args.n_mels)
+    try:
+        videos, classes, broken = list_and_scan(args, args.split, spec, log, rank, world)
+    except ValueError as e:  # a CSV without a column, --classes naming a class the data lacks
+        parser.error(str(e))
+    N = len(videos)
+    K = args.num_negatives or min(1024, N // 2)
+    try:
+        check_num_negatives(K, N)
+    except ValueError:
+        parser.error(f"--num-negatives {K} must be smaller than the dataset ({N} usable videos)")
+    if args.batch_size // world > N:
+        parser.error(f"--batch-size {args.batch_size} is larger than the dataset ({N} usable videos)")
+    audio_source, pairs = data.inject_faulty_positives(N, args.n0, args.seed)
+    return spec, videos, classes, broken, K, audio_source, pairs
+
+
+def write_run_folder(args, out, videos, pairs, broken):
+    """args.json (every flag), injection.json (the injected pairs, by instance and file), broken.txt."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+    data.atomic_write(out / "injection.json", json.dumps(
+        {"n0": args.n0, "seed": args.seed, "num_instances": len(videos),
+         "pairs": [{"instance": i, "audio_from": j, "video": videos[i].path, "audio_video": videos[j].path}
+                   for i, j in pairs]}, indent=1))
+    data.atomic_write(out / "broken.txt", "".join(f"{p}\t{r}\n" for p, r in broken))
 
 
 def list_and_scan(args, split, spec, log, rank=0, world=1, classes=None):
@@ -169,6 +292,223 @@ def list_and_scan(args, split, spec, log, rank=0, world=1, classes=None):
     return shared_by_ranks(listing, rank, world)
 
 
+def setup_distributed(device_flag):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train.py` is one process."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if device_flag == "auto" and torch.cuda.is_available()
+                              else "cpu" if device_flag == "auto" else device_flag)
+        return 0, 1, device
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    cuda = torch.cuda.is_available() and device_flag != "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def reseed(seed, epoch, rank):
+    """Every epoch starts from RNGs fixed by (seed, epoch, rank): a resumed run draws the same."""
+    s = seed * 1_000_003 + epoch * 1_009 + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+# ----------------------------------------------------------------------------------------------
+# One epoch, and one step of it: data -> model -> loss -> step -> bank update
+# ----------------------------------------------------------------------------------------------
+def train_one_epoch(run, args, epoch):
+    """One pass over the data; returns the epoch's summary (means of the step records, bank
+    statistics, speed, data errors of every rank)."""
+    reseed(args.seed, epoch, run.rank)
+    run.sampler.set_epoch(epoch)
+    run.model.train()
+    warmup = epoch < args.warmup_epochs
+    labels = torch.tensor([v.label for v in run.videos], device=run.device)
+    track_soft_mass = all(v.label >= 0 for v in run.videos) and not warmup and args.mode in ("soft", "robust") \
+        and args.lam > 0
+    step = epoch * len(run.loader)
+    sums, n_steps, clips, data_errors = {}, 0, 0, []
+    wait = compute = 0.0
+    t_epoch = t_last = time.perf_counter()
+    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{args.epochs}{' (warm-up: xID)' if warmup else ''}",
+               disable=not (run.is_main and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
+    for batch in bar:
+        t_ready = time.perf_counter()
+        wait += t_ready - t_last
+        for e in batch["errors"]:  # every rank names its own failures at once; rank 0 counts them all
+            data_errors.append(e)
+            print(f"{'' if run.is_main else f'[rank {run.rank}] '}data error (clip left out of this step, "
+                  f"not replaced): {e}", file=sys.stdout if run.is_main else sys.stderr, flush=True)
+        if not every_rank_has_data("video" in batch, run):  # every clip of the batch failed (named above)
+            t_last = time.perf_counter()
+            continue
+        loss, diag, index = train_step(run, batch, warmup, where=f"epoch {epoch + 1}, step {step}")
+        compute += time.perf_counter() - t_ready
+
+        record = {"loss": loss.item(), "loss_v2a": diag["loss_v2a"].item(), "loss_a2v": diag["loss_a2v"].item(),
+                  "batch_mean_weight": diag["mean_weight"].item(), "target_on_positive": diag["target_on_positive"].item()}
+        if track_soft_mass:
+            record["soft_mass_same_class"], record["same_class_share"] = same_class_target_mass(diag, index, labels)
+        for k, val in record.items():
+            sums[k] = sums.get(k, 0.0) + val
+        n_steps += 1
+        clips += len(index) * run.world
+        step += 1
+        bar.set_postfix(loss=f"{record['loss']:.3f}", w=f"{record['batch_mean_weight']:.2f}",
+                        clips_s=f"{clips / (time.perf_counter() - t_epoch):.0f}")
+        if step % args.log_every == 0:
+            run.runlog.write(kind="step", epoch=epoch + 1, step=step, **record)
+        t_last = time.perf_counter()
+
+    elapsed = time.perf_counter() - t_epoch
+    data_errors = [e for errors in gather_objects(data_errors, run.world) for e in errors]
+    if n_steps == 0:
+        raise SystemExit(f"epoch {epoch + 1}: no step could be taken, every clip failed to decode; first errors:\n  "
+                         + "\n  ".join(data_errors[:5]))
+    summary = {k: v / n_steps for k, v in sums.items()}
+    summary.update(bank_statistics(run.criterion, run.injected, run.natural))
+    summary.update(step=step, warmup=warmup, clips_per_s=clips / elapsed,
+                   data_wait_fraction=wait / max(wait + compute, 1e-9), data_errors=len(data_errors),
+                   data_error_files=data_errors[:100], bank_spread_across_ranks=bank_spread(run.criterion, run.world))
+    return summary
+
+
+def train_step(run, batch, warmup, where):
+    """One optimisation step. A non-finite loss stops the run, naming the term and `where`."""
+    video, audio, index = to_device(batch, run.device)
+    video, audio = run.transforms.video(video), run.transforms.audio(audio)   # jittered, normalised; (B, 1, F, S)
+    v, a = forward(run, video, audio)
+    loss, diag = loss_of(run, v, a, index, warmup, where)
+    optimise(run, loss)
+    run.criterion.bank.update(index, v, a)
+    return loss, diag, index
+
+
+def to_device(batch, device):
+    return (batch["video"].to(device, non_blocking=True),                     # (B, 3, T, H, W) uint8
+            batch["audio"].to(device, non_blocking=True),                     # (B, 1, samples)
+            batch["index"].to(device, non_blocking=True))                     # (B,) bank slots
+
+
+def forward(run, video, audio):
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        return run.ddp(video, audio)                                           # v, a: (B, 128) each
+
+
+def loss_of(run, v, a, index, warmup, where):
+    loss, diag = run.criterion(v, a, index, warmup=warmup)
+    if not torch.isfinite(loss):
+        bad = [k for k in ("loss_v2a", "loss_a2v") if not torch.isfinite(diag[k])]
+        raise SystemExit(f"non-finite loss at {where}: {', '.join(bad) or 'loss'} "
+                         f"= {[diag[k].item() for k in ('loss_v2a', 'loss_a2v')]}; try a lower --lr or --amp bf16/off")
+    return loss, diag
+
+
+def optimise(run, loss):
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+
+
+def every_rank_has_data(has_data, run):
+    """All ranks take the same steps, or DDP's all-reduce would wait forever: a step is skipped
+    everywhere when one rank's whole batch failed."""
+    if run.world > 1:
+        flag = torch.tensor([float(has_data)], device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        has_data = bool(flag.item())
+    return has_data
+
+
+# ----------------------------------------------------------------------------------------------
+# After an epoch: checkpoint, then the log record
+# ----------------------------------------------------------------------------------------------
+def save_checkpoint_then_log(run, args, epoch, summary):
+    """The checkpoint first, so a log record never describes an epoch the checkpoint lacks; the
+    record also goes into the checkpoint, so a resumed run can write it if the log missed it."""
+    record = dict(kind="epoch", epoch=epoch + 1, **summary)
+    if run.is_main:
+        atomic_save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                     "criterion": run.criterion.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
+                     "num_instances": len(run.videos), "classes": run.classes, "videos": [v.path for v in run.videos],
+                     "instances": [[v.path, v.label, v.duration] for v in run.videos],
+                     "injected_pairs": run.pairs, "args": vars(args), "epoch_record": record}, run.out / "checkpoint.pt")
+        # RNGs need no saving: reseed() fixes them at every epoch start from (seed, epoch, rank),
+        # and the negatives' generator is part of the criterion's state.
+    run.runlog.write(**record)
+    run.log(f"epoch {epoch + 1}/{args.epochs}: loss {summary.get('loss', float('nan')):.3f}  "
+            f"w mean {summary['w_mean']:.2f}  "
+            + (f"injected AUC {summary['injected_auc']:.2f}  " if "injected_auc" in summary else "")
+            + (f"natural AUC {summary['natural_auc']:.2f}  " if "natural_auc" in summary else "")
+            + f"{summary['clips_per_s']:.0f} clips/s  data wait {100 * summary['data_wait_fraction']:.0f}%"
+            + (f"  data errors {summary['data_errors']}" if summary["data_errors"] else ""))
+
+
+class RunLog:
+    """log.jsonl, one JSON object per line; rank 0 only."""
+
+    def __init__(self, out, active):
+        self.path, self.active = Path(out) / "log.jsonl", active
+
+    def write(self, **record):
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def resume_at(self, epoch, epoch_record):
+        """On resume: drop what was logged after the checkpoint (steps of an epoch that did not finish,
+        a line cut short by the kill) and add the checkpoint's own epoch record if the run died before
+        writing it, so the log has every epoch and step once."""
+        if not self.active:
+            return
+        kept = []
+        for line in self.path.read_text().splitlines() if self.path.exists() else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record["epoch"] <= epoch:
+                kept.append(record)
+        if epoch_record and not any(r["kind"] == "epoch" and r["epoch"] == epoch for r in kept):
+            kept.append(epoch_record)
+        data.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def atomic_save(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Epoch statistics
+# ----------------------------------------------------------------------------------------------
+def bank_statistics(criterion, injected, natural):
+    """Weights of every slot under the current μ, σ, and how well they find the faulty pairs."""
+    bank = criterion.bank
+    mu, sigma = bank.score_stats()
+    w = faulty_positive_weights(bank.s, mu, sigma, criterion.delta, criterion.kappa, criterion.w_min)
+    stats = {"mu": mu.item(), "sigma": sigma.item(), "w_mean": w.mean().item(), "smallest_weight": w.min().item(),
+             "w_share_below_half": (w < 0.5).float().mean().item()}
+    for name, d in evaluate.detection_report(bank.s.cpu().numpy(), injected, natural).items():
+        stats.update({f"{name}_{k}": v for k, v in d.items()})
+    return stats
+
+
+def same_class_target_mass(diag, index, labels):
+    """Of the target mass Soft-xID moves off the positive, the share that lands on same-class
+    negatives (faulty negatives found), and the share of same-class negatives (chance)."""
+    same = labels[diag["negatives"]][None, :] == labels[index][:, None]          # (B, K)
+    moved = diag["targets_v"][:, 1:] + diag["targets_a"][:, 1:]                   # (B, K)
+    total = moved.sum()
+    return ((moved * same).sum() / total).item() if total > 0 else float("nan"), same.float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes: shared scan, gathered objects, a check that the banks agree
+# ----------------------------------------------------------------------------------------------
 def shared_by_ranks(fn, rank, world):
     """fn(probe_many) runs on rank 0; the files it probes are spread over every rank (each probes one
     share, the results are gathered), and every rank returns what rank 0 returned (or raises what it
@@ -213,271 +553,6 @@ def gather_objects(obj, world):
     return out
 
 
-class RunLog:
-    """log.jsonl, one JSON object per line; rank 0 only."""
-
-    def __init__(self, out, active):
-        self.path, self.active = Path(out) / "log.jsonl", active
-
-    def write(self, **record):
-        if self.active:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def resume_at(self, epoch, epoch_record):
-        """On resume: drop what was logged after the checkpoint (steps of an epoch that did not finish,
-        a line cut short by the kill) and add the checkpoint's own epoch record if the run died before
-        writing it, so the log has every epoch and step once."""
-        if not self.active:
-            return
-        kept = []
-        for line in self.path.read_text().splitlines() if self.path.exists() else []:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record["epoch"] <= epoch:
-                kept.append(record)
-        if epoch_record and not any(r["kind"] == "epoch" and r["epoch"] == epoch for r in kept):
-            kept.append(epoch_record)
-        data.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def atomic_save(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def reseed(seed, epoch, rank):
-    """Every epoch starts from RNGs fixed by (seed, epoch, rank): a resumed run draws the same."""
-    s = seed * 1_000_003 + epoch * 1_009 + rank
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
-
-
-# ----------------------------------------------------------------------------------------------
-# One step: data -> model -> loss -> step -> bank update
-# ----------------------------------------------------------------------------------------------
-def train_step(model, criterion, optimizer, scaler, batch, transforms, device, amp_dtype, warmup, where, mark=None):
-    """One optimisation step. `mark(name)`, when given, is called after each part (the benchmark
-    times them). A non-finite loss stops the run, naming the term and `where`."""
-    mark = mark or (lambda name: None)
-    video = batch["video"].to(device, non_blocking=True)                        # (B, 3, T, H, W) uint8
-    audio = batch["audio"].to(device, non_blocking=True)                        # (B, 1, samples)
-    index = batch["index"].to(device, non_blocking=True)                        # (B,)
-    mark("data")
-    video, audio = transforms.video(video), transforms.audio(audio)             # jittered, normalised; (B, 1, F, S)
-    mark("transforms")
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        v, a = model(video, audio)                                               # (B, 128) each
-    mark("forward")
-    loss, diag = criterion(v, a, index, warmup=warmup)
-    if not torch.isfinite(loss):
-        bad = [k for k in ("loss_v2a", "loss_a2v") if not torch.isfinite(diag[k])]
-        raise SystemExit(f"non-finite loss at {where}: {', '.join(bad) or 'loss'} "
-                         f"= {[diag[k].item() for k in ('loss_v2a', 'loss_a2v')]}; try a lower --lr or --amp bf16/off")
-    mark("loss")
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    mark("backward")
-    criterion.bank.update(index, v, a)
-    mark("bank")
-    return loss, diag, index
-
-
-# ----------------------------------------------------------------------------------------------
-# Epoch statistics
-# ----------------------------------------------------------------------------------------------
-def bank_statistics(criterion, injected, natural):
-    """Weights of every slot under the current μ, σ, and how well they find the faulty pairs."""
-    bank = criterion.bank
-    mu, sigma = bank.score_stats()
-    w = faulty_positive_weights(bank.s, mu, sigma, criterion.delta, criterion.kappa, criterion.w_min)
-    stats = {"mu": mu.item(), "sigma": sigma.item(), "w_mean": w.mean().item(), "smallest_weight": w.min().item(),
-             "w_share_below_half": (w < 0.5).float().mean().item()}
-    for name, d in evaluate.detection_report(bank.s.cpu().numpy(), injected, natural).items():
-        stats.update({f"{name}_{k}": v for k, v in d.items()})
-    return stats
-
-
-def same_class_target_mass(diag, index, labels):
-    """Of the target mass Soft-xID moves off the positive, the share that lands on same-class
-    negatives (faulty negatives found), and the share of same-class negatives (chance)."""
-    same = labels[diag["negatives"]][None, :] == labels[index][:, None]          # (B, K)
-    moved = diag["targets_v"][:, 1:] + diag["targets_a"][:, 1:]                   # (B, K)
-    total = moved.sum()
-    return ((moved * same).sum() / total).item() if total > 0 else float("nan"), same.float().mean().item()
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------
-def main(argv=None):
-    parser, args = get_args(argv)
-    rank, world, device = setup_distributed(args.device)
-    is_main = rank == 0
-    out = Path(args.out)
-    log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
-    if args.batch_size % world:
-        parser.error(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
-    if not args.data_root:
-        if is_main:
-            embedded_dataset.ensure_toy(args.toy_root, log=log)
-        if world > 1:
-            dist.barrier()
-
-    # data: the scan names broken files; injection is seeded. Nothing is written to --out before every
-    # check has passed, and --bench writes nothing there at all.
-    spec = data.ClipSpec(frames=args.frames, fps=args.fps, size=args.crop, audio_seconds=args.audio_seconds,
-                         sample_rate=args.sample_rate, n_mels=args.n_mels)
-    try:
-        videos, classes, broken = list_and_scan(args, args.split, spec, log, rank, world)
-    except ValueError as e:  # a CSV without a column, --classes naming a class the data lacks
-        parser.error(str(e))
-    N = len(videos)
-    K = args.num_negatives or min(1024, N // 2)
-    if K >= N:
-        parser.error(f"--num-negatives {K} must be smaller than the dataset ({N} usable videos)")
-    if args.batch_size // world > N:
-        parser.error(f"--batch-size {args.batch_size} is larger than the dataset ({N} usable videos)")
-    audio_source, pairs = data.inject_faulty_positives(N, args.n0, args.seed)
-    injected = data.injected_mask(pairs, N)
-    natural = embedded_dataset.natural_faulty_flags(videos)
-    ckpt = None
-    if args.resume:  # map to the CPU: load_state_dict then copies each tensor to where it lives
-        ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
-        if ckpt["videos"] != [v.path for v in videos] or ckpt["injected_pairs"] != pairs:
-            parser.error(f"--resume: the usable videos or the injected pairs differ from the checkpoint's "
-                         f"({ckpt['num_instances']} slots then, {N} usable videos now): bank slots would not match")
-    if is_main and not args.bench:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
-        data.atomic_write(out / "injection.json", json.dumps({"n0": args.n0, "seed": args.seed, "num_instances": N,
-                                                   "pairs": [{"instance": i, "audio_from": j, "video": videos[i].path,
-                                                              "audio_video": videos[j].path} for i, j in pairs]}, indent=1))
-        data.atomic_write(out / "broken.txt", "".join(f"{p}\t{r}\n" for p, r in broken))
-    labels = torch.tensor([v.label for v in videos], device=device)
-    labels_known = all(v.label >= 0 for v in videos)
-    dataset = data.AVClips(videos, spec, train=True, audio_source=audio_source)
-    transforms = data.BatchTransforms(spec, train=True).to(device)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    cuda = device.type == "cuda"
-    loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.workers,
-                        collate_fn=data.collate_clips, pin_memory=cuda, drop_last=True,
-                        persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
-
-    # model, loss (owns the memory banks), optimiser
-    torch.manual_seed(args.seed)
-    model = AVModel(args.video_arch, args.audio_arch).to(device)
-    criterion = RobustXIDLoss(N, 128, args.mode, K, args.tau, args.bank_momentum, args.delta, args.kappa,
-                              args.w_min, args.lam, args.strategy, args.tau_s, seed=args.seed).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    amp = args.amp if args.amp != "auto" else ("off" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    start_epoch = 0
-    runlog = RunLog(out, is_main and not args.bench)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
-        criterion.load_state_dict(ckpt["criterion"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"] + 1
-        runlog.resume_at(start_epoch, ckpt.get("epoch_record"))
-        log(f"resumed {out} after epoch {start_epoch}")
-    elif is_main and not args.bench:
-        runlog.path.unlink(missing_ok=True)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
-
-    log(f"{args.mode}: {N} videos ({len(classes)} classes, {len(broken)} broken left out), K={K}, "
-        f"n0={args.n0} ({len(pairs)} injected), device={device}x{world}, amp={amp}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    if args.bench:
-        return bench(args, ddp, criterion, optimizer, scaler, loader, transforms, device, amp_dtype)
-
-    step = start_epoch * len(loader)
-    for epoch in range(start_epoch, args.epochs):
-        reseed(args.seed, epoch, rank)
-        sampler.set_epoch(epoch)
-        model.train()
-        warmup = epoch < args.warmup_epochs
-        sums, n_batches, clips, data_errors = {}, 0, 0, []
-        wait = compute = 0.0
-        t_epoch = t_last = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}{' (warm-up: xID)' if warmup else ''}",
-                   disable=not (is_main and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
-        for batch in bar:
-            t_ready = time.perf_counter()
-            wait += t_ready - t_last
-            for e in batch["errors"]:  # every rank names its own failures at once; rank 0 counts them all
-                data_errors.append(e)
-                print(f"{'' if is_main else f'[rank {rank}] '}data error (clip left out of this step, "
-                      f"not replaced): {e}", file=sys.stdout if is_main else sys.stderr, flush=True)
-            has_data = "video" in batch
-            if world > 1:  # all ranks take the same steps, or DDP's all-reduce would wait forever
-                flag = torch.tensor([float(has_data)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                has_data = bool(flag.item())
-            if not has_data:  # every clip of the batch failed to decode (named above)
-                t_last = time.perf_counter()
-                continue
-            loss, diag, index = train_step(ddp, criterion, optimizer, scaler, batch, transforms, device, amp_dtype, warmup,
-                                           where=f"epoch {epoch + 1}, step {step}")
-            compute += time.perf_counter() - t_ready
-
-            record = {"loss": loss.item(), "loss_v2a": diag["loss_v2a"].item(), "loss_a2v": diag["loss_a2v"].item(),
-                      "batch_mean_weight": diag["mean_weight"].item(), "target_on_positive": diag["target_on_positive"].item()}
-            if labels_known and not warmup and criterion.lam > 0 and args.mode in ("soft", "robust"):
-                record["soft_mass_same_class"], record["same_class_share"] = same_class_target_mass(diag, index, labels)
-            for k, val in record.items():
-                sums[k] = sums.get(k, 0.0) + val
-            n_batches += 1
-            clips += len(index) * world
-            step += 1
-            bar.set_postfix(loss=f"{record['loss']:.3f}", w=f"{record['batch_mean_weight']:.2f}",
-                            clips_s=f"{clips / (time.perf_counter() - t_epoch):.0f}")
-            if step % args.log_every == 0:
-                runlog.write(kind="step", epoch=epoch + 1, step=step, **record)
-            t_last = time.perf_counter()
-
-        elapsed = time.perf_counter() - t_epoch
-        data_errors = [e for errors in gather_objects(data_errors, world) for e in errors]
-        if n_batches == 0:
-            raise SystemExit(f"epoch {epoch + 1}: no step could be taken, every clip failed to decode; first errors:\n  "
-                             + "\n  ".join(data_errors[:5]))
-        summary = {k: v / n_batches for k, v in sums.items()}
-        summary.update(bank_statistics(criterion, injected, natural))
-        summary.update(clips_per_s=clips / elapsed, data_wait_fraction=wait / max(wait + compute, 1e-9),
-                       data_errors=len(data_errors), bank_spread_across_ranks=bank_spread(criterion, world))
-        record = dict(kind="epoch", epoch=epoch + 1, step=step, warmup=warmup, data_error_files=data_errors[:100],
-                      **summary)
-        if is_main:  # the checkpoint first: a log record never describes an epoch the checkpoint lacks
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "criterion": criterion.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                         "num_instances": N, "classes": classes, "videos": [v.path for v in videos],
-                         "instances": [[v.path, v.label, v.duration] for v in videos],
-                         "injected_pairs": pairs, "args": vars(args), "epoch_record": record}, out / "checkpoint.pt")
-            # RNGs need no saving: reseed() fixes them at every epoch start from (seed, epoch, rank),
-            # and the negatives' generator is part of the criterion's state.
-        runlog.write(**record)
-        log(f"epoch {epoch + 1}/{args.epochs}: loss {summary.get('loss', float('nan')):.3f}  "
-            f"w mean {summary['w_mean']:.2f}  "
-            + (f"injected AUC {summary['injected_auc']:.2f}  " if "injected_auc" in summary else "")
-            + (f"natural AUC {summary['natural_auc']:.2f}  " if "natural_auc" in summary else "")
-            + f"{summary['clips_per_s']:.0f} clips/s  data wait {100 * summary['data_wait_fraction']:.0f}%"
-            + (f"  data errors {len(data_errors)}" if data_errors else ""))
-
-    if not args.no_eval:  # every rank takes part: the features of the training videos are shared out
-        final_summary(args, model, criterion, videos, classes, injected, natural, spec, device, out, log, rank, world)
-    if world > 1:
-        dist.barrier()  # ranks reach the end at different times (rank 0 saves); tearing down the group
-        dist.destroy_process_group()  # while a peer is still busy was seen to hang
-
-
 def bank_spread(criterion, world):
     """max - min over ranks of a checksum of the banks: 0 when every rank holds the same banks."""
     if world == 1:
@@ -488,44 +563,47 @@ def bank_spread(criterion, world):
     return (max(parts) - min(parts)).item()
 
 
-def final_summary(args, model, criterion, videos, classes, injected, natural, spec, device, out, log, rank, world):
-    """What the run learned: video retrieval of held-out clips among the training clips, and
-    faulty-positive detection. Each rank extracts the features of its share of the videos (at
-    Kinetics scale that is the cost of the summary: 2 clips per video), so no rank waits on another
-    for long; the nearest-neighbour search runs in chunks of queries on rank 0."""
-    t = time.perf_counter()
+# ----------------------------------------------------------------------------------------------
+# The end of a run: what it learned
+# ----------------------------------------------------------------------------------------------
+def final_summary(run, args):
+    """Video retrieval of held-out clips among the training clips, and faulty-positive detection.
+    Each rank extracts the features of its share of the videos (at Kinetics scale that is the cost
+    of the summary: 2 clips per video), so no rank waits on another for long; the nearest-neighbour
+    search runs on the training device, in chunks of queries, on rank 0."""
+    t, log, device = time.perf_counter(), run.log, run.device
     results = {}
-    eval_spec = replace(spec, need_audio=False)
+    eval_spec = replace(run.spec, need_audio=False)
     try:
-        val, _, _ = list_and_scan(args, args.val_split, eval_spec, log, rank, world, classes=classes)
+        val, _, _ = list_and_scan(args, args.val_split, eval_spec, log, run.rank, run.world, classes=run.classes)
     except (FileNotFoundError, ValueError) as e:  # no such split, nothing usable in it, a bad CSV
         log(f"no held-out split for the retrieval summary: {e}")
         val = None
     if val:
-        gallery, queries = (evaluate.extract_video_features(model, data.AVClips(vs, eval_spec, False, num_clips=2),
+        gallery, queries = (evaluate.extract_video_features(run.model, data.AVClips(vs, eval_spec, False, num_clips=2),
                                                             device, workers=args.workers, kinds=("pooled",),
-                                                            rank=rank, world=world) for vs in (videos, val))
+                                                            rank=run.rank, world=run.world) for vs in (run.videos, val))
         for name, part in (("training", gallery), ("held-out", queries)):
             for e in part.errors:
                 log(f"data error ({name} video left out of the summary): {e}")
         if not len(gallery.labels) or not len(queries.labels):  # the same on every rank (gathered)
             log("no training or held-out video decoded: no retrieval summary")
-        elif rank == 0:
+        elif run.is_main:
             r = evaluate.recall_at_k(queries.features["pooled"].to(device), gallery.features["pooled"].to(device),
                                      queries.labels.to(device), gallery.labels.to(device), ks=(1, 5))
             results["train_summary_retrieval"] = r
             log(f"video retrieval, {len(queries.labels)} held-out {args.val_split} clips -> {len(gallery.labels)} "
                 f"{args.split} clips: " + "  ".join(f"{k} {v:.3f}" for k, v in r.items())
                 + f"  (chance R@1 ~ {chance(gallery.labels, queries.labels):.3f})")
-    if not rank == 0:
+    if not run.is_main:
         return
-    for name, d in evaluate.detection_report(criterion.bank.s.cpu().numpy(), injected, natural).items():
+    for name, d in evaluate.detection_report(run.criterion.bank.s.cpu().numpy(), run.injected, run.natural).items():
         results[f"detection_{name}"] = d
         log(f"{name} faulty positives ({d['n_faulty']}"
             + (", marked in annotations.csv" if name == "natural" else "")
             + f"): ROC AUC {d['auc']:.3f}, precision of the {d['n_faulty']} lowest-scored "
             f"{d['precision_at_n']:.3f} (chance {d['chance']:.3f})")
-    path = evaluate.merge_results(out, results)
+    path = evaluate.merge_results(run.out, results)
     log(f"summary in {time.perf_counter() - t:.0f}s, written to {path}")
 
 
@@ -535,37 +613,55 @@ def chance(gallery_labels, query_labels):
     return counts[query_labels].mean().item()
 
 
-def bench(args, model, criterion, optimizer, scaler, loader, transforms, device, amp_dtype):
-    """Time --bench-steps steps: data wait, batch transforms, forward, loss, backward (+ optimizer), bank update."""
+# ----------------------------------------------------------------------------------------------
+# --bench: the same step, its parts timed
+# ----------------------------------------------------------------------------------------------
+def bench(run, args):
+    """Time --bench-steps steps (after 5 untimed ones): data wait and transfer, batch transforms,
+    forward, loss, backward (+ optimizer), bank update. The parts are train_step's, called in turn."""
+    device = run.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     parts = {k: [] for k in ("data", "transforms", "forward", "loss", "backward", "bank")}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    it, n = iter(loader), 0
-    model.train()
-    while n < args.bench_steps + 5:                 # the first 5 steps warm up and are not timed
-        t = [time.perf_counter()]
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
+    batches, n = iter(run.loader), 0
+    run.model.train()
+    while n < args.bench_steps + 5:
+        t = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(run.loader)
             continue
         if "video" not in batch:
             continue
+        times = []
 
-        def mark(name):
+        def done():  # the part just run ends here
+            nonlocal t
             sync()
-            if n >= 5:
-                parts[name].append(time.perf_counter() - t[0])
-            t[0] = time.perf_counter()
+            times.append(time.perf_counter() - t)
+            t = time.perf_counter()
 
-        _, _, index = train_step(model, criterion, optimizer, scaler, batch, transforms, device, amp_dtype, False,
-                                 where=f"bench step {n}", mark=mark)
+        video, audio, index = to_device(batch, device)
+        done()
+        video, audio = run.transforms.video(video), run.transforms.audio(audio)
+        done()
+        v, a = forward(run, video, audio)
+        done()
+        loss, _ = loss_of(run, v, a, index, False, where=f"bench step {n}")
+        done()
+        optimise(run, loss)
+        done()
+        run.criterion.bank.update(index, v, a)
+        done()
+        if n >= 5:
+            for name, seconds in zip(parts, times):
+                parts[name].append(seconds)
         n += 1
     med = {k: float(np.median(v)) for k, v in parts.items()}
     step = sum(med.values())
     per_step = len(index)
-    print(f"bench: {args.bench_steps} steps, batch {per_step}, {args.mode}/{args.strategy}, K={criterion.K}, "
+    print(f"bench: {args.bench_steps} steps, batch {per_step}, {args.mode}/{args.strategy}, K={run.criterion.K}, "
           f"{args.video_arch}+{args.audio_arch}, {args.frames}x{args.crop}x{args.crop}, device {device}")
     print(f"  clips/s {per_step / step:.1f}   data-wait fraction {med['data'] / step:.3f}   step {1e3 * step:.1f} ms (medians)")
     print("  " + "  ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items()))

@@ -144,7 +144,8 @@ def write_av_file(path, frames, wave, fps, rate):
 def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=30, faulty_share=0.1,
              size=64, fps=16, seconds=3.0, rate=16000, log=print):
     """Write the embedded dataset under root: kinetics/{train,val}/<class>/<id>.mp4 (+ the official-style
-    CSV and annotations.csv marking natural faulty positives), ucf/ and hmdb/ with split files."""
+    CSV and annotations.csv marking natural faulty positives), ucf/ and hmdb/ with split files.
+    Every clip is drawn from one generator seeded with `seed`, in a fixed order: same seed, same data."""
     root, t0 = Path(root), time.time()
     marker = root / "toy.json"
     if root.is_dir() and any(root.iterdir()) and not marker.exists():
@@ -165,7 +166,21 @@ def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=30, fau
         write_av_file(root / rel, frames, wave, fps, rate)
         events_of[rel] = [round(float(e), 4) for e in events]
 
-    # pre-training set: Kinetics layout, 80% train / 20% val, a share of natural faulty positives
+    _write_pretraining_set(root, clip, rng, per_class, faulty_share, seconds)
+    _write_ucf_stand_in(root, clip, rng, downstream_per_class)
+    _write_hmdb_stand_in(root, clip, rng, downstream_per_class, seed)
+    atomic_write(root / "events.json", json.dumps(events_of))
+    params = dict(version=TOY_VERSION, complete=True, seed=seed, per_class=per_class, downstream_per_class=downstream_per_class,
+                  faulty_share=faulty_share, size=size, fps=fps, seconds=seconds, rate=rate)
+    atomic_write(marker, json.dumps(params, indent=1))  # written last: marks a complete set
+    log(f"wrote the embedded dataset to {root} in {time.time() - t0:.1f}s "
+        f"({len(events_of)} clips, {size}px, {fps} fps, {rate} Hz)")
+    return root
+
+
+def _write_pretraining_set(root, clip, rng, per_class, faulty_share, seconds):
+    """Kinetics layout, 80% train / 20% val, a share of natural faulty positives (annotations.csv),
+    and the official-style CSV."""
     annotations, csv_rows = [], []
     for c, (shape, motion, pitch, timbre) in enumerate(TOY_KINETICS):
         name = f"{shape}_{motion}"
@@ -184,11 +199,13 @@ def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=30, fau
             w.writeheader()
             w.writerows(rows)
 
-    # UCF101 stand-in: shape x direction, any colour, any pitch; three folds by groups, like UCF101
+
+def _write_ucf_stand_in(root, clip, rng, per_class):
+    """Shape x direction, any colour, any pitch; UCF101's split files, three folds by groups."""
     lists = {f: ([], []) for f in (1, 2, 3)}
     for shape, motion in TOY_UCF:
         name = f"{shape.capitalize()}{motion.capitalize()}"
-        for k in range(downstream_per_class):
+        for k in range(per_class):
             group = k // 2 + 1
             rel = f"{name}/v_{name}_g{group:02d}_c{k % 2 + 1:02d}.mp4"
             clip(f"ucf/videos/{rel}", shape, str(rng.choice(list(PALETTE))), motion, "normal",
@@ -204,12 +221,14 @@ def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=30, fau
         (splits / f"trainlist0{fold}.txt").write_text("\n".join(train) + "\n")
         (splits / f"testlist0{fold}.txt").write_text("\n".join(test) + "\n")
 
-    # HMDB51 stand-in: shape x speed; 70/30 per class and fold, HMDB's split-file format
+
+def _write_hmdb_stand_in(root, clip, rng, per_class, seed):
+    """Shape x speed, any direction, colour and pitch; 70/30 per class and fold, HMDB51's split files."""
     splits = root / "hmdb" / "testTrainMulti_7030_splits"
     splits.mkdir(parents=True, exist_ok=True)
     for shape, speed in TOY_HMDB:
         name = f"{shape}_{speed}"
-        names = [f"{name}_{k:03d}.mp4" for k in range(downstream_per_class)]
+        names = [f"{name}_{k:03d}.mp4" for k in range(per_class)]
         for n in names:
             clip(f"hmdb/videos/{name}/{n}", shape, str(rng.choice(list(PALETTE))),
                  str(rng.choice(["horizontal", "vertical", "diagonal"])), speed,
@@ -218,14 +237,6 @@ def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=30, fau
             test = set(np.random.default_rng(seed * 10 + fold).permutation(len(names))[: round(0.3 * len(names))])
             (splits / f"{name}_test_split{fold}.txt").write_text(
                 "".join(f"{n} {2 if k in test else 1}\n" for k, n in enumerate(names)))
-
-    atomic_write(root / "events.json", json.dumps(events_of))
-    params = dict(version=TOY_VERSION, complete=True, seed=seed, per_class=per_class, downstream_per_class=downstream_per_class,
-                  faulty_share=faulty_share, size=size, fps=fps, seconds=seconds, rate=rate)
-    atomic_write(marker, json.dumps(params, indent=1))  # written last: marks a complete set
-    log(f"wrote the embedded dataset to {root} in {time.time() - t0:.1f}s "
-        f"({len(events_of)} clips, {size}px, {fps} fps, {rate} Hz)")
-    return root
 
 
 def ensure_toy(root="data/toy", log=print):

@@ -31,6 +31,14 @@ import torchaudio
 from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import RandomResizedCrop, v2
 
+from progress import progress
+
+# FFmpeg's own messages ("moov atom not found", "Error parsing Opus packet header", ...) would come
+# between the project's lines, pages of them on a real download; the project names the file and the
+# reason instead. torchvision switches them on when it is imported, so they are switched off after it.
+# FFMPEG_LOG=1 lets them through, for debugging a file.
+av.logging.set_level(av.logging.WARNING if os.environ.get("FFMPEG_LOG") == "1" else None)
+
 # Extensions of the video files real downloads come in (compared in lower case). A file in a class
 # folder with another extension is not skipped in silence: the scan opens it, and uses it or names it.
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".mpg", ".mpeg", ".3gp", ".flv", ".wmv",
@@ -510,9 +518,9 @@ def _probe(path, need_audio, min_seconds):
     return duration, None
 
 
-def probe_all(paths, need_audio, min_seconds):
+def probe_all(paths, need_audio, min_seconds, quiet=False):
     """probe() for each path, one after the other (the default of scan's `probe_many`)."""
-    return [probe(p, need_audio, min_seconds) for p in paths]
+    return [probe(p, need_audio, min_seconds) for p in progress(paths, desc="scan", unit="file", disable=quiet)]
 
 
 def scan(videos, spec=ClipSpec(), cache_path=None, name="dataset", probe_many=None, log=print):

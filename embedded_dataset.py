@@ -19,14 +19,17 @@ Nothing in data.py depends on this file; this file uses data.py's listings, as a
 import argparse
 import csv
 import json
+import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import av
 import numpy as np
 
 from data import atomic_write, hmdb51, kinetics_folder, ucf101
+from progress import progress
 
 # ----------------------------------------------------------------------------------------------
 # The world: bouncing shapes that click when they hit a wall
@@ -158,17 +161,28 @@ def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=30, fau
     root.mkdir(parents=True, exist_ok=True)
     atomic_write(marker, json.dumps({"version": TOY_VERSION, "complete": False}))
     rng = np.random.default_rng(seed)
-    events_of = {}
+    events_of, pending = {}, []
+    total = len(TOY_KINETICS) * per_class + (len(TOY_UCF) + len(TOY_HMDB)) * downstream_per_class
+    # clips are drawn here, one after the other from the one generator (so the seed fixes the data);
+    # encoding them, half of the work, is shared out to processes (deterministic: constant quantiser)
+    workers = max(1, len(os.sched_getaffinity(0)))
+    with ProcessPoolExecutor(workers) as pool, progress(total=total, desc="writing the embedded dataset",
+                                                        unit="clip") as bar:
+        def clip(rel, shape, colour, motion, speed, pitch, timbre, audio_kind="events"):
+            frames, wave, events = _render_clip(rng, shape, colour, motion, SPEEDS[speed], pitch, timbre,
+                                                audio_kind, size, fps, seconds, rate)
+            pending.append(pool.submit(write_av_file, root / rel, frames, wave, fps, rate))
+            events_of[rel] = [round(float(e), 4) for e in events]
+            while len(pending) > 4 * workers or (pending and pending[0].done()):  # bounded memory
+                pending.pop(0).result()
+                bar.update()
 
-    def clip(rel, shape, colour, motion, speed, pitch, timbre, audio_kind="events"):
-        frames, wave, events = _render_clip(rng, shape, colour, motion, SPEEDS[speed], pitch, timbre,
-                                            audio_kind, size, fps, seconds, rate)
-        write_av_file(root / rel, frames, wave, fps, rate)
-        events_of[rel] = [round(float(e), 4) for e in events]
-
-    _write_pretraining_set(root, clip, rng, per_class, faulty_share, seconds)
-    _write_ucf_stand_in(root, clip, rng, downstream_per_class)
-    _write_hmdb_stand_in(root, clip, rng, downstream_per_class, seed)
+        _write_pretraining_set(root, clip, rng, per_class, faulty_share, seconds)
+        _write_ucf_stand_in(root, clip, rng, downstream_per_class)
+        _write_hmdb_stand_in(root, clip, rng, downstream_per_class, seed)
+        for job in pending:
+            job.result()
+            bar.update()
     atomic_write(root / "events.json", json.dumps(events_of))
     params = dict(version=TOY_VERSION, complete=True, seed=seed, per_class=per_class, downstream_per_class=downstream_per_class,
                   faulty_share=faulty_share, size=size, fps=fps, seconds=seconds, rate=rate)

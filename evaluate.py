@@ -26,6 +26,7 @@ import data
 import embedded_dataset
 from losses import gather_from_all_ranks
 from model import AVModel
+from progress import progress
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ class VideoFeatures:
 
 @torch.no_grad()
 def extract_video_features(model, dataset, device, batch_size=16, workers=0, kinds=("pooled", "map"),
-                           rank=0, world=1):
+                           rank=0, world=1, desc="features"):
     """Per video, the encoder's features (eval mode gives video (n, 3, T, H, W): n clips, averaged).
     A video that fails to decode is named in errors and left out, never replaced. With world > 1,
     each rank extracts every world-th video and all ranks get the whole result, in dataset order."""
@@ -124,7 +125,7 @@ def extract_video_features(model, dataset, device, batch_size=16, workers=0, kin
     share = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
     loader = DataLoader(share, batch_size=batch_size, num_workers=workers, collate_fn=data.collate_clips)
     feats, labels, kept, errors = {k: [] for k in kinds}, [], [], []
-    for batch in loader:
+    for batch in progress(loader, desc=desc, unit="batch", disable=rank != 0, leave=False):
         errors += batch["errors"]
         if "video" not in batch:
             continue
@@ -187,19 +188,23 @@ def finetune(model, train_set, test_set, num_classes, device, epochs, lr, batch_
                         collate_fn=data.collate_clips, drop_last=len(train_set) > batch_size)
     train_tf = data.BatchTransforms(train_set.spec, train=True).to(device)
     test_tf = data.BatchTransforms(test_set.spec, train=False).to(device)
+    bar = progress(total=epochs * len(loader), desc="fine-tuning", unit="step", leave=False)
     for _ in range(epochs):
         net.train()
         for batch in loader:
+            bar.update()
             if "video" not in batch:
                 continue
             loss = nn.functional.cross_entropy(net(train_tf.video(batch["video"].to(device))), batch["label"].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
+    bar.close()
     net.eval()
     logits, labels = [], []
     with torch.no_grad():
-        for batch in DataLoader(test_set, batch_size=8, num_workers=workers, collate_fn=data.collate_clips):
+        for batch in progress(DataLoader(test_set, batch_size=8, num_workers=workers, collate_fn=data.collate_clips),
+                              desc="fine-tuned, testing", unit="batch", leave=False):
             if "video" not in batch:
                 continue
             video = test_tf.video(batch["video"].to(device))                    # (B, n, 3, T, H, W)
@@ -219,8 +224,10 @@ def evaluate_downstream(name, model, listing, spec, args, device, log):
     if len(broken) > 20:
         log(f"  {name}: ... and {len(broken) - 20} more, all listed in results.json")
     t = time.perf_counter()
-    gallery = extract_video_features(model, data.AVClips(train_v, spec, False, args.clips), device, workers=args.workers)
-    queries = extract_video_features(model, data.AVClips(test_v, spec, False, args.clips), device, workers=args.workers)
+    gallery = extract_video_features(model, data.AVClips(train_v, spec, False, args.clips), device, workers=args.workers,
+                                     desc=f"{name} train features")
+    queries = extract_video_features(model, data.AVClips(test_v, spec, False, args.clips), device, workers=args.workers,
+                                     desc=f"{name} test features")
     for e in gallery.errors + queries.errors:
         log(f"data error ({name} video left out): {e}")
     kind = args.retrieval_features
@@ -278,8 +285,10 @@ def retrieval_on_pretraining_set(model, run, classes, train_v, spec, args, devic
     except (FileNotFoundError, ValueError) as e:  # no such split, nothing usable in it, a bad CSV
         log(f"pre-training set: no held-out videos, so no retrieval, per-class R@1 or Figure 4 ({e})")
         return {}
-    gallery = extract_video_features(model, data.AVClips(train_v, spec, False, 2), device, workers=args.workers)
-    queries = extract_video_features(model, data.AVClips(val_v, spec, False, 2), device, workers=args.workers)
+    gallery = extract_video_features(model, data.AVClips(train_v, spec, False, 2), device, workers=args.workers,
+                                     desc="pre-training set features")
+    queries = extract_video_features(model, data.AVClips(val_v, spec, False, 2), device, workers=args.workers,
+                                     desc="held-out features")
     for e in gallery.errors + queries.errors:
         log(f"data error (pre-training video left out): {e}")
     if not len(gallery.labels) or not len(queries.labels):

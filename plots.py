@@ -10,6 +10,7 @@ sweep resumes where it stopped), then draws mean ± sample std (ddof 1) over see
 """
 import argparse
 import json
+import time
 from pathlib import Path
 
 import matplotlib
@@ -45,15 +46,23 @@ def metric(results, dataset, name):
     return r["retrieval"][name] if name.startswith("R@") else r[name]
 
 
-def train_and_evaluate_point(run_dir, train_flags, args):
-    """Train and evaluate one grid point unless its results are complete; resume a half-done one."""
-    import evaluate
-    import train
+def finished_results(run_dir, args):
+    """The point's results.json if it is complete for this sweep's settings, else None."""
     res = run_dir / "results.json"
     if res.exists():
         r = json.loads(res.read_text())
         if r.get("evaluated_epoch") == args.epochs and "ucf" in r and "hmdb" in r:
             return r
+    return None
+
+
+def train_and_evaluate_point(run_dir, train_flags, args):
+    """Train and evaluate one grid point unless its results are complete; resume a half-done one."""
+    import evaluate
+    import train
+    done_results = finished_results(run_dir, args)
+    if done_results:
+        return done_results
     common = ["--toy-root", args.toy_root, "--out", str(run_dir), "--epochs", str(args.epochs), "--no-eval",
               "--warmup-epochs", str(args.warmup_epochs), "--workers", str(args.workers)]
     ckpt = run_dir / "checkpoint.pt"
@@ -65,22 +74,37 @@ def train_and_evaluate_point(run_dir, train_flags, args):
 
 
 def sweep(kind, args):
+    """Every grid point: {key: results}. Before each point a line says which of how many it is and,
+    from the points trained so far in this call, when the sweep will end."""
     root = Path(args.runs) / kind
     embedded_dataset.ensure_toy(args.toy_root)
-    table = {}
+    points = []  # (key, run folder, train.py flags)
     if kind == "delta":
         # xID at every n₀, and at n₀ = 0 as the reference without injection
-        points = [(n0, d) for n0 in args.n0 for d in args.deltas] + [(n0, "xid") for n0 in sorted({0.0, *args.n0})]
+        grid = [(n0, d) for n0 in args.n0 for d in args.deltas] + [(n0, "xid") for n0 in sorted({0.0, *args.n0})]
         for seed in args.seeds:
-            for n0, d in points:
+            for n0, d in grid:
                 flags = ["--mode", "xid"] if d == "xid" else ["--mode", "weighted", "--delta", str(d)]
                 name = f"n0_{n0:g}_{'xid' if d == 'xid' else f'delta_{d:g}'}_seed{seed}"
-                table[(n0, d, seed)] = train_and_evaluate_point(root / name, flags + ["--n0", str(n0), "--seed", str(seed)], args)
+                points.append(((n0, d, seed), root / name, flags + ["--n0", str(n0), "--seed", str(seed)]))
     else:
         for seed in args.seeds:
             for lam in args.lams:
                 flags = ["--mode", "soft", "--strategy", "cycle", "--lam", str(lam), "--seed", str(seed)]
-                table[(lam, seed)] = train_and_evaluate_point(root / f"lam_{lam:g}_seed{seed}", flags, args)
+                points.append(((lam, seed), root / f"lam_{lam:g}_seed{seed}", flags))
+    to_train = [run_dir for _, run_dir, _ in points if not finished_results(run_dir, args)]
+    print(f"sweep {kind}: {len(points)} points, {len(points) - len(to_train)} already done, "
+          f"{len(to_train)} to train and evaluate", flush=True)
+    table, trained, t0 = {}, 0, time.perf_counter()
+    for k, (key, run_dir, flags) in enumerate(points):
+        if run_dir in to_train:
+            left = len(to_train) - trained
+            eta = (f", about {(time.perf_counter() - t0) / trained * left / 60:.0f} min left for the sweep"
+                   if trained else "")
+            print(f"sweep {kind}: point {k + 1}/{len(points)} ({run_dir.name}), {left} to go{eta}", flush=True)
+        table[key] = train_and_evaluate_point(run_dir, flags, args)
+        trained += run_dir in to_train
+    print(f"sweep {kind}: done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     return table
 
 

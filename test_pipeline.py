@@ -549,3 +549,52 @@ def test_sweep_skips_finished_points_and_draws(tmp_path):
     plots.draw_delta(table, args, tmp_path / "fig1")
     plots.draw_lambda({(lam, s): fake() for lam in args.lams for s in args.seeds}, args, tmp_path / "fig2")
     assert (tmp_path / "fig1.png").exists() and (tmp_path / "fig2.pdf").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# What a user sees: progress on long steps, no FFmpeg noise
+# ----------------------------------------------------------------------------------------------
+def test_progress_in_a_log_is_whole_lines_at_intervals(capsys, monkeypatch):
+    """Not on a terminal (CI, a log file): status lines with count and rate, no carriage returns."""
+    import time
+    import progress
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.02)
+    for _ in progress.progress(range(5), desc="testing", unit="thing"):
+        time.sleep(0.03)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.endswith("\n")
+    lines = err.splitlines()
+    assert len(lines) >= 2 and all(line.startswith("testing:") for line in lines) and "5/5" in lines[-1]
+
+
+def test_scanning_broken_files_prints_no_ffmpeg_messages(toy, tmp_path):
+    """FFmpeg's own log ("moov atom not found") stays quiet: the scan names the file and the reason.
+    FFMPEG_LOG=1 lets it through, for debugging."""
+    good = toy / "kinetics/train/circle_horizontal/toy000000_000000_000002.mp4"
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "truncated.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    (tmp_path / "cls" / "fine.mp4").write_bytes(good.read_bytes())
+    cmd = [sys.executable, "data.py", "scan", str(tmp_path)]
+    quiet = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "FFMPEG_LOG": "0"})
+    assert quiet.returncode == 0 and "1 usable, 1 broken" in quiet.stdout
+    assert "moov" not in quiet.stdout + quiet.stderr
+    assert "truncated.mp4\tcannot open / corrupt" in (tmp_path / "broken.txt").read_text()
+    (tmp_path / ".scan-cache.json").unlink()                                  # probe again
+    loud = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FFMPEG_LOG": "1"})
+    assert "moov atom not found" in loud.stdout + loud.stderr
+
+
+def test_a_sweep_says_which_point_of_how_many_and_when_it_ends(toy, tmp_path, capsys, monkeypatch):
+    """Point i of n before each one that must be trained, and the time left from the points so far."""
+    args = argparse.Namespace(epochs=3, eval_clips=2, seeds=[0], lams=[0.0, 0.5, 1.0], runs=str(tmp_path),
+                              toy_root=str(toy))
+    finished = {"evaluated_epoch": 3, "ucf": {}, "hmdb": {}}
+    (tmp_path / "lambda" / "lam_0_seed0").mkdir(parents=True)
+    (tmp_path / "lambda" / "lam_0_seed0" / "results.json").write_text(json.dumps(finished))
+    monkeypatch.setattr(plots, "train_and_evaluate_point", lambda run_dir, flags, a: finished)
+    table = plots.sweep("lambda", args)
+    out = capsys.readouterr().out
+    assert len(table) == 3 and "3 points, 1 already done, 2 to train" in out
+    assert "point 2/3 (lam_0.5_seed0), 2 to go" in out and "point 3/3 (lam_1_seed0), 1 to go, about" in out

@@ -22,13 +22,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 import data
 import embedded_dataset
 import evaluate
 from losses import MODES, STRATEGIES, RobustXIDLoss, check_num_negatives, faulty_positive_weights
 from model import AUDIO_ENCODERS, VIDEO_ENCODERS, AVModel
+from progress import progress
 
 
 def get_args(argv=None):
@@ -331,8 +331,8 @@ def train_one_epoch(run, args, epoch):
     sums, n_steps, clips, data_errors = {}, 0, 0, []
     wait = compute = 0.0
     t_epoch = t_last = time.perf_counter()
-    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{args.epochs}{' (warm-up: xID)' if warmup else ''}",
-               disable=not (run.is_main and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
+    bar = progress(run.loader, desc=f"epoch {epoch + 1}/{args.epochs}{' (warm-up: xID)' if warmup else ''}",
+                   unit="step", disable=not run.is_main, leave=False)
     for batch in bar:
         t_ready = time.perf_counter()
         wait += t_ready - t_last
@@ -517,7 +517,7 @@ def shared_by_ranks(fn, rank, world):
         return fn(None)
 
     def probe_share(paths, need_audio, min_seconds):
-        mine = data.probe_all(paths[rank::world], need_audio, min_seconds)
+        mine = data.probe_all(paths[rank::world], need_audio, min_seconds, quiet=rank != 0)
         shares = [None] * world
         dist.all_gather_object(shares, mine)
         return [shares[k % world][k // world] for k in range(len(paths))]

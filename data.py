@@ -9,7 +9,7 @@ Injection lives here, not in train.py or losses.py: it decides which file each i
 read from (AVClips' audio_source), so it is a property of the data a run is served, like its
 listing; the loss never knows. train.py, evaluate.py and plots.py all read it from here.
 
-Command line:
+Command line (data.py's own tools: the scan of a download, and the loader's benchmark):
     python data.py scan ROOT                     # sort every video under ROOT into usable / broken
     python data.py bench ROOT                    # loader clips/s against raw PyAV decoding
 """
@@ -261,8 +261,8 @@ class AVClips(Dataset):
 
 class BatchTransforms(torch.nn.Module):
     """The half of the pipeline that runs on a whole batch, on the model's device: colour jitter per
-    clip (train), scaling and normalisation, and the waveform's log-mel spectrogram (40 ms windows,
-    100 frames per second). One batched STFT on the GPU is nearly free; per clip in a loader worker it
+    clip (train), scaling and normalisation, and the waveform's log-mel spectrogram (mel_spectrogram).
+    One batched STFT on the GPU is nearly free; per clip in a loader worker it
     cost as much as a third of the decoding."""
 
     def __init__(self, spec=ClipSpec(), train=True):
@@ -288,6 +288,11 @@ def mel_spectrogram(sample_rate, n_mels):
     """The audio encoder's input: 40 ms windows, 100 frames per second (AVID's log spectrogram rate)."""
     return torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=sample_rate // 25, hop_length=sample_rate // 100,
                                                 n_mels=n_mels)
+
+
+def max_n_mels(sample_rate):
+    """The frequency bins of mel_spectrogram's window: more mel bands than that would be empty."""
+    return (sample_rate // 25) // 2 + 1
 
 
 def log_mel(mel, wave):

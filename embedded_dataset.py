@@ -12,7 +12,7 @@ audio has a click and a decaying tone:
 - two downstream sets, ucf/ (shape x direction, 18 classes, UCF101's split files) and hmdb/
   (shape x speed, 12 classes, HMDB51's split files), with any colour and any pitch.
 
-    python embedded_dataset.py --root data/toy      # write it (about 50 s on 2 cores); train.py does on first use
+    python embedded_dataset.py --root data/toy      # write it (about 30 s on 2 cores); train.py does on first use
 
 Nothing in data.py depends on this file; this file uses data.py's listings, as any dataset would.
 """
@@ -152,7 +152,7 @@ def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=30, fau
     root, t0 = Path(root), time.time()
     marker = root / "toy.json"
     if root.is_dir() and any(root.iterdir()) and not marker.exists():
-        raise ValueError(f"make-toy: {root} is not empty and holds no toy.json (not an embedded dataset); "
+        raise ValueError(f"embedded_dataset.py: {root} is not empty and holds no toy.json (not an embedded dataset); "
                          f"give an empty or new --root")
     # what an earlier version wrote goes first (its classes may have other names); the marker says
     # "incomplete" until the last file is written, so an interrupted run is made again
@@ -265,7 +265,8 @@ def ensure_toy(root="data/toy", log=print):
 
 
 def toy_splits(root):
-    """(pre-train, downstream) listings of the embedded dataset, through the real-data parsers."""
+    """The embedded dataset's listings, through the real-data parsers: {"kinetics": f(split),
+    "ucf": f(split, fold=1), "hmdb": f(split, fold=1)}, each returning (videos, classes)."""
     root = Path(root)
     return {"kinetics": lambda split: kinetics_folder(root / "kinetics", split),
             "ucf": lambda split, fold=1: ucf101(root / "ucf" / "videos", root / "ucf" / "ucfTrainTestlist", fold, split),

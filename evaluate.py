@@ -254,12 +254,34 @@ def training_instances(ckpt):
     return [data.Video(path, label, duration) for path, label, duration in ckpt["instances"]]
 
 
+def pretraining_root(run_args):
+    """Where a run's pre-training split folders are: --data-root, or the embedded dataset's kinetics/."""
+    return Path(run_args["data_root"]) if run_args["data_root"] else Path(run_args["toy_root"]) / "kinetics"
+
+
+def pretraining_set_features(model, train_v, val_v, spec, device, workers, log, kinds=("pooled", "map"),
+                             rank=0, world=1):
+    """(gallery, queries): features of the training videos and of the held-out ones, 2 clips each,
+    failures named; (None, None) when either set has no video that decodes. Shared out over the
+    ranks of a multi-GPU run (train.py's end-of-run summary)."""
+    gallery, queries = (extract_video_features(model, data.AVClips(videos, spec, False, num_clips=2), device,
+                                               workers=workers, kinds=kinds, rank=rank, world=world, desc=desc)
+                        for videos, desc in ((train_v, "training-set features"), (val_v, "held-out features")))
+    for name, part in (("training", gallery), ("held-out", queries)):
+        for e in part.errors:
+            log(f"data error ({name} video left out of the pre-training-set retrieval): {e}")
+    if not len(gallery.labels) or not len(queries.labels):  # the same on every rank (gathered)
+        log("pre-training set: no training or held-out video decoded, so no retrieval")
+        return None, None
+    return gallery, queries
+
+
 def pretraining_analysis(model, ckpt, spec, args, device, out_dir, log):
-    run = ckpt["args"]
+    run_args = ckpt["args"]
     classes = ckpt["classes"]
     train_v = training_instances(ckpt)
     results = {}
-    results.update(retrieval_on_pretraining_set(model, run, classes, train_v, spec, args, device, out_dir, log))
+    results.update(retrieval_on_pretraining_set(model, run_args, classes, train_v, spec, args, device, out_dir, log))
 
     # faulty-positive detection from the bank's alignment scores
     s = ckpt["criterion"]["bank.s"].cpu().numpy()
@@ -274,25 +296,19 @@ def pretraining_analysis(model, ckpt, spec, args, device, out_dir, log):
     return results
 
 
-def retrieval_on_pretraining_set(model, run, classes, train_v, spec, args, device, out_dir, log):
+def retrieval_on_pretraining_set(model, run_args, classes, train_v, spec, args, device, out_dir, log):
     """R@K and per-class R@1 of held-out clips among the training clips (labels of the training
     classes), and the top-4 retrievals of one query per class with a frame of each video (Figure 4).
     Empty when the held-out split is not there."""
-    root = Path(run["data_root"]) if run["data_root"] else Path(run["toy_root"]) / "kinetics"
     try:
-        val_v, _, _ = data.pretraining_split(root, run["val_split"], spec, run.get("val_csv") or run["csv"],
-                                             seed=run["seed"], classes=classes, log=log)
+        val_v, _, _ = data.pretraining_split(pretraining_root(run_args), run_args["val_split"], spec,
+                                             run_args.get("val_csv") or run_args["csv"], seed=run_args["seed"],
+                                             classes=classes, log=log)
     except (FileNotFoundError, ValueError) as e:  # no such split, nothing usable in it, a bad CSV
         log(f"pre-training set: no held-out videos, so no retrieval, per-class R@1 or Figure 4 ({e})")
         return {}
-    gallery = extract_video_features(model, data.AVClips(train_v, spec, False, 2), device, workers=args.workers,
-                                     desc="pre-training set features")
-    queries = extract_video_features(model, data.AVClips(val_v, spec, False, 2), device, workers=args.workers,
-                                     desc="held-out features")
-    for e in gallery.errors + queries.errors:
-        log(f"data error (pre-training video left out): {e}")
-    if not len(gallery.labels) or not len(queries.labels):
-        log("pre-training set: no video decoded, so no retrieval, per-class R@1 or Figure 4")
+    gallery, queries = pretraining_set_features(model, train_v, val_v, spec, device, args.workers, log)
+    if gallery is None:
         return {}
     kind = args.retrieval_features
     qry, gal = queries.features[kind], gallery.features[kind]
@@ -336,13 +352,13 @@ def load_run(path, device):
         raise SystemExit(f"evaluate.py: no checkpoint at {ckpt_path} (give a run folder written by train.py, "
                          f"or its checkpoint.pt)")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    run = ckpt["args"]
-    model = AVModel(run["video_arch"], run["audio_arch"])
+    run_args = ckpt["args"]
+    model = AVModel(run_args["video_arch"], run_args["audio_arch"])
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise SystemExit(f"evaluate.py: {ckpt_path} does not fit the architecture it records "
-                         f"(--video-arch {run['video_arch']}, --audio-arch {run['audio_arch']}): {str(e)[:300]}")
+                         f"(--video-arch {run_args['video_arch']}, --audio-arch {run_args['audio_arch']}): {str(e)[:300]}")
     return model.to(device), ckpt, ckpt_path.parent
 
 
@@ -378,10 +394,10 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model, ckpt, run_dir = load_run(args.run, device)
-    run = ckpt["args"]
+    run_args = ckpt["args"]
     log = lambda *a: print(*a, flush=True)  # noqa: E731
-    spec = data.ClipSpec(frames=run["frames"], fps=run["fps"], size=run["crop"], need_audio=False)
-    toy = Path(run["toy_root"])
+    spec = data.ClipSpec(frames=run_args["frames"], fps=run_args["fps"], size=run_args["crop"], need_audio=False)
+    toy = Path(run_args["toy_root"])
     if not (args.ucf_root and args.hmdb_root):
         embedded_dataset.ensure_toy(toy, log=log)
     sets = {"ucf": (lambda split: data.ucf101(args.ucf_root, args.ucf_splits, args.fold, split)) if args.ucf_root

@@ -95,6 +95,11 @@ def gather_from_all_ranks(t):
     return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
 
 
+def check_strategy(strategy):
+    if strategy not in STRATEGIES:
+        raise ValueError(f"softening strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
 def check_num_negatives(K, num_instances):
     """K must leave room for the positive: 1 <= K <= N - 1."""
     if not 0 < K < num_instances:
@@ -182,11 +187,13 @@ def softening_scores(strategy, v_pos, a_pos, v_neg, a_neg, tau_s=0.07, mask=None
         S_v = softmax_j(v_pos, v_pos, v_neg)                            # softmax_j(v̄_i·v̄_j / τ_s)
         S_a = softmax_j(a_pos, a_pos, a_neg)                            # softmax_j(ā_i·ā_j / τ_s)
     elif strategy == "cycle":      # the cycle v_i -> a_j -> v_i closes
-        g = a_neg @ v_neg.t() / tau_s                                   # ā_n·v̄_m / τ_s  (K, K)
-        S_v = _cycle_scores(v_pos, a_pos, v_neg, a_neg, g.logsumexp(1), tau_s, mask)  # ∝ P(ā_j|v̄_i)·P(v̄_i|ā_j)
-        S_a = _cycle_scores(a_pos, v_pos, a_neg, v_neg, g.logsumexp(0), tau_s, mask)  # ∝ P(v̄_j|ā_i)·P(ā_i|v̄_j)
+        av = a_neg @ v_neg.t() / tau_s                                  # av[n, m] = ā_n·v̄_m / τ_s  (K, K)
+        # back from a negative audio ā_n, normalised over the negatives' videos v̄_m: sum over m (dim 1);
+        # back from a negative video v̄_m, normalised over the negatives' audio ā_n: sum over n (dim 0)
+        S_v = _cycle_scores(v_pos, a_pos, v_neg, a_neg, av.logsumexp(1), tau_s, mask)  # ∝ P(ā_j|v̄_i)·P(v̄_i|ā_j)
+        S_a = _cycle_scores(a_pos, v_pos, a_neg, v_neg, av.logsumexp(0), tau_s, mask)  # ∝ P(v̄_j|ā_i)·P(ā_i|v̄_j)
     else:
-        raise ValueError(f"softening strategy must be one of {STRATEGIES}, got {strategy!r}")
+        check_strategy(strategy)
     return S_v, S_a
 
 
@@ -233,8 +240,7 @@ class RobustXIDLoss(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if strategy not in STRATEGIES:  # here, not at the first soft step after the warm-up
-            raise ValueError(f"softening strategy must be one of {STRATEGIES}, got {strategy!r}")
+        check_strategy(strategy)  # here, not at the first soft step after the warm-up
         for name, value, ok, rule in [("tau", tau, tau > 0, "> 0"), ("tau_s", tau_s, tau_s > 0, "> 0"),
                                       ("kappa", kappa, kappa > 0, "> 0"),
                                       ("lam", lam, 0 <= lam <= 1, "in [0, 1]"),
@@ -294,8 +300,7 @@ class RobustXIDLoss(nn.Module):
 
         diagnostics = {
             "loss_v2a": loss_v.detach(), "loss_a2v": loss_a.detach(),
-            "weights": w, "mean_weight": w.mean(), "min_weight": w.min(),
-            "mu": mu, "sigma": sigma,
+            "weights": w, "mean_weight": w.mean(), "lam": lam,                  # λ in effect this step
             "target_on_positive": 0.5 * (T_v[:, 0].mean() + T_a[:, 0].mean()),
             "negatives": negatives, "targets_v": T_v, "targets_a": T_a,
         }

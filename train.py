@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=8 train.py --data-root /data/kinetics --video-arch r2plus1d_18 \\
         --audio-arch avid --crop 112 --fps 16 --audio-seconds 2 --sample-rate 24000 --lr 2e-4 --batch-size 256
 
-One folder per run (--out): args.json, log.jsonl, injection.json, checkpoint.pt, results.json.
+One folder per run (--out): args.json, log.jsonl, injection.json, broken.txt, checkpoint.pt, results.json.
 """
 import argparse
 import json
@@ -87,8 +87,13 @@ def get_args(argv=None):
     g.add_argument("--bench-steps", type=int, default=30, help="steps timed by --bench (after 5 warm-up steps)")
     g.add_argument("--no-eval", action="store_true", help="skip the retrieval / detection summary at the end")
     args = p.parse_args(argv)
+    check_args(p, args)
+    return p, args
 
-    # every check that can be made before touching data or the run folder is made here
+
+def check_args(p, args):
+    """Every check that can be made before touching data or the run folder; also reads --classes and
+    makes the data paths absolute (the checkpoint's list of files then works from any folder)."""
     checks = [("--lam", 0 <= args.lam <= 1, "must be in [0, 1]"), ("--kappa", args.kappa > 0, "must be > 0"),
               ("--w-min", 0 <= args.w_min <= 1, "must be in [0, 1]"), ("--n0", 0 <= args.n0 < 1, "must be in [0, 1)"),
               ("--tau", args.tau > 0, "must be > 0"), ("--tau-s", args.tau_s > 0, "must be > 0"),
@@ -100,8 +105,8 @@ def get_args(argv=None):
               ("--num-negatives", args.num_negatives is None or args.num_negatives >= 1, "must be >= 1"),
               ("--crop", args.crop >= 16, "must be >= 16"), ("--log-every", args.log_every >= 1, "must be >= 1"),
               ("--sample-rate", args.sample_rate >= 1000, "must be >= 1000 (Hz)"),
-              ("--n-mels", 1 <= args.n_mels <= args.sample_rate // 50 + 1,
-               f"must be in [1, {args.sample_rate // 50 + 1}] (the frequency bins of a 40 ms window at --sample-rate)"),
+              ("--n-mels", 1 <= args.n_mels <= data.max_n_mels(args.sample_rate),
+               f"must be in [1, {data.max_n_mels(args.sample_rate)}] (the frequency bins of the spectrogram's window)"),
               ("--subset", args.subset is None or args.subset >= 2, "must be >= 2"),
               ("--bench-steps", args.bench_steps >= 1, "must be >= 1")]
     for flag, ok, rule in checks:
@@ -135,7 +140,6 @@ def get_args(argv=None):
         p.error(f"--out {args.out} already holds a checkpoint: pass --resume to continue it, or another --out")
     if args.resume and not (Path(args.out) / "checkpoint.pt").exists():
         p.error(f"--resume: no checkpoint.pt in --out {args.out}")
-    return p, args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,12 +224,15 @@ def set_up(parser, args):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     amp = args.amp if args.amp != "auto" else ("off" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    run = Run(rank, world, device, log, out, videos, classes, pairs, data.injected_mask(pairs, len(videos)),
-              embedded_dataset.natural_faulty_flags(videos), spec, loader, sampler,
-              data.BatchTransforms(spec, train=True).to(device), model,
-              DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model,
-              criterion, optimizer, scaler, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
-              RunLog(out, rank == 0 and not args.bench))
+    # DDP wraps the model before the checkpoint is loaded: every rank loads the same file, so the
+    # weights agree anyway (DDP broadcasts rank 0's at wrapping time)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    run = Run(rank=rank, world=world, device=device, log=log, out=out, videos=videos, classes=classes, pairs=pairs,
+              injected=data.injected_mask(pairs, len(videos)), natural=embedded_dataset.natural_faulty_flags(videos),
+              spec=spec, loader=loader, sampler=sampler, transforms=data.BatchTransforms(spec, train=True).to(device),
+              model=model, ddp=ddp, criterion=criterion, optimizer=optimizer, scaler=scaler,
+              amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
+              runlog=RunLog(out, rank == 0 and not args.bench))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
@@ -282,7 +289,7 @@ def list_and_scan(args, split, spec, log, rank=0, world=1, classes=None):
     """The pre-training listing of a split: (usable videos, classes, broken [(path, reason)]).
     Rank 0 lists the files and reads the scan's cache; the files to probe are spread over all ranks;
     every rank gets rank 0's result, so all agree on N and on the order of the bank slots."""
-    root = Path(args.data_root) if args.data_root else Path(args.toy_root) / "kinetics"
+    root = evaluate.pretraining_root(vars(args))
     csv_path = (args.val_csv or args.csv) if split != args.split else args.csv
     subset = args.subset if split == args.split else None
 
@@ -325,8 +332,7 @@ def train_one_epoch(run, args, epoch):
     run.model.train()
     warmup = epoch < args.warmup_epochs
     labels = torch.tensor([v.label for v in run.videos], device=run.device)
-    track_soft_mass = all(v.label >= 0 for v in run.videos) and not warmup and args.mode in ("soft", "robust") \
-        and args.lam > 0
+    labels_known = all(v.label >= 0 for v in run.videos)
     step = epoch * len(run.loader)
     sums, n_steps, clips, data_errors = {}, 0, 0, []
     wait = compute = 0.0
@@ -348,7 +354,7 @@ def train_one_epoch(run, args, epoch):
 
         record = {"loss": loss.item(), "loss_v2a": diag["loss_v2a"].item(), "loss_a2v": diag["loss_a2v"].item(),
                   "batch_mean_weight": diag["mean_weight"].item(), "target_on_positive": diag["target_on_positive"].item()}
-        if track_soft_mass:
+        if labels_known and diag["lam"] > 0:  # soft targets this step: where their moved mass lands
             record["soft_mass_same_class"], record["same_class_share"] = same_class_target_mass(diag, index, labels)
         for k, val in record.items():
             sums[k] = sums.get(k, 0.0) + val
@@ -580,15 +586,9 @@ def final_summary(run, args):
         log(f"no held-out split for the retrieval summary: {e}")
         val = None
     if val:
-        gallery, queries = (evaluate.extract_video_features(run.model, data.AVClips(vs, eval_spec, False, num_clips=2),
-                                                            device, workers=args.workers, kinds=("pooled",),
-                                                            rank=run.rank, world=run.world) for vs in (run.videos, val))
-        for name, part in (("training", gallery), ("held-out", queries)):
-            for e in part.errors:
-                log(f"data error ({name} video left out of the summary): {e}")
-        if not len(gallery.labels) or not len(queries.labels):  # the same on every rank (gathered)
-            log("no training or held-out video decoded: no retrieval summary")
-        elif run.is_main:
+        gallery, queries = evaluate.pretraining_set_features(run.model, run.videos, val, eval_spec, device, args.workers,
+                                                             log, kinds=("pooled",), rank=run.rank, world=run.world)
+        if gallery is not None and run.is_main:
             r = evaluate.recall_at_k(queries.features["pooled"].to(device), gallery.features["pooled"].to(device),
                                      queries.labels.to(device), gallery.labels.to(device), ks=(1, 5))
             results["train_summary_retrieval"] = r

@@ -598,3 +598,11 @@ def test_a_sweep_says_which_point_of_how_many_and_when_it_ends(toy, tmp_path, ca
     out = capsys.readouterr().out
     assert len(table) == 3 and "3 points, 1 already done, 2 to train" in out
     assert "point 2/3 (lam_0.5_seed0), 2 to go" in out and "point 3/3 (lam_1_seed0), 1 to go, about" in out
+
+
+def test_a_short_run_in_a_log_has_no_progress_bars(toy, tmp_path, capsys):
+    """Output that is not a terminal gets the epoch lines only, not a redrawn bar per step (a bar
+    line comes only after 10 s, at that pace)."""
+    run_train(toy, tmp_path / "run", "--epochs", "2")
+    said = capsys.readouterr()
+    assert "step/s" not in said.out + said.err and said.out.count("epoch ") >= 2

@@ -362,7 +362,7 @@ def train_one_epoch(run, args, epoch):
         clips += len(index) * run.world
         step += 1
         bar.set_postfix(loss=f"{record['loss']:.3f}", w=f"{record['batch_mean_weight']:.2f}",
-                        clips_s=f"{clips / (time.perf_counter() - t_epoch):.0f}")
+                        clips_s=f"{clips / (time.perf_counter() - t_epoch):.0f}", refresh=False)  # shown at the bar's pace
         if step % args.log_every == 0:
             run.runlog.write(kind="step", epoch=epoch + 1, step=step, **record)
         t_last = time.perf_counter()

@@ -63,8 +63,9 @@ def train_and_evaluate_point(run_dir, train_flags, args):
     done_results = finished_results(run_dir, args)
     if done_results:
         return done_results
+    # the figures' recipe: the paper's per-step bank refresh (train.py's quick start refreshes per epoch)
     common = ["--toy-root", args.toy_root, "--out", str(run_dir), "--epochs", str(args.epochs), "--no-eval",
-              "--warmup-epochs", str(args.warmup_epochs), "--workers", str(args.workers)]
+              "--warmup-epochs", str(args.warmup_epochs), "--workers", str(args.workers), "--bank-refresh", "step"]
     ckpt = run_dir / "checkpoint.pt"
     done = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] + 1 if ckpt.exists() else 0
     if done < args.epochs:

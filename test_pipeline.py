@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 import data
 import embedded_dataset
 import evaluate
+import losses
 import plots
 import train
 from data import ClipSpec, Video
@@ -606,3 +607,18 @@ def test_a_short_run_in_a_log_has_no_progress_bars(toy, tmp_path, capsys):
     run_train(toy, tmp_path / "run", "--epochs", "2")
     said = capsys.readouterr()
     assert "step/s" not in said.out + said.err and said.out.count("epoch ") >= 2
+
+
+@pytest.mark.parametrize("refresh", ["step", "epoch"])
+def test_bank_refresh_after_each_step_or_at_the_epochs_end(toy, tmp_path, monkeypatch, refresh):
+    """--bank-refresh step updates the batch's slots right after its step (the paper's); epoch keeps
+    every slot as it was until the epoch's last step, then applies the epoch's updates in order."""
+    events = []
+    real_loss, real_update = train.loss_of, losses.MemoryBank.update
+    monkeypatch.setattr(train, "loss_of", lambda *a, **k: events.append("step") or real_loss(*a, **k))
+    monkeypatch.setattr(losses.MemoryBank, "update",
+                        lambda self, *a: events.append("update") or real_update(self, *a))
+    run_train(toy, tmp_path / "run", "--epochs", "2", "--bank-refresh", refresh, "--no-eval")
+    steps = len(events) // 4                                                # 40 videos, batch 8: 5 per epoch
+    expected = ["step", "update"] * steps * 2 if refresh == "step" else (["step"] * steps + ["update"] * steps) * 2
+    assert events == expected

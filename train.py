@@ -3,7 +3,8 @@
     python train.py                                   # embedded dataset, small encoders, Robust-xID (CPU ok)
     python train.py --n0 0.3 --mode weighted          # inject 30% faulty positives, down-weight them
     torchrun --nproc_per_node=8 train.py --data-root /data/kinetics --video-arch r2plus1d_18 \\
-        --audio-arch avid --crop 112 --fps 16 --audio-seconds 2 --sample-rate 24000 --lr 2e-4 --batch-size 256
+        --audio-arch avid --crop 112 --fps 16 --audio-seconds 2 --sample-rate 24000 --lr 2e-4 --batch-size 256 \\
+        --bank-refresh step                             # the paper's recipe
 
 One folder per run (--out): args.json, log.jsonl, injection.json, broken.txt, checkpoint.pt, results.json.
 """
@@ -14,7 +15,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,10 @@ def get_args(argv=None):
     g.add_argument("--num-negatives", type=int, default=None,
                    help="K: negatives per step; default 1024 (the paper's) or N/2 on a smaller dataset")
     g.add_argument("--bank-momentum", type=float, default=0.5, help="m in [0, 1): memory-bank momentum")
+    g.add_argument("--bank-refresh", choices=["step", "epoch"], default="epoch",
+                   help="when the batch's bank slots take the new embeddings: after each step (the paper's) or "
+                        "all at the end of the epoch, so that within an epoch every slot is of one age (on a small "
+                        "dataset the per-step refresh lets the encoder pick its positive by age: README)")
     g.add_argument("--warmup-epochs", type=int, default=3,
                    help="epochs of plain xID before weights and soft targets switch on (banks start random)")
     g.add_argument("--n0", type=float, default=0.0, help="n₀ in [0, 1): share of instances given another's audio")
@@ -71,7 +76,7 @@ def get_args(argv=None):
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--video-arch", choices=list(VIDEO_ENCODERS), default="small", help="small (CPU) or r2plus1d_18")
     g.add_argument("--audio-arch", choices=list(AUDIO_ENCODERS), default="small", help="small (CPU) or avid")
-    g.add_argument("--epochs", type=int, default=30, help="training epochs (the embedded data needs about 20 to leave the first plateau)")
+    g.add_argument("--epochs", type=int, default=20, help="training epochs (20: the quick start on the embedded data)")
     g.add_argument("--batch-size", type=int, default=32, help="clips per step over all GPUs (paper: 256)")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 2e-4 at batch 256)")
     g.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (paper: 1e-5)")
@@ -184,6 +189,8 @@ class Run:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype                # None: full precision
     runlog: "RunLog"
+    bank_refresh: str = "step"            # "step": update the bank slots after each step; "epoch": at its end
+    pending_bank_updates: list = field(default_factory=list)   # (index, v, a) of the epoch's steps so far
     start_epoch: int = 0
 
     @property
@@ -232,7 +239,7 @@ def set_up(parser, args):
               spec=spec, loader=loader, sampler=sampler, transforms=data.BatchTransforms(spec, train=True).to(device),
               model=model, ddp=ddp, criterion=criterion, optimizer=optimizer, scaler=scaler,
               amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
-              runlog=RunLog(out, rank == 0 and not args.bench))
+              runlog=RunLog(out, rank == 0 and not args.bench), bank_refresh=args.bank_refresh)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
@@ -367,6 +374,7 @@ def train_one_epoch(run, args, epoch):
             run.runlog.write(kind="step", epoch=epoch + 1, step=step, **record)
         t_last = time.perf_counter()
 
+    refresh_bank_at_epoch_end(run)
     elapsed = time.perf_counter() - t_epoch
     data_errors = [e for errors in gather_objects(data_errors, run.world) for e in errors]
     if n_steps == 0:
@@ -387,8 +395,18 @@ def train_step(run, batch, warmup, where):
     v, a = forward(run, video, audio)
     loss, diag = loss_of(run, v, a, index, warmup, where)
     optimise(run, loss)
-    run.criterion.bank.update(index, v, a)
+    if run.bank_refresh == "step":
+        run.criterion.bank.update(index, v, a)                                # v̄_i, ā_i <- the new v_i, a_i
+    else:                                                                     # at the end of the epoch
+        run.pending_bank_updates.append((index, v.detach(), a.detach()))
     return loss, diag, index
+
+
+def refresh_bank_at_epoch_end(run):
+    """--bank-refresh epoch: the epoch's updates, in the order of its steps (every rank the same)."""
+    for index, v, a in run.pending_bank_updates:
+        run.criterion.bank.update(index, v, a)
+    run.pending_bank_updates.clear()
 
 
 def to_device(batch, device):

@@ -26,6 +26,14 @@ from losses import faulty_positive_weights  # noqa: E402
 
 PANELS = [("ucf", "finetune_video_top1", "UCF fine-tune (video top-1)"), ("ucf", "R@5", "UCF retrieval R@5"),
           ("hmdb", "finetune_video_top1", "HMDB fine-tune (video top-1)"), ("hmdb", "R@5", "HMDB retrieval R@5")]
+QUICK_SETTINGS = {
+    "delta": dict(seeds=[0, 1], epochs=12, eval_clips=2, deltas=[-1.0], n0=[0.5], runs="runs/sweeps_quick",
+                  out="figures/quick/fig1_delta_sweep"),
+    "lambda": dict(seeds=[0, 1], epochs=12, eval_clips=2, lams=[0.0, 0.5, 1.0], runs="runs/sweeps_quick",
+                   out="figures/quick/fig2_lambda_sweep")}
+QUICK = {"delta": "xID and Weighted-xID (δ = -1) at n₀ = 0.5, xID at n₀ = 0, 2 seeds, 12 epochs",
+         "lambda": "λ ∈ {0, 0.5, 1}, 2 seeds, 12 epochs"}
+QUICK_TITLE = " (--quick: a trial of the sweep, not a finding)"
 MARKERS, STYLES = ["o", "s", "^", "D", "v"], ["-", "--", ":", "-."]
 
 
@@ -147,7 +155,7 @@ def draw_delta(table, args, out):
         lines.append(("xID, no injection", ":", None, {d: [table[(0.0, "xid", s)] for s in args.seeds] for d in args.deltas}))
     draw_sweep(args.deltas, lines, "δ (mid-point of W at μ + δσ)",
                f"Figure 1 on the embedded data: δ sweep (w_min = 0.25, κ = 0.5), mean ± sample std (ddof 1) over "
-               f"{len(args.seeds)} seeds, {args.epochs} epochs", out)
+               f"{len(args.seeds)} seeds, {args.epochs} epochs" + QUICK_TITLE * bool(getattr(args, "quick", False)), out)
 
 
 def draw_lambda(table, args, out):
@@ -157,7 +165,8 @@ def draw_lambda(table, args, out):
     lines = [("Soft-xID, cycle", "-", "o", {lam: [table[(lam, s)] for s in args.seeds] for lam in args.lams})]
     draw_sweep(args.lams, lines, "λ (soft-target mixing)",
                f"Figure 2 on the embedded data: λ sweep of Soft-xID (cycle targets), mean ± sample std (ddof 1) over "
-               f"{len(args.seeds)} seeds, {args.epochs} epochs", out, extra=paper)
+               f"{len(args.seeds)} seeds, {args.epochs} epochs" + QUICK_TITLE * bool(getattr(args, "quick", False)),
+               out, extra=paper)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,8 +299,9 @@ def toy_clip(root, rel, out, frames=12):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
+    sweeps = {}
     for kind in ("delta", "lambda"):
-        s = sub.add_parser(kind, help=f"the {kind} sweep: train/evaluate missing points, draw the figure")
+        s = sweeps[kind] = sub.add_parser(kind, help=f"the {kind} sweep: train/evaluate missing points, draw the figure")
         s.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per grid point")
         s.add_argument("--epochs", type=int, default=24, help="pre-training epochs per point (clean xID leaves "
                        "its plateau after about 20 on the embedded data)")
@@ -308,6 +318,10 @@ def main(argv=None):
                            help="one line per n₀ (xID without injection is always trained as the reference)")
         else:
             s.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="λ grid")
+        s.add_argument("--quick", action="store_true",
+                       help=f"a small version that runs in minutes on 2 CPU cores, to try the sweep (and its progress "
+                            f"lines) before the long one: {QUICK[kind]}; its runs and figure go elsewhere "
+                            f"(runs/sweeps_quick, figures/quick/). Too short and small to show the paper's findings")
     r = sub.add_parser("run", help="Figures 3-4, score histogram and training curves of one evaluated run")
     r.add_argument("run_dir")
     r.add_argument("--out", default="figures", help="output folder")
@@ -317,6 +331,10 @@ def main(argv=None):
                    help="clip path relative to --root")
     t.add_argument("--out", default="figures/toy_clip", help="output path without extension")
     args = p.parse_args(argv)
+    if getattr(args, "quick", False):  # the quick grid, except where a flag was given
+        for flag, value in QUICK_SETTINGS[args.cmd].items():
+            if getattr(args, flag) == sweeps[args.cmd].get_default(flag):
+                setattr(args, flag, value)
     if args.cmd == "delta":
         draw_delta(sweep("delta", args), args, args.out)
     elif args.cmd == "lambda":

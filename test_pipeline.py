@@ -622,3 +622,16 @@ def test_bank_refresh_after_each_step_or_at_the_epochs_end(toy, tmp_path, monkey
     steps = len(events) // 4                                                # 40 videos, batch 8: 5 per epoch
     expected = ["step", "update"] * steps * 2 if refresh == "step" else (["step"] * steps + ["update"] * steps) * 2
     assert events == expected
+
+
+def test_quick_sweep_uses_its_small_grid_except_where_a_flag_is_given(monkeypatch):
+    """--quick: 2 seeds, 12 epochs, a small grid, its own runs and figure folders; a flag the user
+    gives wins over the quick setting."""
+    seen = {}
+    monkeypatch.setattr(plots, "sweep", lambda kind, args: seen.update(vars(args)) or {})
+    monkeypatch.setattr(plots, "draw_delta", lambda table, args, out: None)
+    plots.main(["delta", "--quick", "--epochs", "5"])
+    assert seen["epochs"] == 5 and seen["seeds"] == [0, 1] and seen["n0"] == [0.5] and seen["deltas"] == [-1.0]
+    assert seen["runs"] == "runs/sweeps_quick" and seen["out"] == "figures/quick/fig1_delta_sweep"
+    plots.main(["delta"])
+    assert seen["epochs"] == 24 and seen["runs"] == "runs/sweeps"

@@ -331,10 +331,9 @@ def main(argv=None):
                    help="clip path relative to --root")
     t.add_argument("--out", default="figures/toy_clip", help="output path without extension")
     args = p.parse_args(argv)
-    if getattr(args, "quick", False):  # the quick grid, except where a flag was given
-        for flag, value in QUICK_SETTINGS[args.cmd].items():
-            if getattr(args, flag) == sweeps[args.cmd].get_default(flag):
-                setattr(args, flag, value)
+    if getattr(args, "quick", False):  # the quick grid as defaults: every flag given still wins
+        sweeps[args.cmd].set_defaults(**QUICK_SETTINGS[args.cmd])
+        args = p.parse_args(argv)
     if args.cmd == "delta":
         draw_delta(sweep("delta", args), args, args.out)
     elif args.cmd == "lambda":

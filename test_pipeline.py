@@ -370,11 +370,17 @@ def test_train_every_mode_end_to_end(toy, tmp_path, mode):
     assert len(injection["pairs"]) == 10 and [p["instance"] for p in injection["pairs"]] == [i for i, _ in ckpt["injected_pairs"]]
 
 
-def test_resume_gives_the_same_run(toy, tmp_path):
-    """Stopped after epoch 1 and resumed, a run ends with the same losses as one that never stopped."""
-    full = epochs_of(run_train(toy, tmp_path / "full", "--epochs", "3", "--n0", "0.2"))
-    run_train(toy, tmp_path / "parts", "--epochs", "1", "--n0", "0.2")
-    parts = epochs_of(run_train(toy, tmp_path / "parts", "--epochs", "3", "--n0", "0.2", "--resume"))
+@pytest.mark.parametrize("refresh", ["step", "epoch"])
+def test_resume_gives_the_same_run(toy, tmp_path, refresh):
+    """Stopped after epoch 1 and resumed, a run ends with the same losses as one that never stopped
+    (with either bank refresh); resuming with the other refresh is refused."""
+    flags = ["--n0", "0.2", "--bank-refresh", refresh]
+    full = epochs_of(run_train(toy, tmp_path / "full", "--epochs", "3", *flags))
+    run_train(toy, tmp_path / "parts", "--epochs", "1", *flags)
+    other = "epoch" if refresh == "step" else "step"
+    with pytest.raises(SystemExit):
+        run_train(toy, tmp_path / "parts", "--epochs", "3", "--n0", "0.2", "--bank-refresh", other, "--resume")
+    parts = epochs_of(run_train(toy, tmp_path / "parts", "--epochs", "3", *flags, "--resume"))
     assert [r["epoch"] for r in parts] == [1, 2, 3]
     for a, b in zip(full, parts):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["mu"] == pytest.approx(b["mu"], rel=1e-6)
@@ -383,11 +389,14 @@ def test_resume_gives_the_same_run(toy, tmp_path):
     torch.testing.assert_close(a["bank.v_bar"], b["bank.v_bar"])
 
 
-def test_two_processes_keep_identical_banks(toy, tmp_path):
-    """torchrun with 2 CPU processes (gloo): the run completes and both ranks hold the same banks."""
+@pytest.mark.parametrize("refresh", ["step", "epoch"])
+def test_two_processes_keep_identical_banks(toy, tmp_path, refresh):
+    """torchrun with 2 CPU processes (gloo): the run completes and both ranks hold the same banks,
+    with either bank refresh."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "train.py", "--toy-root", str(toy), "--out", str(out), *TRAIN_FLAGS, "--epochs", "2", "--device", "cpu"]
+           "train.py", "--toy-root", str(toy), "--out", str(out), *TRAIN_FLAGS, "--epochs", "2", "--device", "cpu",
+           "--bank-refresh", refresh]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -633,5 +642,7 @@ def test_quick_sweep_uses_its_small_grid_except_where_a_flag_is_given(monkeypatc
     plots.main(["delta", "--quick", "--epochs", "5"])
     assert seen["epochs"] == 5 and seen["seeds"] == [0, 1] and seen["n0"] == [0.5] and seen["deltas"] == [-1.0]
     assert seen["runs"] == "runs/sweeps_quick" and seen["out"] == "figures/quick/fig1_delta_sweep"
+    plots.main(["delta", "--quick", "--epochs", "24", "--runs", "runs/sweeps"])   # given = the full default
+    assert seen["epochs"] == 24 and seen["runs"] == "runs/sweeps" and seen["seeds"] == [0, 1]
     plots.main(["delta"])
     assert seen["epochs"] == 24 and seen["runs"] == "runs/sweeps"

@@ -154,22 +154,23 @@ def main(argv=None):
     parser, args = get_args(argv)
     run = set_up(parser, args)            # processes, data, injection, model, loss, optimiser, resume
     if args.bench:
-        return bench(run, args)
+        bench(run, args)
+        return run
     for epoch in range(run.start_epoch, args.epochs):
         summary = train_one_epoch(run, args, epoch)
         save_checkpoint_then_log(run, args, epoch, summary)
     if not args.no_eval:                  # every rank takes part: the features are shared out
         final_summary(run, args)
-    if run.world > 1:
-        end_processes()
+    return run                            # the caller holds it until the processes end (end_processes)
 
 
 def end_processes():
     """The end of a torchrun process. Ranks reach it at different times (rank 0 saves), so they meet
-    first. Then the process leaves without running destructors: freeing the DDP wrapper frees gloo's
-    process group, whose destructor waits, holding Python's lock, for a gloo thread that is still
-    freeing tensors of the last collectives and needs that lock. That deadlock was seen about once
-    in ten 2-process runs here, after everything had been written."""
+    first. Then the process leaves without running destructors, while the run (and its DDP wrapper)
+    is still referenced: freeing the wrapper frees gloo's process group, whose destructor waits,
+    holding Python's lock, for a gloo thread that is still freeing tensors of the last collectives
+    and needs that lock. That deadlock was seen about once in ten 2-process runs here, after
+    everything had been written."""
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
@@ -201,7 +202,7 @@ class Run:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype                # None: full precision
     runlog: "RunLog"
-    bank_refresh: str = "step"            # "step": update the bank slots after each step; "epoch": at its end
+    bank_refresh: str = "epoch"           # "step": update the bank slots after each step; "epoch": at its end
     pending_bank_updates: list = field(default_factory=list)   # (index, v, a) of the epoch's steps so far
     start_epoch: int = 0
 
@@ -227,6 +228,9 @@ def set_up(parser, args):
         if ckpt["videos"] != [v.path for v in videos] or ckpt["injected_pairs"] != pairs:
             parser.error(f"--resume: the usable videos or the injected pairs differ from the checkpoint's "
                          f"({ckpt['num_instances']} slots then, {len(videos)} usable videos now): bank slots would not match")
+        was = ckpt["args"].get("bank_refresh", "step")  # checkpoints older than the flag refreshed per step
+        if was != args.bank_refresh:
+            parser.error(f"--resume: the run refreshed its bank per {was}; pass --bank-refresh {was} to continue it")
     if rank == 0 and not args.bench:  # every check has passed: now the run folder
         write_run_folder(args, out, videos, pairs, broken)
 
@@ -692,6 +696,7 @@ def bench(run, args):
     step = sum(med.values())
     per_step = len(index)
     print(f"bench: {args.bench_steps} steps, batch {per_step}, {args.mode}/{args.strategy}, K={run.criterion.K}, "
+          f"bank update timed after each step (with --bank-refresh epoch it happens at the epoch's end), "
           f"{args.video_arch}+{args.audio_arch}, {args.frames}x{args.crop}x{args.crop}, device {device}")
     print(f"  clips/s {per_step / step:.1f}   data-wait fraction {med['data'] / step:.3f}   step {1e3 * step:.1f} ms (medians)")
     print("  " + "  ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items()))
@@ -704,4 +709,6 @@ def bench(run, args):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    finished_run = main(sys.argv[1:])
+    if dist.is_available() and dist.is_initialized():
+        end_processes()

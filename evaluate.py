@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 import data
+import distributed
 import embedded_dataset
 from losses import gather_from_all_ranks
 from model import AVModel
@@ -145,9 +146,7 @@ def extract_video_features(model, dataset, device, batch_size=16, workers=0, kin
     if world > 1:
         feats = {k: gather_from_all_ranks(v) for k, v in feats.items()}
         labels, kept = gather_from_all_ranks(labels), gather_from_all_ranks(kept)
-        shares = [None] * world
-        torch.distributed.all_gather_object(shares, errors)
-        errors = [e for share_errors in shares for e in share_errors]
+        errors = [e for share_errors in distributed.gather_objects(errors, world) for e in share_errors]
         order = kept.argsort()
         feats, labels, kept = {k: v[order] for k, v in feats.items()}, labels[order], kept[order]
     return VideoFeatures({k: v.cpu() for k, v in feats.items()}, labels.cpu(), kept.cpu(), errors)

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
+import distributed
 import embedded_dataset
 import evaluate
 from losses import MODES, STRATEGIES, RobustXIDLoss, check_num_negatives, faulty_positive_weights
@@ -161,21 +162,7 @@ def main(argv=None):
         save_checkpoint_then_log(run, args, epoch, summary)
     if not args.no_eval:                  # every rank takes part: the features are shared out
         final_summary(run, args)
-    return run                            # the caller holds it until the processes end (end_processes)
-
-
-def end_processes():
-    """The end of a torchrun process. Ranks reach it at different times (rank 0 saves), so they meet
-    first. Then the process leaves without running destructors, while the run (and its DDP wrapper)
-    is still referenced: freeing the wrapper frees gloo's process group, whose destructor waits,
-    holding Python's lock, for a gloo thread that is still freeing tensors of the last collectives
-    and needs that lock. That deadlock was seen about once in ten 2-process runs here, after
-    everything had been written."""
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    return run                            # the caller holds it until the processes end (distributed.end_processes)
 
 
 @dataclass
@@ -216,7 +203,7 @@ class Run:
 # ----------------------------------------------------------------------------------------------
 def set_up(parser, args):
     """Processes, data, injection, model, loss, optimiser; the checkpoint's state on --resume."""
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = distributed.setup(args.device)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     out = Path(args.out)
     if args.batch_size % world:
@@ -319,21 +306,7 @@ def list_and_scan(args, split, spec, log, rank=0, world=1, classes=None):
     def listing(probe_many):
         return data.pretraining_split(root, split, spec, csv_path, args.class_names if classes is None else None,
                                       subset, args.seed, classes=classes, probe_many=probe_many, log=log)
-    return shared_by_ranks(listing, rank, world)
-
-
-def setup_distributed(device_flag):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train.py` is one process."""
-    if "RANK" not in os.environ:
-        device = torch.device("cuda" if device_flag == "auto" and torch.cuda.is_available()
-                              else "cpu" if device_flag == "auto" else device_flag)
-        return 0, 1, device
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    cuda = torch.cuda.is_available() and device_flag != "cpu"
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+    return distributed.shared_by_ranks(listing, rank, world)
 
 
 def reseed(seed, epoch, rank):
@@ -369,7 +342,7 @@ def train_one_epoch(run, args, epoch):
             data_errors.append(e)
             print(f"{'' if run.is_main else f'[rank {run.rank}] '}data error (clip left out of this step, "
                   f"not replaced): {e}", file=sys.stdout if run.is_main else sys.stderr, flush=True)
-        if not every_rank_has_data("video" in batch, run):  # every clip of the batch failed (named above)
+        if not distributed.every_rank_has_data("video" in batch, run.device, run.world):  # every clip of the batch failed (named above)
             t_last = time.perf_counter()
             continue
         loss, diag, index = train_step(run, batch, warmup, where=f"epoch {epoch + 1}, step {step}")
@@ -392,7 +365,7 @@ def train_one_epoch(run, args, epoch):
 
     refresh_bank_at_epoch_end(run)
     elapsed = time.perf_counter() - t_epoch
-    data_errors = [e for errors in gather_objects(data_errors, run.world) for e in errors]
+    data_errors = [e for errors in distributed.gather_objects(data_errors, run.world) for e in errors]
     if n_steps == 0:
         raise SystemExit(f"epoch {epoch + 1}: no step could be taken, every clip failed to decode; first errors:\n  "
                          + "\n  ".join(data_errors[:5]))
@@ -400,7 +373,7 @@ def train_one_epoch(run, args, epoch):
     summary.update(bank_statistics(run.criterion, run.injected, run.natural))
     summary.update(step=step, warmup=warmup, clips_per_s=clips / elapsed,
                    data_wait_fraction=wait / max(wait + compute, 1e-9), data_errors=len(data_errors),
-                   data_error_files=data_errors[:100], bank_spread_across_ranks=bank_spread(run.criterion, run.world))
+                   data_error_files=data_errors[:100], bank_spread_across_ranks=distributed.bank_spread(run.criterion, run.world))
     return summary
 
 
@@ -419,8 +392,10 @@ def train_step(run, batch, warmup, where):
 
 
 def refresh_bank_at_epoch_end(run):
-    """--bank-refresh epoch: the epoch's updates, in the order of its steps (every rank the same)."""
-    for index, v, a in run.pending_bank_updates:
+    """--bank-refresh epoch: the epoch's updates as one. An epoch visits each slot once (the sampler
+    is a permutation), so one update of all its slots equals the updates step by step."""
+    if run.pending_bank_updates:
+        index, v, a = (torch.cat(parts) for parts in zip(*run.pending_bank_updates))
         run.criterion.bank.update(index, v, a)
     run.pending_bank_updates.clear()
 
@@ -450,16 +425,6 @@ def optimise(run, loss):
     run.scaler.scale(loss).backward()
     run.scaler.step(run.optimizer)
     run.scaler.update()
-
-
-def every_rank_has_data(has_data, run):
-    """All ranks take the same steps, or DDP's all-reduce would wait forever: a step is skipped
-    everywhere when one rank's whole batch failed."""
-    if run.world > 1:
-        flag = torch.tensor([float(has_data)], device=run.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        has_data = bool(flag.item())
-    return has_data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,63 +509,6 @@ def same_class_target_mass(diag, index, labels):
     moved = diag["targets_v"][:, 1:] + diag["targets_a"][:, 1:]                   # (B, K)
     total = moved.sum()
     return ((moved * same).sum() / total).item() if total > 0 else float("nan"), same.float().mean().item()
-
-
-# ----------------------------------------------------------------------------------------------
-# Several processes: shared scan, gathered objects, a check that the banks agree
-# ----------------------------------------------------------------------------------------------
-def shared_by_ranks(fn, rank, world):
-    """fn(probe_many) runs on rank 0; the files it probes are spread over every rank (each probes one
-    share, the results are gathered), and every rank returns what rank 0 returned (or raises what it
-    raised). With one process it is fn(None)."""
-    if world == 1:
-        return fn(None)
-
-    def probe_share(paths, need_audio, min_seconds):
-        mine = data.probe_all(paths[rank::world], need_audio, min_seconds, quiet=rank != 0)
-        shares = [None] * world
-        dist.all_gather_object(shares, mine)
-        return [shares[k % world][k // world] for k in range(len(paths))]
-
-    if rank == 0:
-        def probe_many(paths, need_audio, min_seconds):
-            dist.broadcast_object_list([("probe", paths, need_audio, min_seconds)], src=0)
-            return probe_share(paths, need_audio, min_seconds)
-        try:
-            message = ("done", fn(probe_many))
-        except BaseException as e:  # the other ranks must hear of it, or they would wait forever
-            message = ("raise", e)
-        dist.broadcast_object_list([message], src=0)
-    else:
-        while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0)
-            message = box[0]
-            if message[0] != "probe":
-                break
-            probe_share(*message[1:])
-    if message[0] == "raise":
-        raise message[1]
-    return message[1]
-
-
-def gather_objects(obj, world):
-    """[obj of rank 0, obj of rank 1, ...] on every rank."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def bank_spread(criterion, world):
-    """max - min over ranks of a checksum of the banks: 0 when every rank holds the same banks."""
-    if world == 1:
-        return 0.0
-    c = (criterion.bank.v_bar.double().sum() + 2 * criterion.bank.a_bar.double().sum()).reshape(1)
-    parts = [torch.zeros_like(c) for _ in range(world)]
-    dist.all_gather(parts, c)
-    return (max(parts) - min(parts)).item()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -711,4 +619,4 @@ def bench(run, args):
 if __name__ == "__main__":
     finished_run = main(sys.argv[1:])
     if dist.is_available() and dist.is_initialized():
-        end_processes()
+        distributed.end_processes()

@@ -342,14 +342,15 @@ def train_one_epoch(run, args, epoch):
             data_errors.append(e)
             print(f"{'' if run.is_main else f'[rank {run.rank}] '}data error (clip left out of this step, "
                   f"not replaced): {e}", file=sys.stdout if run.is_main else sys.stderr, flush=True)
-        if not distributed.every_rank_has_data("video" in batch, run.device, run.world):  # every clip of the batch failed (named above)
+        if not distributed.every_rank_has_data("video" in batch, run.device, run.world):  # all failed (named above)
             t_last = time.perf_counter()
             continue
         loss, diag, index = train_step(run, batch, warmup, where=f"epoch {epoch + 1}, step {step}")
         compute += time.perf_counter() - t_ready
 
-        record = {"loss": loss.item(), "loss_v2a": diag["loss_v2a"].item(), "loss_a2v": diag["loss_a2v"].item(),
-                  "batch_mean_weight": diag["mean_weight"].item(), "target_on_positive": diag["target_on_positive"].item()}
+        terms = {"loss": loss, "loss_v2a": diag["loss_v2a"], "loss_a2v": diag["loss_a2v"],
+                 "batch_mean_weight": diag["mean_weight"], "target_on_positive": diag["target_on_positive"]}
+        record = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))  # one GPU sync
         if labels_known and diag["lam"] > 0:  # soft targets this step: where their moved mass lands
             record["soft_mass_same_class"], record["same_class_share"] = same_class_target_mass(diag, index, labels)
         for k, val in record.items():

@@ -9,9 +9,10 @@ Injection lives here, not in train.py or losses.py: it decides which file each i
 read from (AVClips' audio_source), so it is a property of the data a run is served, like its
 listing; the loss never knows. train.py, evaluate.py and plots.py all read it from here.
 
-Command line (data.py's own tools: the scan of a download, and the loader's benchmark):
+Command line (data.py's own tools for a download; prepare and bench live in prepare.py):
     python data.py scan ROOT                     # sort every video under ROOT into usable / broken
-    python data.py bench ROOT                    # loader clips/s against raw PyAV decoding
+    python data.py prepare SRC DST               # transcode a download once, to the scale training reads
+    python data.py bench [SRC --prepared DST]    # clips/s per core before and after, and the loader
 """
 import argparse
 import csv
@@ -20,6 +21,8 @@ import os
 import random
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from itertools import takewhile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -437,6 +440,14 @@ def balanced_subset(videos, num_classes, num_videos, seed=0):
     return sorted(picked, key=lambda v: v.path)
 
 
+def stored_as(path):
+    """The file a split list names, or its prepared copy (`python data.py prepare` writes v_x.avi as
+    v_x.mp4); as named when neither exists, for the scan to report it missing."""
+    path = Path(path)
+    prepared = path.with_suffix(".mp4")
+    return str(prepared if not path.exists() and prepared.exists() else path)
+
+
 def ucf101(root, splits_dir, fold=1, split="train"):
     """UCF101: classInd.txt ("1 ApplyEyeMakeup"), trainlist0F.txt ("Class/v_x.avi 1"), testlist0F.txt."""
     splits_dir = Path(splits_dir)
@@ -444,7 +455,7 @@ def ucf101(root, splits_dir, fold=1, split="train"):
         classes = [line.split()[1] for line in f if line.strip()]
     with open(splits_dir / f"{split}list0{fold}.txt") as f:
         rels = [line.split()[0] for line in f if line.strip()]
-    return sorted(Video(str(Path(root) / r), classes.index(r.split("/")[0])) for r in rels), classes
+    return sorted(Video(stored_as(Path(root) / r), classes.index(r.split("/")[0])) for r in rels), classes
 
 
 def hmdb51(root, splits_dir, fold=1, split="train"):
@@ -458,7 +469,7 @@ def hmdb51(root, splits_dir, fold=1, split="train"):
     for label, f in enumerate(files):
         for line in f.read_text().splitlines():
             if line.strip() and line.split()[1] == wanted:
-                videos.append(Video(str(Path(root) / classes[label] / line.split()[0]), label))
+                videos.append(Video(stored_as(Path(root) / classes[label] / line.split()[0]), label))
     return sorted(videos), classes
 
 
@@ -523,9 +534,17 @@ def _probe(path, need_audio, min_seconds):
     return duration, None
 
 
-def probe_all(paths, need_audio, min_seconds, quiet=False):
-    """probe() for each path, one after the other (the default of scan's `probe_many`)."""
-    return [probe(p, need_audio, min_seconds) for p in progress(paths, desc="scan", unit="file", disable=quiet)]
+def probe_all(paths, need_audio, min_seconds, quiet=False, workers=None):
+    """probe() for each path, over `workers` processes (default: this machine's cores; the default of
+    scan's `probe_many`). Opening a file is mostly FFmpeg's work, so the processes scale with the
+    cores: 240k Kinetics files take about an hour on one core."""
+    workers = min(workers or os.cpu_count() or 1, max(1, len(paths) // 8))  # a pool costs ~0.1 s to start
+    bar = dict(total=len(paths), desc="scan", unit="file", disable=quiet)
+    if workers == 1:
+        return [probe(p, need_audio, min_seconds) for p in progress(paths, **bar)]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(progress(pool.map(partial(probe, need_audio=need_audio, min_seconds=min_seconds), paths,
+                                      chunksize=8), **bar))
 
 
 def scan(videos, spec=ClipSpec(), cache_path=None, name="dataset", probe_many=None, log=print):
@@ -577,51 +596,9 @@ def atomic_write(path, text):
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-def _raw_decode(path, start, spec):
-    """The floor for the loader: plain PyAV decoding of the same window, no resampling or transforms."""
-    with av.open(str(path)) as c:
-        vs, aus = c.streams.video[0], c.streams.audio[0]
-        c.seek(int(start / vs.time_base), stream=vs, backward=True)
-        frames = [f.to_ndarray(format="rgb24") for f in takewhile(lambda f: f.time <= start + spec.video_seconds,
-                                                                   c.decode(vs)) if f.time >= start]
-        c.seek(int(start / aus.time_base), stream=aus, backward=True)
-        audio = [f.to_ndarray() for f in takewhile(lambda f: f.time <= start + spec.audio_seconds, c.decode(aus))]
-    return frames, audio
+def main(argv=None):
+    import prepare  # data.py's own tools: prepare.py builds on the reading above
 
-
-def _bench(root, num, spec, batch_size):
-    """Clips/s of the training loader (one worker) against raw PyAV decoding of the same windows."""
-    kinetics = Path(root) / "kinetics"
-    videos, _ = kinetics_folder(kinetics if kinetics.is_dir() else root, "train")
-    videos, _ = scan(videos[:num], spec)
-    ds = AVClips(videos, spec, train=True)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=1, collate_fn=collate_clips,
-                                         persistent_workers=True)
-    next(iter(loader))  # start the worker outside the timing
-    rates = {"raw": [], "loader": []}
-    for _ in range(3):
-        t = time.perf_counter()
-        for v in videos:
-            _raw_decode(v.path, random.uniform(0, v.duration - spec.shortest_file_seconds), spec)
-        rates["raw"].append(len(videos) / (time.perf_counter() - t))
-        t = time.perf_counter()
-        n = sum(len(b["index"]) for b in loader)
-        rates["loader"].append(n / (time.perf_counter() - t))
-    raw, ld = (float(np.median(r)) for r in rates.values())
-    print(f"raw PyAV decode      {raw:7.1f} clips/s (median of 3)\n"
-          f"AVClips, 1 worker    {ld:7.1f} clips/s (median of 3)\nloader / raw         {ld / raw:7.2f}")
-    # the other half of the pipeline, not in the loader: BatchTransforms on a batch of 32, here on the CPU
-    batch = collate_clips([ds[i % len(ds)] for i in range(32)])
-    tf, times = BatchTransforms(spec, train=True), []
-    for _ in range(10):
-        t = time.perf_counter()
-        tf.video(batch["video"]), tf.audio(batch["audio"])
-        times.append(time.perf_counter() - t)
-    print(f"BatchTransforms (jitter, normalise, log-mel) on this CPU: {1e3 * np.median(times) / 32:.3f} ms per clip "
-          f"(on the training device, batched; train.py --bench shows it as 'transforms')")
-
-
-def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("scan", help="sort the videos under ROOT into usable and broken")
@@ -629,14 +606,30 @@ def main():
     s.add_argument("--no-audio", action="store_true", help="do not require an audio stream")
     s.add_argument("--min-seconds", type=float, default=ClipSpec().shortest_file_seconds, help="shortest usable file")
     s.add_argument("--broken-list", default=None, help="where to write the broken files (default ROOT/broken.txt)")
-    b = sub.add_parser("bench", help="loader clips/s against raw PyAV decoding")
-    b.add_argument("root", nargs="?", default="data/toy")
-    b.add_argument("--clips", type=int, default=200, help="how many training videos to read")
-    b.add_argument("--crop", type=int, default=ClipSpec().size, help="crop size in pixels")
-    b.add_argument("--frames", type=int, default=ClipSpec().frames, help="frames per clip")
-    b.add_argument("--fps", type=float, default=ClipSpec().fps, help="clip frame rate")
-    b.add_argument("--batch-size", type=int, default=32, help="clips per batch (train.py's default)")
-    args = p.parse_args()
+    s.add_argument("--workers", type=int, default=None, help="processes opening files (default: all cores)")
+    r = sub.add_parser("prepare", help="transcode SRC (Kinetics / UCF101 / HMDB51 folders) to the training scale in DST")
+    r.add_argument("src")
+    r.add_argument("dst")
+    d = prepare.Scale()
+    r.add_argument("--short-side", type=int, default=d.short_side, help="pixels of the short side (not enlarged)")
+    r.add_argument("--fps", type=float, default=d.fps, help="frame rate (the paper's clips: 16)")
+    r.add_argument("--keyframe-interval", type=int, default=d.keyframe_interval, help="frames between keyframes")
+    r.add_argument("--sample-rate", type=int, default=d.sample_rate, help="audio rate in Hz (the paper's: 24000)")
+    r.add_argument("--channels", type=int, choices=[1, 2], default=d.channels, help="audio channels")
+    r.add_argument("--crf", type=int, default=d.crf, help="x264 quality, 0-51: lower is better and bigger")
+    r.add_argument("--workers", type=int, default=None, help="files transcoded at once (default: all cores)")
+    b = sub.add_parser("bench", help="clips/s per core of a source tree against its prepared copy, and the loader")
+    b.add_argument("source", nargs="?", default=None,
+                   help="a Kinetics-style tree (SRC/train/<class>/...); default: write a YouTube-like one")
+    b.add_argument("--prepared", default=None, help="its prepared copy (default: prepared now, beside it)")
+    b.add_argument("--youtube-like", default="data/youtube_like", help="where the YouTube-like source is written")
+    b.add_argument("--files", type=int, default=8, help="YouTube-like files to write")
+    b.add_argument("--seconds", type=float, default=10.0, help="length of each YouTube-like file")
+    b.add_argument("--resolution", default="1280x720", help="WxH of the YouTube-like files")
+    b.add_argument("--clips", type=int, default=20, help="random clips timed per tree")
+    b.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1],
+                   help="loader worker counts to time on the prepared copy")
+    args = p.parse_args(argv)
     if args.cmd == "scan":
         root = Path(args.root)
         if not root.is_dir():
@@ -644,15 +637,37 @@ def main():
         videos = [Video(str(f)) for f in video_files(root, recursive=True)]
         spec = ClipSpec(need_audio=not args.no_audio, frames=1, fps=1 / max(args.min_seconds, 1e-3),
                         audio_seconds=max(args.min_seconds, 1e-3))
-        _, broken = scan(videos, spec, root / ".scan-cache.json", name=str(root))
+        _, broken = scan(videos, spec, root / ".scan-cache.json", name=str(root),
+                         probe_many=partial(probe_all, workers=args.workers))
         out = Path(args.broken_list or root / "broken.txt")
         out.write_text("".join(f"{path}\t{reason}\n" for path, reason in broken))
         print(f"broken files listed in {out}")
+    elif args.cmd == "prepare":
+        scale = prepare.Scale(args.short_side, args.fps, args.keyframe_interval, args.sample_rate, args.channels,
+                              args.crf)
+        for flag, ok in (("--short-side", args.short_side >= 2), ("--fps", args.fps > 0),
+                         ("--keyframe-interval", args.keyframe_interval >= 1), ("--sample-rate", args.sample_rate >= 8000),
+                         ("--crf", 0 <= args.crf <= 51), ("--workers", (args.workers or 1) >= 1)):
+            if not ok:
+                p.error(f"{flag} is out of range")
+        try:
+            prepare.prepare(args.src, args.dst, scale, args.workers)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
     else:
-        if not Path(args.root).is_dir():
-            p.error(f"{args.root} is not a folder (the embedded dataset is written by `python embedded_dataset.py`, "
-                    f"or by `python train.py` on first use)")
-        _bench(args.root, args.clips, ClipSpec(frames=args.frames, fps=args.fps, size=args.crop), args.batch_size)
+        try:
+            width, height = (int(x) for x in args.resolution.lower().split("x"))
+        except ValueError:
+            p.error(f"--resolution {args.resolution!r}: expected WxH, e.g. 1280x720")
+        if args.source is None:
+            args.source = Path(args.youtube_like) / "source"
+            prepare.write_youtube_like(args.source, args.files, args.seconds, width, height)
+        if not Path(args.source).is_dir():
+            p.error(f"{args.source} is not a folder")
+        if args.prepared is None:
+            args.prepared = Path(f"{Path(args.source).resolve()}-prepared")
+            prepare.prepare(args.source, args.prepared)
+        prepare.compare(args.source, args.prepared, clips=args.clips, workers=args.workers)
 
 
 if __name__ == "__main__":

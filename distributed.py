@@ -51,7 +51,9 @@ def shared_by_ranks(fn, rank, world):
         return fn(None)
 
     def probe_share(paths, need_audio, min_seconds):
-        mine = data.probe_all(paths[rank::world], need_audio, min_seconds, quiet=rank != 0)
+        # the machine's cores are shared by the ranks on it
+        cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        mine = data.probe_all(paths[rank::world], need_audio, min_seconds, quiet=rank != 0, workers=cores)
         shares = [None] * world
         dist.all_gather_object(shares, mine)
         return [shares[k % world][k // world] for k in range(len(paths))]

@@ -9,7 +9,10 @@ import re
 import shutil
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
+
+import av
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ import torch
 import data
 import evaluate
 import plots
+import prepare
 import train
 from test_pipeline import write_av
 
@@ -465,3 +469,136 @@ def test_error_bars_are_the_sample_std_over_seeds():
     """Two seeds at 0.4 and 0.6: sample std (ddof 1) 0.1414, not the population std 0.1."""
     mean, spread = plots.mean_and_spread(np.array([[0.4, 0.6], [0.5, 0.5]]))
     assert mean.tolist() == pytest.approx([0.5, 0.5]) and spread.tolist() == pytest.approx([0.02 ** 0.5, 0.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare: the download transcoded once to the training scale (data.py prepare, prepare.py)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def prepared(download, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("prepared")
+    data.main(["prepare", str(download), str(dst), "--short-side", "24", "--keyframe-interval", "8", "--workers", "2"])
+    return dst
+
+
+def test_prepare_keeps_the_layout_and_names_what_it_cannot_read(download, prepared):
+    """Every readable video comes back as <same path>.mp4 at the asked scale (short side, fps,
+    keyframe interval, mono audio at the rate; no audio where the source had none); the metadata
+    (CSVs, split lists) is copied as is; what FFmpeg cannot read is named with the scan's reason."""
+    failed = dict(line.split("\t") for line in (prepared / prepare.FAILED_FILE).read_text().splitlines())
+    reasons = {Path(p).name: r.split(":")[0] for p, r in failed.items()}
+    assert reasons == {clip_name(14): "zero bytes", clip_name(15): "cannot open / corrupt",   # truncated
+                       clip_name(24, ".part"): "cannot open / corrupt", "v_Archery_g04_c01.avi": "zero bytes"}
+    for f in ("train.csv", "validate.csv", "ucfTrainTestlist/trainlist01.txt", "testTrainMulti_7030_splits/catch_test_split1.txt"):
+        assert (prepared / f).read_bytes() == (download / f).read_bytes()
+    assert not list(prepared.rglob(".DS_Store")) and not list(prepared.rglob(".*.tmp*"))
+    made = sorted(prepared.rglob("*.mp4"))
+    assert len(made) == len(prepare.plan(download, prepared)[0]) - len(failed) == 47
+    for path in made:
+        with av.open(str(path)) as c:
+            v = c.streams.video[0]
+            assert min(v.codec_context.width, v.codec_context.height) <= 24 and v.codec_context.width % 2 == 0
+            assert float(v.average_rate) == 16.0
+            keyframes = [k for k, p in enumerate(c.demux(v)) if p.is_keyframe]
+            assert keyframes[:2] == [0, 8] or len(keyframes) == 1
+        with av.open(str(path)) as c:
+            if c.streams.audio:
+                a = c.streams.audio[0]
+                assert (a.codec_context.sample_rate, a.codec_context.layout.name) == (24000, "mono")
+    without_audio = {p.name for p in made if not av.open(str(p)).streams.audio}
+    assert clip_name(4) in without_audio and "v_Archery_g01_c01.mp4" in without_audio
+
+
+def test_training_and_evaluation_run_on_a_prepared_copy_unchanged(download, prepared, tmp_path, capsys):
+    """train.py --data-root DST and evaluate.py with the original split files (which name .avi files:
+    the listings find the prepared .mp4) see the same videos as on the download."""
+    out = tmp_path / "run"
+    run_train(prepared, out, "--epochs", "1", "--csv", str(prepared / "train.csv"), "--val-csv",
+              str(prepared / "validate.csv"))
+    said = capsys.readouterr().out
+    # the same 16 videos as on the download; what prepare could not read is missing in the copy
+    assert "16 videos (4 classes, 5 broken left out)" in said and "3  missing file" in said
+    r = evaluate.main([str(out), *downstream_flags(prepared), "--clips", "2", "--ft-epochs", "1", "--workers", "0",
+                       "--queries", "3"])
+    assert (r["ucf"]["train_videos"], r["ucf"]["test_videos"], r["hmdb"]["train_videos"]) == (8, 3, 6)
+
+
+def test_prepared_clips_keep_sound_and_picture_aligned(tmp_path):
+    """A flash at 1.5 s with a click at the same moment, in a 30 fps file whose streams start at
+    different times (0.5 s and 0.25 s): in the prepared copy the click is still where the flash is (within a frame at 16 fps)."""
+    src = tmp_path / "src" / "flash.mkv"
+    src.parent.mkdir()
+    with av.open(str(src), "w") as out:
+        vs = out.add_stream("libx264", rate=30)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        aus = out.add_stream("pcm_s16le", rate=44100)
+        aus.layout = "stereo"
+        for i in range(90):  # video from 0.5 s to 3.5 s
+            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 250 if 45 <= i + 15 < 48 else 20, np.uint8), format="rgb24")
+            f.pts, f.time_base = i + 15, Fraction(1, 30)
+            out.mux(vs.encode(f))
+        out.mux(vs.encode())
+        wave = np.zeros((2, 3 * 44100), np.int16)  # audio from 0.25 s to 3.25 s; click at 1.5 s
+        wave[:, int(1.25 * 44100):int(1.25 * 44100) + 200] = 20000
+        af = av.AudioFrame.from_ndarray(wave.T.reshape(1, -1).copy(), format="s16", layout="stereo")
+        af.sample_rate, af.pts, af.time_base = 44100, int(0.25 * 44100), Fraction(1, 44100)
+        out.mux(aus.encode(af))
+        out.mux(aus.encode())
+    dst = tmp_path / "flash.mp4"
+    prepare.transcode(src, dst)
+    spec = data.ClipSpec(frames=16, fps=16.0, audio_seconds=1.0, sample_rate=16000)
+    for path in (src, dst):
+        frames, wave = data.decode_clip(path, 0.5, spec)  # clip times count from the first video frame
+        flash = np.argmax(frames.mean(axis=(1, 2, 3))) / 16.0
+        click = np.argmax(np.abs(wave)) / 16000
+        assert abs(flash - 0.5) <= 1 / 16 + 1e-6 and abs(click - flash) <= 1 / 16 + 1e-6, (path, flash, click)
+
+
+def test_a_stopped_prepare_continues_and_never_leaves_half_a_file(download, tmp_path, monkeypatch):
+    """A file is written under a hidden temporary name and renamed when whole: a transcode that fails
+    half-way leaves nothing behind; a second prepare transcodes only what is not done yet."""
+    src = tmp_path / "src"
+    shutil.copytree(download / "kinetics" / "train" / "zumba", src / "train" / "zumba")
+    truncated = src / "train" / "zumba" / clip_name(30)
+    truncated.write_bytes(truncated.read_bytes()[:-3000])  # readable header, data cut off
+    with pytest.raises(Exception):
+        prepare.transcode(truncated, tmp_path / "half.mp4")
+    assert not list(tmp_path.glob("*half.mp4*"))
+    dst = tmp_path / "dst"
+    first = prepare.prepare(src, dst, workers=1, log=lambda *a: None)
+    done = {p: p.stat().st_mtime_ns for p in dst.rglob("*.mp4")}
+    victim = sorted(done)[-1]
+    victim.unlink()                                     # as if prepare had been stopped before this file
+    second = prepare.prepare(src, dst, workers=1, log=lambda *a: None)
+    assert second["skipped"] == len(done) - 1 and second["prepared"] == 1 and victim.exists()
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items() if p != victim)
+    assert first["failed"] == second["failed"]          # the broken file is named again, each time
+
+
+def test_prepare_refuses_to_continue_at_another_scale(download, prepared, capsys):
+    """A destination records its scale: other flags would mix two scales in one tree."""
+    with pytest.raises(SystemExit):
+        data.main(["prepare", str(download), str(prepared), "--short-side", "32"])
+    assert "was prepared at" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        data.main(["prepare", str(download / "nothing"), str(prepared)])
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_the_parallel_scan_finds_what_the_sequential_one_finds(download):
+    """data.probe_all over processes gives the same (duration, reason) per file, in order."""
+    paths = [str(p) for p in data.video_files(download / "kinetics" / "train", recursive=True)]
+    assert len(paths) >= 16
+    assert data.probe_all(paths, True, 1.0, quiet=True, workers=2) == data.probe_all(paths, True, 1.0, quiet=True, workers=1)
+
+
+def test_bench_compares_a_youtube_like_source_with_its_prepared_copy(tmp_path, capsys):
+    """`python data.py bench` at small settings: writes the source (long GOP), prepares it, prints
+    clips/s per core before and after and the loader's rate against raw decoding."""
+    data.main(["bench", "--youtube-like", str(tmp_path), "--files", "2", "--seconds", "2.5", "--resolution", "96x64",
+               "--clips", "3", "--workers", "1"])
+    said = capsys.readouterr().out
+    assert re.search(r"source \(96x64, 30 fps, 2 files\)\s+\d", said) and "prepared / source, per core:" in said
+    assert re.search(r"loader on the prepared copy, 1 worker\(s\):\s+\d+\.\d clips/s = \d\.\d\d of raw", said)
+    with av.open(str(next((tmp_path / "source").rglob("*.mp4")))) as c:
+        assert [k for k, p in enumerate(c.demux(video=0)) if p.is_keyframe] == [0]  # one GOP: as YouTube's

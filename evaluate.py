@@ -33,27 +33,27 @@ from progress import progress
 # ----------------------------------------------------------------------------------------------
 # Metrics (pure functions, tested on hand-made inputs)
 # ----------------------------------------------------------------------------------------------
-def recall_at_k(query, gallery, query_labels, gallery_labels, ks=(1, 5, 10, 20)):
+def recall_at_k(query, gallery, query_labels, gallery_labels, ks=(1, 5, 10, 20), device=None):
     """R@K: the share of queries with at least one same-class item among their K nearest gallery
-    items (Euclidean distance)."""
-    nearest = nearest_neighbours(query, gallery, min(max(ks), gallery.shape[0]))     # (Q, K)
+    items (Euclidean distance; the search on `device`)."""
+    nearest = nearest_neighbours(query, gallery, min(max(ks), gallery.shape[0]), device=device)  # (Q, K)
     hit = gallery_labels[nearest] == query_labels[:, None]                            # (Q, K)
     return {f"R@{k}": hit[:, :k].any(1).float().mean().item() for k in ks if k <= gallery.shape[0]}
 
 
-def nearest_neighbours(query, gallery, k, chunk=None):
-    """Indices (Q, k) of the k nearest gallery items of each query (Euclidean). The distances are
-    computed for a chunk of queries at a time, at most ~2^26 of them (256 MB): all at once, 20k
-    Kinetics val queries against 240k training videos would need 19 GB."""
-    gallery = gallery.float()
+def nearest_neighbours(query, gallery, k, chunk=None, device=None):
+    """Indices (Q, k) of the k nearest gallery items of each query (Euclidean), on the CPU. The search
+    runs on `device` (default: the gallery's), a chunk of queries at a time, at most ~2^26 distances
+    (256 MB): all at once, 20k Kinetics val queries against 240k training videos would need 19 GB."""
+    gallery = gallery.to(device or gallery.device, torch.float32)
     chunk = chunk or max(1, 2**26 // max(len(gallery), 1))
-    return torch.cat([torch.cdist(q.float(), gallery).topk(k, dim=1, largest=False).indices
-                      for q in query.split(chunk)])
+    return torch.cat([torch.cdist(q.to(gallery.device, torch.float32), gallery).topk(k, dim=1, largest=False)
+                      .indices.cpu() for q in query.split(chunk)])
 
 
-def per_class_recall_at_1(query, gallery, query_labels, gallery_labels, classes):
+def per_class_recall_at_1(query, gallery, query_labels, gallery_labels, classes, device=None):
     """R@1 averaged over the queries of each class (Figure 3)."""
-    hit = (gallery_labels[nearest_neighbours(query, gallery, 1)[:, 0]] == query_labels).float()
+    hit = (gallery_labels[nearest_neighbours(query, gallery, 1, device=device)[:, 0]] == query_labels).float()
     return {classes[c]: hit[query_labels == c].mean().item() for c in query_labels.unique().tolist()}
 
 
@@ -232,7 +232,8 @@ def evaluate_downstream(name, model, listing, spec, args, device, log):
     kind = args.retrieval_features
     out = {"train_videos": len(gallery.labels), "test_videos": len(queries.labels), "classes": len(classes),
            "broken": [f"{p}\t{r}" for p, r in broken], "data_errors": gallery.errors + queries.errors,
-           "retrieval": recall_at_k(queries.features[kind], gallery.features[kind], queries.labels, gallery.labels),
+           "retrieval": recall_at_k(queries.features[kind], gallery.features[kind], queries.labels, gallery.labels,
+                                    device=device),
            "linear_probe_video_top1": linear_probe(gallery.features["pooled"], gallery.labels,
                                                    queries.features["pooled"], queries.labels, len(classes))}
     clip, video = finetune(model, data.AVClips(train_v, spec, True), data.AVClips(test_v, spec, False, args.clips),
@@ -306,18 +307,18 @@ def retrieval_on_pretraining_set(model, run_args, classes, train_v, spec, args, 
     except (FileNotFoundError, ValueError) as e:  # no such split, nothing usable in it, a bad CSV
         log(f"pre-training set: no held-out videos, so no retrieval, per-class R@1 or Figure 4 ({e})")
         return {}
-    gallery, queries = pretraining_set_features(model, train_v, val_v, spec, device, args.workers, log)
+    kind = args.retrieval_features  # only that kind is kept: "map" features of 240k videos are 7.9 GB
+    gallery, queries = pretraining_set_features(model, train_v, val_v, spec, device, args.workers, log, kinds=(kind,))
     if gallery is None:
         return {}
-    kind = args.retrieval_features
     qry, gal = queries.features[kind], gallery.features[kind]
-    results = {"pretrain_retrieval": recall_at_k(qry, gal, queries.labels, gallery.labels),
-               "per_class_R@1": per_class_recall_at_1(qry, gal, queries.labels, gallery.labels, classes)}
+    results = {"pretrain_retrieval": recall_at_k(qry, gal, queries.labels, gallery.labels, device=device),
+               "per_class_R@1": per_class_recall_at_1(qry, gal, queries.labels, gallery.labels, classes, device)}
     first_of_class = {}
     for row, y in enumerate(queries.labels.tolist()):
         first_of_class.setdefault(y, row)
     rows = list(first_of_class.values())[: args.queries]
-    nn_idx = nearest_neighbours(qry[rows], gal, min(4, len(gal)))
+    nn_idx = nearest_neighbours(qry[rows], gal, min(4, len(gal)), device=device)
     frame_spec = data.ClipSpec(frames=1, fps=1.0, need_audio=False)
     grid, listing = [], []
     for r, neighbours in zip(rows, nn_idx.tolist()):

@@ -247,16 +247,17 @@ PAPER_CLIP = ClipSpec(frames=8, fps=16.0, size=112, audio_seconds=2.0, sample_ra
 
 
 def _write_youtube_like_file(path, seconds, width, height, seed):
-    """FFmpeg's moving test pattern with grain (so it does not compress to nothing) at 30 fps, x264 at
-    its default keyframe interval (250 frames), AAC 44.1 kHz stereo: what a YouTube download is like
-    to decode, as far as the decoder's work goes."""
+    """FFmpeg's moving test pattern with grain (so it does not compress to nothing) at 30 fps, x264 with
+    a keyframe every 250 frames (its default interval), AAC 44.1 kHz stereo: a YouTube download's
+    structure (a clip decodes from a keyframe up to seconds before it)."""
     rng = np.random.default_rng(seed)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with av.open(f"testsrc2=s={width}x{height}:r=30:d={seconds},noise=alls=8:allf=t+u:all_seed={seed}",
                  format="lavfi") as src, av.open(str(tmp), "w", format="mp4") as out:
         vs = out.add_stream("libx264", rate=30)
         vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
-        vs.codec_context.options = {"preset": "veryfast", "crf": "23", "threads": "1"}  # keyint: x264's (250)
+        # a keyframe every 250 frames (x264's default interval), no extra ones at scene cuts
+        vs.codec_context.options = {"preset": "veryfast", "crf": "23", "threads": "1", "sc_threshold": "0"}
         aus = out.add_stream("aac", rate=44100)
         aus.layout = "stereo"
         for frame in src.decode(video=0):
@@ -312,7 +313,7 @@ def ms_per_clip(fn, videos, clips, seed=0):
     return 1e3 * float(np.median(times))
 
 
-def loader_clips_per_s(videos, spec, workers, batch_size=32, batches=4):
+def loader_clips_per_s(videos, spec, workers, batch_size=32, batches=16):
     """Clips/s of the training loader (AVClips in `workers` processes), after its start-up."""
     ds = AVClips(videos * (1 + batch_size * (batches + 1) // len(videos)), spec, train=True)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_clips,

@@ -20,6 +20,7 @@ import torch
 
 import data
 import evaluate
+import gpu_check
 import plots
 import prepare
 import train
@@ -602,3 +603,13 @@ def test_bench_compares_a_youtube_like_source_with_its_prepared_copy(tmp_path, c
     assert re.search(r"loader on the prepared copy, 1 worker\(s\):\s+\d+\.\d clips/s = \d\.\d\d of raw", said)
     with av.open(str(next((tmp_path / "source").rglob("*.mp4")))) as c:
         assert [k for k, p in enumerate(c.demux(video=0)) if p.is_keyframe] == [0]  # one GOP: as YouTube's
+
+
+def test_the_gpu_check_runs_its_steps_on_the_cpu_at_small_settings(tmp_path, capsys):
+    """gpu_check.py --small: source -> prepare -> train.py --bench for the four modes -> a run stopped
+    after one epoch and resumed; every target printed with ok or MISSED (the timings are the CPU's)."""
+    result = gpu_check.main(["--small", "--root", str(tmp_path), "--files", "8", "--workers", "1"])
+    said = capsys.readouterr().out
+    assert set(result["step"]) == {"xid", "weighted", "soft", "robust"} and result["epochs"] == [1, 2]
+    assert all(result["times"][m]["data"] > 0 for m in result["step"])
+    assert said.count("ok    ") + said.count("MISSED") == 3 and "ok      the resumed run logged epochs [1, 2]" in said

@@ -155,7 +155,7 @@ def main(argv=None):
     parser, args = get_args(argv)
     run = set_up(parser, args)            # processes, data, injection, model, loss, optimiser, resume
     if args.bench:
-        bench(run, args)
+        run.bench = bench(run, args)      # median seconds of each part of a step
         return run
     for epoch in range(run.start_epoch, args.epochs):
         summary = train_one_epoch(run, args, epoch)
@@ -192,6 +192,7 @@ class Run:
     bank_refresh: str = "epoch"           # "step": update the bank slots after each step; "epoch": at its end
     pending_bank_updates: list = field(default_factory=list)   # (index, v, a) of the epoch's steps so far
     start_epoch: int = 0
+    bench: dict = None                    # --bench: median seconds of each part of a step
 
     @property
     def is_main(self):
@@ -532,8 +533,8 @@ def final_summary(run, args):
         gallery, queries = evaluate.pretraining_set_features(run.model, run.videos, val, eval_spec, device, args.workers,
                                                              log, kinds=("pooled",), rank=run.rank, world=run.world)
         if gallery is not None and run.is_main:
-            r = evaluate.recall_at_k(queries.features["pooled"].to(device), gallery.features["pooled"].to(device),
-                                     queries.labels.to(device), gallery.labels.to(device), ks=(1, 5))
+            r = evaluate.recall_at_k(queries.features["pooled"], gallery.features["pooled"], queries.labels,
+                                     gallery.labels, ks=(1, 5), device=device)
             results["train_summary_retrieval"] = r
             log(f"video retrieval, {len(queries.labels)} held-out {args.val_split} clips -> {len(gallery.labels)} "
                 f"{args.split} clips: " + "  ".join(f"{k} {v:.3f}" for k, v in r.items())

@@ -1,0 +1,89 @@
+"""The CUDA path at the paper's scale, checked in one go: run it whenever a GPU is at hand.
+
+    python gpu_check.py            # on a GPU machine: about 5 minutes
+    python gpu_check.py --small    # the same steps at toy settings, on any CPU (the tests run this)
+
+1. writes a YouTube-like source (data.py bench's) and prepares it with `data.py prepare`;
+2. `train.py --bench` with R(2+1)D-18 + the AVID audio net at 8 x 112^2, batch 64, bf16, the
+   machine's cores as loader workers: data-wait fraction, clips/s, the split of a step, peak memory,
+   for xid, weighted, soft (cycle) and robust;
+3. a 2-epoch run on the prepared files, stopped after its first epoch and resumed (--resume).
+It ends with the targets, each marked ok or MISSED: data wait below 10%, robust's step at most
+1.10x xid's, the resumed run's epochs 1 and 2 in its log.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+import prepare
+import train
+
+PAPER = ["--video-arch", "r2plus1d_18", "--audio-arch", "avid", "--frames", "8", "--fps", "16", "--crop", "112",
+         "--audio-seconds", "2", "--sample-rate", "24000", "--batch-size", "64", "--amp", "bf16"]
+SMALL = ["--frames", "4", "--fps", "8", "--crop", "32", "--audio-seconds", "1", "--sample-rate", "16000",
+         "--batch-size", "8", "--amp", "off", "--num-negatives", "4"]
+MODES = {"xid": [], "weighted": [], "soft": ["--strategy", "cycle"], "robust": ["--strategy", "cycle"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="toy settings that run on a CPU in a minute")
+    p.add_argument("--root", default="data/gpu_check", help="where the source, its prepared copy and the run go")
+    p.add_argument("--files", type=int, default=None, help="YouTube-like files (default 256; --small: 16)")
+    p.add_argument("--bench-steps", type=int, default=None, help="steps timed per mode (default 50; --small: 2)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader workers (default: all cores)")
+    args = p.parse_args(argv)
+    files = args.files or (16 if args.small else 256)
+    steps = args.bench_steps or (2 if args.small else 50)
+    root = Path(args.root)
+    if files < 8:
+        p.error(f"--files {files}: at least 8 (one batch of --small, and more videos than negatives)")
+    if not args.small and not torch.cuda.is_available():
+        p.error("no GPU here: run with --small to check the same steps on the CPU")
+
+    print(f"== 1. a YouTube-like source of {files} files, prepared")
+    resolution = (96, 64) if args.small else (1280, 720)
+    prepare.write_youtube_like(root / "source", files, 3.0 if args.small else 10.0, *resolution,
+                               workers=max(1, args.workers))
+    prepare.prepare(root / "source", root / "prepared", workers=max(1, args.workers))
+
+    scale = SMALL if args.small else PAPER
+    common = ["--data-root", str(root / "prepared"), "--workers", str(args.workers), *scale]
+    print(f"\n== 2. train.py --bench, {steps} steps per mode")
+    times = {}
+    for mode, extra in MODES.items():
+        run = train.main([*common, "--mode", mode, *extra, "--bench", "--bench-steps", str(steps),
+                          "--out", str(root / "bench")])
+        times[mode] = run.bench
+    step = {m: sum(t.values()) for m, t in times.items()}
+    print(f"\n{'mode':10s} {'step ms':>8s} {'x xid':>6s} {'data wait':>10s}")
+    for m in times:
+        print(f"{m:10s} {1e3 * step[m]:8.1f} {step[m] / step['xid']:6.2f} {times[m]['data'] / step[m]:10.1%}")
+
+    print("\n== 3. two epochs, stopped after the first and resumed")
+    out = root / "resume"
+    if out.exists():  # a check from an earlier call
+        shutil.rmtree(out)
+    run_flags = [*common, "--out", str(out), "--no-eval", "--warmup-epochs", "1"]
+    train.main([*run_flags, "--epochs", "1"])
+    train.main([*run_flags, "--epochs", "2", "--resume"])
+    epochs = [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "epoch"]
+
+    wait = max(times[m]["data"] / step[m] for m in times)
+    checks = [(f"data wait below 10% in every mode (worst {wait:.1%})", wait < 0.10),
+              (f"robust step <= 1.10x xid's ({step['robust'] / step['xid']:.2f}x)", step["robust"] <= 1.10 * step["xid"]),
+              (f"the resumed run logged epochs {epochs}", epochs == [1, 2])]
+    print("\n== targets" + (" (toy settings on this CPU: the timings say nothing of a GPU)" if args.small else ""))
+    for what, ok in checks:
+        print(f"  {'ok    ' if ok else 'MISSED'}  {what}")
+    return {"step": step, "times": times, "epochs": epochs, "checks": checks}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -353,7 +353,7 @@ def load_run(path, device):
                          f"or its checkpoint.pt)")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     run_args = ckpt["args"]
-    model = AVModel(run_args["video_arch"], run_args["audio_arch"])
+    model = AVModel(run_args["video_arch"], run_args["audio_arch"], centred_heads=run_args.get("centred_heads", False))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

@@ -32,7 +32,8 @@ STRATEGIES = ("bootstrap", "swapped", "neighbor", "cycle")
 class MemoryBank(nn.Module):
     """Two banks v̄, ā with one slot per training instance, and the scores s_i = v̄_i·ā_i.
 
-    Slots start as random unit vectors. After each step the batch's slots move towards the new
+    Slots start as random unit vectors (train.py fills them with the initial encoders' embeddings
+    before the first step, unless --bank-init random). After each step the batch's slots move towards the new
     embeddings: v̄_i <- normalize(m·v̄_i + (1-m)·v_i), likewise ā_i. The banks are buffers, never
     parameters, so no gradient reaches them; `state_dict()` saves them for a checkpoint.
     s is kept up to date slot by slot, so μ and σ over all N slots cost one pass over N floats,
@@ -67,14 +68,15 @@ class MemoryBank(nn.Module):
         return self.s.mean(), self.s.std().clamp_min(1e-6)
 
     @torch.no_grad()
-    def update(self, index, v, a):
-        """Momentum update of the batch's slots. Under torch.distributed every rank's embeddings and
+    def update(self, index, v, a, momentum=None):
+        """Momentum update of the batch's slots (momentum 0: the slots become v, a, as when the bank
+        is filled before the first step). Under torch.distributed every rank's embeddings and
         indices are gathered first, so all ranks apply the same update and hold identical banks."""
         index, v, a = index.to(self.v_bar.device), v.detach().float(), a.detach().float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             index, v, a = (gather_from_all_ranks(t) for t in (index, v, a))
         self.check_index(index)
-        m = self.momentum
+        m = self.momentum if momentum is None else momentum
         self.v_bar[index] = F.normalize(m * self.v_bar[index] + (1 - m) * v, dim=1)
         self.a_bar[index] = F.normalize(m * self.a_bar[index] + (1 - m) * a, dim=1)
         self.s[index] = (self.v_bar[index] * self.a_bar[index]).sum(1)

@@ -81,14 +81,20 @@ VIDEO_ENCODERS = {"small": SmallVideoEncoder, "r2plus1d_18": R2Plus1DEncoder}
 AUDIO_ENCODERS = {"small": SmallAudioEncoder, "avid": AVIDAudioEncoder}
 
 
-def projection_head(c_in, hidden, out=128):
-    return nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+def projection_head(c_in, hidden, out=128, centred=True):
+    """MLP c_in -> hidden -> out. centred: a BatchNorm without parameters at the end, so that the
+    embeddings of a batch are centred before they are L2-normalised. A randomly initialised encoder
+    maps every clip to nearly the same direction (its ReLU features are all positive: mean cosine
+    0.89 between instances on the embedded data), where xID's softmax over K+1 candidates is flat
+    and learning waits epochs for the embeddings to spread; centred, they start spread (0.03)."""
+    layers = [nn.Linear(c_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)]
+    return nn.Sequential(*layers, *([nn.BatchNorm1d(out, affine=False)] if centred else []))
 
 
 class AVModel(nn.Module):
     """Video and audio encoders with projection heads; the embeddings the losses compare."""
 
-    def __init__(self, video_arch="small", audio_arch="small", dim=128):
+    def __init__(self, video_arch="small", audio_arch="small", dim=128, centred_heads=True):
         super().__init__()
         if video_arch not in VIDEO_ENCODERS:
             raise ValueError(f"--video-arch must be one of {list(VIDEO_ENCODERS)}, got {video_arch!r}")
@@ -97,8 +103,8 @@ class AVModel(nn.Module):
         self.video_arch, self.audio_arch = video_arch, audio_arch
         self.video = VIDEO_ENCODERS[video_arch]()
         self.audio = AUDIO_ENCODERS[audio_arch]()
-        self.video_head = projection_head(self.video.dim, self.video.dim, dim)
-        self.audio_head = projection_head(self.audio.dim, self.audio.dim, dim)
+        self.video_head = projection_head(self.video.dim, self.video.dim, dim, centred_heads)
+        self.audio_head = projection_head(self.audio.dim, self.audio.dim, dim, centred_heads)
 
     def video_features(self, video):
         """Features for evaluation, from the last layer's map (B, C, T', H', W'): "pooled" (B, C), the

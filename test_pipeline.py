@@ -635,12 +635,12 @@ def test_bank_refresh_after_each_step_or_at_the_epochs_end(toy, tmp_path, monkey
     events = []
     real_loss, real_update = train.loss_of, losses.MemoryBank.update
     monkeypatch.setattr(train, "loss_of", lambda *a, **k: events.append("step") or real_loss(*a, **k))
-    monkeypatch.setattr(losses.MemoryBank, "update",
-                        lambda self, *a: events.append("update") or real_update(self, *a))
+    monkeypatch.setattr(losses.MemoryBank, "update", lambda self, *a, **k: events.append(
+        "fill" if k.get("momentum") == 0.0 else "update") or real_update(self, *a, **k))
     run_train(toy, tmp_path / "run", "--epochs", "2", "--bank-refresh", refresh, "--no-eval")
     steps = 5                                                               # 40 videos, batch 8: 5 per epoch
     expected = ["step", "update"] * steps * 2 if refresh == "step" else (["step"] * steps + ["update"]) * 2
-    assert events == expected                                               # epoch: one update of all its slots
+    assert events == ["fill"] * steps + expected    # the bank is filled first; epoch: one update of all its slots
 
 
 def test_quick_sweep_uses_its_small_grid_except_where_a_flag_is_given(monkeypatch):

@@ -48,6 +48,12 @@ def get_args(argv=None):
     g.add_argument("--num-negatives", type=int, default=None,
                    help="K: negatives per step; default 1024 (the paper's) or N/2 on a smaller dataset")
     g.add_argument("--bank-momentum", type=float, default=0.5, help="m in [0, 1): memory-bank momentum")
+    g.add_argument("--bank-init", choices=["embeddings", "random"], default="embeddings",
+                   help="memory-bank slots before the first step: the initial encoders' embeddings (one pass "
+                        "without gradients) or random unit vectors (as in NPID / the paper's code)")
+    g.add_argument("--centred-heads", action=argparse.BooleanOptionalAction, default=True,
+                   help="end the projection heads with a BatchNorm without parameters (centred embeddings "
+                        "from the first step); --no-centred-heads: the plain MLP of runs before it")
     g.add_argument("--bank-refresh", choices=["step", "epoch"], default="epoch",
                    help="when the batch's bank slots take the new embeddings: after each step (the paper's) or "
                         "all at the end of the epoch, so that within an epoch every slot is of one age (on a small "
@@ -157,6 +163,8 @@ def main(argv=None):
     if args.bench:
         run.bench = bench(run, args)      # median seconds of each part of a step
         return run
+    if run.start_epoch == 0 and args.bank_init == "embeddings":
+        fill_bank(run, args)
     for epoch in range(run.start_epoch, args.epochs):
         summary = train_one_epoch(run, args, epoch)
         save_checkpoint_then_log(run, args, epoch, summary)
@@ -219,6 +227,10 @@ def set_up(parser, args):
         was = ckpt["args"].get("bank_refresh", "step")  # checkpoints older than the flag refreshed per step
         if was != args.bank_refresh:
             parser.error(f"--resume: the run refreshed its bank per {was}; pass --bank-refresh {was} to continue it")
+        was = ckpt["args"].get("centred_heads", False)  # checkpoints older than the flag had plain heads
+        if was != args.centred_heads:
+            parser.error(f"--resume: the run's projection heads were {'' if was else 'not '}centred; pass "
+                         f"--{'' if was else 'no-'}centred-heads to continue it")
     if rank == 0 and not args.bench:  # every check has passed: now the run folder
         write_run_folder(args, out, videos, pairs, broken)
 
@@ -229,7 +241,7 @@ def set_up(parser, args):
                         collate_fn=data.collate_clips, pin_memory=cuda, drop_last=True,
                         persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
     torch.manual_seed(args.seed)
-    model = AVModel(args.video_arch, args.audio_arch).to(device)
+    model = AVModel(args.video_arch, args.audio_arch, centred_heads=args.centred_heads).to(device)
     criterion = RobustXIDLoss(len(videos), 128, args.mode, K, args.tau, args.bank_momentum, args.delta, args.kappa,
                               args.w_min, args.lam, args.strategy, args.tau_s, seed=args.seed).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -321,6 +333,31 @@ def reseed(seed, epoch, rank):
 # ----------------------------------------------------------------------------------------------
 # One epoch, and one step of it: data -> model -> loss -> step -> bank update
 # ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def fill_bank(run, args):
+    """--bank-init embeddings: before the first step every slot gets the initial encoders' embeddings
+    of a clip of its instance (one pass, no gradients, momentum 0), not a random unit vector. A random
+    slot carries nothing: as a positive it is a target no clip can predict, and next to slots already
+    refreshed its age gives the positive away. With 15 steps an epoch (the embedded data) that was a
+    whole epoch of training towards noise; on Kinetics it is a fraction of one epoch in many."""
+    t = time.perf_counter()
+    reseed(args.seed, -1, run.rank)
+    run.sampler.set_epoch(0)
+    run.model.train()  # the embeddings training will compare them with: batch statistics
+    for batch in progress(run.loader, desc="filling the memory bank", unit="step", disable=not run.is_main,
+                          leave=False):
+        for e in batch["errors"]:
+            print(f"{'' if run.is_main else f'[rank {run.rank}] '}data error (slot left random): {e}",
+                  file=sys.stdout if run.is_main else sys.stderr, flush=True)
+        if not distributed.every_rank_has_data("video" in batch, run.device, run.world):
+            continue
+        video, audio, index = to_device(batch, run.device)
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            v, a = run.model(run.transforms.video(video), run.transforms.audio(audio))
+        run.criterion.bank.update(index, v, a, momentum=0.0)
+    run.log(f"memory bank filled with the initial encoders' embeddings in {time.perf_counter() - t:.1f}s")
+
+
 def train_one_epoch(run, args, epoch):
     """One pass over the data; returns the epoch's summary (means of the step records, bank
     statistics, speed, data errors of every rank)."""

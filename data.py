@@ -21,7 +21,8 @@ import os
 import random
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from itertools import takewhile
 from dataclasses import dataclass, replace
@@ -544,17 +545,57 @@ def _probe(path, need_audio, min_seconds):
     return duration, None
 
 
+def available_cores():
+    """The cores this process may run on (a cluster job's allocation, not the whole node's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def in_processes(fn, items, workers, crashed=None):
+    """(item, fn(item)) for each item, computed in `workers` processes, in the order they finish.
+    At most 2 x workers items are handed out at a time, so Ctrl-C stops within a few files; a worker
+    that dies (FFmpeg crashing on a file) takes only that file with it: the files it might have been
+    on are retried one by one, and the one that kills a worker again gives crashed(item)."""
+    items, retry = list(items), []
+    while items or retry:
+        one_by_one = not items
+        batch, items = (retry[:1], items) if one_by_one else (items, [])
+        retry = retry[1:] if one_by_one else retry
+        with ProcessPoolExecutor(1 if one_by_one else workers) as pool:
+            pending, queue = {}, iter(batch)
+            try:
+                while True:
+                    while len(pending) < 2 * workers and (item := next(queue, None)) is not None:
+                        pending[pool.submit(fn, item)] = item
+                    if not pending:
+                        break
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for job in done:
+                        result = job.result()  # a dead worker raises here, with the item still pending
+                        yield pending.pop(job), result
+            except BrokenProcessPool:
+                lost = list(pending.values())
+                if one_by_one:
+                    yield lost[0], crashed(lost[0])
+                else:
+                    retry += lost
+                    items = list(queue)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+
+
 def probe_all(paths, need_audio, min_seconds, quiet=False, workers=None):
     """probe() for each path, over `workers` processes (default: this machine's cores; the default of
     scan's `probe_many`). Opening a file is mostly FFmpeg's work, so the processes scale with the
     cores: 240k Kinetics files take about an hour on one core."""
-    workers = min(workers or os.cpu_count() or 1, max(1, len(paths) // 8))  # a pool costs ~0.1 s to start
+    workers = min(workers or available_cores(), max(1, len(paths) // 8))  # a pool costs ~0.1 s to start
     bar = dict(total=len(paths), desc="scan", unit="file", disable=quiet)
+    one = partial(probe, need_audio=need_audio, min_seconds=min_seconds)
     if workers == 1:
-        return [probe(p, need_audio, min_seconds) for p in progress(paths, **bar)]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(progress(pool.map(partial(probe, need_audio=need_audio, min_seconds=min_seconds), paths,
-                                      chunksize=8), **bar))
+        return [one(p) for p in progress(paths, **bar)]
+    found = dict(progress(in_processes(one, paths, workers, crashed=lambda p: (0.0, "cannot open / corrupt: "
+                                                                                 "FFmpeg crashed on it")), **bar))
+    return [found[p] for p in paths]
 
 
 def scan(videos, spec=ClipSpec(), cache_path=None, name="dataset", probe_many=None, log=print):
@@ -616,7 +657,7 @@ def main(argv=None):
     s.add_argument("--no-audio", action="store_true", help="do not require an audio stream")
     s.add_argument("--min-seconds", type=float, default=ClipSpec().shortest_file_seconds, help="shortest usable file")
     s.add_argument("--broken-list", default=None, help="where to write the broken files (default ROOT/broken.txt)")
-    s.add_argument("--workers", type=int, default=None, help="processes opening files (default: all cores)")
+    s.add_argument("--workers", type=int, default=None, help="processes opening files (default: this process's cores)")
     r = sub.add_parser("prepare", help="transcode SRC (Kinetics / UCF101 / HMDB51 folders) to the training scale in DST")
     r.add_argument("src")
     r.add_argument("dst")
@@ -627,17 +668,18 @@ def main(argv=None):
     r.add_argument("--sample-rate", type=int, default=d.sample_rate, help="audio rate in Hz (the paper's: 24000)")
     r.add_argument("--channels", type=int, choices=[1, 2], default=d.channels, help="audio channels")
     r.add_argument("--crf", type=int, default=d.crf, help="x264 quality, 0-51: lower is better and bigger")
-    r.add_argument("--workers", type=int, default=None, help="files transcoded at once (default: all cores)")
+    r.add_argument("--workers", type=int, default=None, help="files transcoded at once (default: this process's cores)")
     b = sub.add_parser("bench", help="clips/s per core of a source tree against its prepared copy, and the loader")
     b.add_argument("source", nargs="?", default=None,
                    help="a Kinetics-style tree (SRC/train/<class>/...); default: write a YouTube-like one")
-    b.add_argument("--prepared", default=None, help="its prepared copy (default: prepared now, beside it)")
+    b.add_argument("--prepared", default=None, help="its prepared copy (default: the sample read is prepared now, "
+                                                        "into SRC-bench-prepared beside it)")
     b.add_argument("--youtube-like", default="data/youtube_like", help="where the YouTube-like source is written")
-    b.add_argument("--files", type=int, default=8, help="YouTube-like files to write")
+    b.add_argument("--files", type=int, default=8, help="videos to read (and YouTube-like files to write)")
     b.add_argument("--seconds", type=float, default=10.0, help="length of each YouTube-like file")
     b.add_argument("--resolution", default="1280x720", help="WxH of the YouTube-like files")
     b.add_argument("--clips", type=int, default=20, help="random clips timed per tree")
-    b.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1],
+    b.add_argument("--workers", type=int, nargs="+", default=[1, available_cores()],
                    help="loader worker counts to time on the prepared copy")
     args = p.parse_args(argv)
     if args.cmd == "scan":
@@ -657,7 +699,7 @@ def main(argv=None):
                               args.crf)
         for flag, ok in (("--short-side", args.short_side >= 2), ("--fps", args.fps > 0),
                          ("--keyframe-interval", args.keyframe_interval >= 1), ("--sample-rate", args.sample_rate >= 8000),
-                         ("--crf", 0 <= args.crf <= 51), ("--workers", (args.workers or 1) >= 1)):
+                         ("--crf", 0 <= args.crf <= 51), ("--workers", args.workers is None or args.workers >= 1)):
             if not ok:
                 p.error(f"{flag} is out of range")
         try:
@@ -669,15 +711,18 @@ def main(argv=None):
             width, height = (int(x) for x in args.resolution.lower().split("x"))
         except ValueError:
             p.error(f"--resolution {args.resolution!r}: expected WxH, e.g. 1280x720")
+        if min(args.workers) < 1 or args.files < 1 or args.clips < 1:
+            p.error("--workers, --files and --clips must be >= 1")
         if args.source is None:
             args.source = Path(args.youtube_like) / "source"
             prepare.write_youtube_like(args.source, args.files, args.seconds, width, height)
-        if not Path(args.source).is_dir():
-            p.error(f"{args.source} is not a folder")
-        if args.prepared is None:
-            args.prepared = Path(f"{Path(args.source).resolve()}-prepared")
-            prepare.prepare(args.source, args.prepared)
-        prepare.compare(args.source, args.prepared, clips=args.clips, workers=args.workers)
+        if not (Path(args.source) / "train").is_dir():
+            p.error(f"{args.source} has no train/ folder (the bench reads SRC/train/<class>/<video>)")
+        sample = prepare.bench_sample(args.source, args.files)
+        if args.prepared is None:  # only the sample is prepared
+            args.prepared = Path(f"{Path(args.source).resolve()}-bench-prepared")
+            prepare.prepare(args.source, args.prepared, only={Path(v.path) for v in sample})
+        prepare.compare(args.source, args.prepared, sample, clips=args.clips, workers=args.workers)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def shared_by_ranks(fn, rank, world):
 
     def probe_share(paths, need_audio, min_seconds):
         # the machine's cores are shared by the ranks on it
-        cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        cores = max(1, data.available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         mine = data.probe_all(paths[rank::world], need_audio, min_seconds, quiet=rank != 0, workers=cores)
         shares = [None] * world
         dist.all_gather_object(shares, mine)

@@ -134,22 +134,22 @@ def extract_video_features(model, dataset, device, batch_size=16, workers=0, kin
         b, n = video.shape[:2]
         for kind, f in model.video_features(video.flatten(0, 1)).items():      # (B*n, D)
             if kind in kinds:
-                feats[kind].append(f.float().view(b, n, -1).mean(1))
-        labels.append(batch["label"].to(device))
-        kept.append(batch["index"].to(device))
+                feats[kind].append(f.float().view(b, n, -1).mean(1).cpu())  # held on the CPU: 240k x 8192
+        labels.append(batch["label"])                                          # floats are 7.9 GB
+        kept.append(batch["index"])
     if not kept:  # nothing decoded in this share: empty rows of the right width (ranks gather them)
         spec = dataset.spec
         blank = model.video_features(torch.zeros(1, 3, spec.frames, spec.size, spec.size, device=device))
-        feats = {k: [blank[k].float()[:0]] for k in kinds}
-        labels, kept = [torch.zeros(0, dtype=torch.long, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
+        feats = {k: [blank[k].float()[:0].cpu()] for k in kinds}
+        labels, kept = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
     feats, labels, kept = {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels), torch.cat(kept)
-    if world > 1:
-        feats = {k: gather_from_all_ranks(v) for k, v in feats.items()}
-        labels, kept = gather_from_all_ranks(labels), gather_from_all_ranks(kept)
+    if world > 1:  # the collectives run on the device (NCCL); the result comes back to the CPU
+        feats = {k: gather_from_all_ranks(v.to(device)).cpu() for k, v in feats.items()}
+        labels, kept = (gather_from_all_ranks(t.to(device)).cpu() for t in (labels, kept))
         errors = [e for share_errors in distributed.gather_objects(errors, world) for e in share_errors]
         order = kept.argsort()
         feats, labels, kept = {k: v[order] for k, v in feats.items()}, labels[order], kept[order]
-    return VideoFeatures({k: v.cpu() for k, v in feats.items()}, labels.cpu(), kept.cpu(), errors)
+    return VideoFeatures(feats, labels, kept, errors)
 
 
 # ----------------------------------------------------------------------------------------------

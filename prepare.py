@@ -7,7 +7,7 @@ the order of a thousand clips a second. So every serious video codebase transcod
 once to the scale it trains at. `prepare` does that with PyAV (FFmpeg inside; nothing to install):
 
     python data.py prepare SRC DST      # Kinetics tree / UCF101 / HMDB51 folder -> the same layout in DST
-    python data.py bench --youtube-like # source vs prepared copy: clips/s per core, and the loader
+    python data.py bench                # a YouTube-like source vs its prepared copy: clips/s per core
 
 What changes in a prepared file, and why the method does not notice:
 - the short side becomes 128 px (the aspect is kept; a smaller picture is not enlarged). Training
@@ -24,13 +24,15 @@ The layout is kept: DST/<split>/<class>/<name>.mp4 for every SRC/<split>/<class>
 and every metadata file (split lists, CSVs) copied as is; the listings in data.py find a prepared
 `v_x.mp4` where a split file names `v_x.avi`.
 """
+import fcntl
+import io
 import json
 import os
 import random
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from itertools import takewhile
 from pathlib import Path
@@ -41,8 +43,9 @@ from av.video.frame import PictureType
 
 import torch
 
-from data import (VIDEO_EXTENSIONS, AVClips, ClipSpec, collate_clips, kinetics_folder, probe, scan,
-                  video_files)
+import data
+from data import (METADATA_EXTENSIONS, VIDEO_EXTENSIONS, AVClips, ClipSpec, collate_clips, in_processes,
+                  kinetics_folder, probe, scan)
 from progress import progress
 
 
@@ -76,12 +79,15 @@ def _video_graph(stream, width, height, fps):
 
 
 class _Audio:
-    """Decoded audio -> the prepared layout and rate, keeping the source's timestamps. A stream may
-    change channels or rate mid-file (broadcast recordings do): a resampler is made for each run."""
+    """Decoded audio -> the prepared layout and rate, on the source's clock. A stream may change
+    channels or rate mid-file (broadcast recordings do): a resampler is made for each run. A gap in
+    the source's timestamps becomes silence, so that what follows stays where it was."""
 
     def __init__(self, out_stream, scale):
         self.out, self.scale = out_stream, scale
-        self.kind = self.resampler = self.next_pts = None
+        self.kind = self.resampler = None
+        self.next_pts = None   # the next output sample, at the output rate, on the source's clock
+        self.source_end = None  # where the last input frame ended, in seconds
 
     def push(self, frame):
         kind = None if frame is None else (frame.format.name, frame.layout.name, frame.sample_rate)
@@ -91,13 +97,25 @@ class _Audio:
             self.resampler = None
         if frame is None:
             return packets + list(self.out.encode(None))
+        if frame.time is not None:
+            if self.next_pts is None:
+                self.next_pts = round(frame.time * self.scale.sample_rate)
+            elif self.source_end is not None and frame.time - self.source_end > 0.01:
+                packets += self._encode([self._silence(frame.time - self.source_end)])
+            self.source_end = frame.time + frame.samples / frame.sample_rate
         if self.resampler is None:
             self.kind = kind
-            self.resampler = av.AudioResampler(format="fltp", layout="mono" if self.scale.channels == 1 else "stereo",
-                                               rate=self.scale.sample_rate)
-        if self.next_pts is None and frame.time is not None:
-            self.next_pts = round(frame.time * self.scale.sample_rate)
+            self.resampler = av.AudioResampler(format="fltp", layout=self._layout(), rate=self.scale.sample_rate)
         return packets + self._encode(self.resampler.resample(frame))
+
+    def _layout(self):
+        return "mono" if self.scale.channels == 1 else "stereo"
+
+    def _silence(self, seconds):
+        samples = np.zeros((self.scale.channels, round(seconds * self.scale.sample_rate)), np.float32)
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=self._layout())
+        frame.sample_rate = self.scale.sample_rate
+        return frame
 
     def _encode(self, frames):
         packets = []
@@ -144,9 +162,15 @@ def transcode(src, dst, scale=Scale()):
                     f.pict_type = PictureType.NONE  # the source's keyframes do not force ours
                     packets += v_out.encode(f)
 
+            last = 0.0  # where the decoded streams end: a file cut off mid-data ends early without an error
             for packet in inp.demux(*[s for s in (v_in, a_in) if s is not None]):
                 for frame in packet.decode():
+                    last = max(last, frame.time or 0.0)
                     out.mux(video_packets(frame) if packet.stream is v_in else audio.push(frame))
+            declared = (float(((v_in.start_time or 0) + v_in.duration) * v_in.time_base) if v_in.duration
+                        else (inp.duration or 0) / av.time_base)  # Matroska declares only the file's
+            if declared and last < declared - 1.0:
+                raise RuntimeError(f"truncated: its streams end at {last:.1f}s of the {declared:.1f}s it declares")
             out.mux(video_packets(None) + list(v_out.encode(None)))
             if audio is not None:
                 out.mux(audio.push(None))
@@ -163,81 +187,137 @@ SETTINGS_FILE = "prepare.json"     # DST's record of the scale it was prepared a
 FAILED_FILE = "prepare-failed.txt"  # the files prepare could not read, with the reason
 
 
-def plan(src, dst):
-    """Every file under src -> (videos [(source, destination .mp4)], metadata [(source, destination)],
-    clashes [(source, the source it clashes with)]). Two sources with one name but different
-    containers (a.mkv, a.webm) would both become a.mp4: a video extension wins, the other is named."""
+def _walk(src):
+    """Every non-hidden file under src, following symbolic links to folders (a download assembled
+    from several disks often links class folders), each real folder once."""
+    seen, files = set(), []
+    for folder, dirs, names in os.walk(src, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(folder) / n for n in names if not n.startswith(".") and n not in (SETTINGS_FILE, FAILED_FILE)]
+    return sorted(files)
+
+
+def plan(src, dst, only=None):
+    """Every file under src (or only those in `only`) -> (videos [(source, destination .mp4)],
+    metadata [(source, destination)], clashes [(source, the source prepared in its place)]).
+    Metadata is what has a metadata extension (.txt, .csv, .json, .md); every other file is tried as
+    a video. Two videos of one name in different containers (a.mkv, a.webm) would both become a.mp4:
+    the one data.kinetics_csv would read wins (a known video extension, then the last name), so the
+    source and its copy train on the same file; the other is named."""
     src, dst = Path(src), Path(dst)
-    videos, metadata, taken = [], [], {}
-    everything = sorted(p for p in src.rglob("*") if p.is_file() and not any(part.startswith(".")
-                                                                           for part in p.relative_to(src).parts))
-    wanted = set(video_files(src, recursive=True))
-    clashes = []
-    for p in sorted(everything, key=lambda p: (p.suffix.lower() not in VIDEO_EXTENSIONS, str(p))):
+    videos, metadata, by_out = [], [], {}
+    for p in _walk(src):
+        if only is not None and p not in only:
+            continue
         rel = p.relative_to(src)
-        if p not in wanted:  # split lists, CSVs, annotations: copied as they are
+        if p.suffix.lower() in METADATA_EXTENSIONS:
             metadata.append((p, dst / rel))
-            continue
-        out = (dst / rel).with_suffix(".mp4")
-        if out in taken:
-            clashes.append((p, taken[out]))
-            continue
-        taken[out] = p
-        videos.append((p, out))
+        else:
+            by_out.setdefault((dst / rel).with_suffix(".mp4"), []).append(p)
+    clashes = []
+    for out, sources in by_out.items():
+        *others, chosen = sorted(sources, key=lambda f: (f.suffix.lower() in VIDEO_EXTENSIONS, f.name))
+        videos.append((chosen, out))
+        clashes += [(o, chosen) for o in others]
     return sorted(videos), metadata, clashes
 
 
-def _prepare_one(src, dst, scale):
-    """(source, None or the reason it cannot be prepared, has audio) -- run in a worker process."""
+def _prepare_one(job):
+    """(source, destination, scale) -> (None or the reason it cannot be prepared, has audio);
+    run in a worker process."""
+    src, dst, scale = job
     _, reason = probe(src, need_audio=False)  # the scan's reasons: missing, zero bytes, corrupt, ...
     if reason:
-        return str(src), reason, False
+        return reason, False
     try:
-        return str(src), None, transcode(src, dst, scale)
+        return None, transcode(src, dst, scale)
     except Exception as e:  # noqa: BLE001 -- FFmpeg's error on this file is its reason
-        return str(src), f"cannot transcode: {type(e).__name__}: {e}", False
+        return f"cannot transcode: {type(e).__name__}: {e}", False
 
 
-def prepare(src, dst, scale=Scale(), workers=None, log=print):
-    """Transcode every video under src to dst at `scale`, in parallel over processes; copy metadata.
-    A destination that exists is done (written atomically), so a stopped prepare continues where it
-    was. Returns {"prepared", "skipped", "failed": [(source, reason)], "no_audio", "seconds"}."""
+def check_scale(scale):
+    """A ValueError naming the setting the encoders refuse (AAC takes only some rates), found by
+    encoding a frame of each in memory, before anything is written."""
+    try:
+        with av.open(io.BytesIO(), "w", format="mp4") as out:
+            v = out.add_stream("libx264", rate=Fraction(scale.fps).limit_denominator(1001))
+            v.width, v.height, v.pix_fmt = 2 * scale.short_side, scale.short_side, "yuv420p"
+            v.codec_context.options = {"crf": str(scale.crf)}
+            a = out.add_stream("aac", rate=scale.sample_rate)
+            a.layout = "mono" if scale.channels == 1 else "stereo"
+            out.mux(v.encode(av.VideoFrame.from_ndarray(np.zeros((scale.short_side, 2 * scale.short_side, 3), np.uint8),
+                                                        format="rgb24")))
+            frame = av.AudioFrame.from_ndarray(np.zeros((scale.channels, 1024), np.float32), format="fltp",
+                                               layout=a.layout.name)
+            frame.sample_rate = scale.sample_rate
+            out.mux(a.encode(frame))
+    except (av.FFmpegError, ValueError) as e:
+        raise ValueError(f"prepare: the encoders refuse {asdict(scale)}: {e} (AAC takes 8000, 11025, 12000, "
+                         f"16000, 22050, 24000, 32000, 44100, 48000, ... Hz)") from e
+
+
+def prepare(src, dst, scale=Scale(), workers=None, only=None, log=print):
+    """Transcode every video under src (or only the files in `only`) to dst at `scale`, in parallel
+    over processes; copy the metadata. A destination that exists and is newer than its source is
+    done (files are written whole, then renamed), so a stopped prepare continues where it was.
+    Returns {"prepared", "skipped", "failed": [(source, reason)], "no_audio", "seconds"}."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"prepare: SRC {src} is not a folder")
     if src.resolve() == dst.resolve() or src.resolve() in dst.resolve().parents:
         raise ValueError(f"prepare: DST {dst} must be outside SRC {src}")
+    check_scale(scale)
     dst.mkdir(parents=True, exist_ok=True)
+    lock = open(dst / ".prepare.lock", "w")
+    try:  # two prepares into one DST would write the same files
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise ValueError(f"prepare: another prepare is writing to {dst}") from None
     settings = dst / SETTINGS_FILE
     if settings.exists() and json.loads(settings.read_text()) != asdict(scale):
         raise ValueError(f"prepare: {dst} was prepared at {json.loads(settings.read_text())}, not at "
                          f"{asdict(scale)}: give the same flags to continue it, or another DST")
     settings.write_text(json.dumps(asdict(scale)))
-    videos, metadata, clashes = plan(src, dst)
+    for stale in dst.rglob(".*.tmp*"):  # left by a prepare that was killed outright
+        stale.unlink()
+    videos, metadata, clashes = plan(src, dst, only)
     for s, d in metadata:
         d.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(s, d)
-    todo = [(s, d) for s, d in videos if not d.exists()]
+    todo = [(s, d) for s, d in videos if not d.exists() or d.stat().st_mtime < s.stat().st_mtime]
     log(f"prepare {src} -> {dst}: {len(videos)} videos, {len(videos) - len(todo)} already done, "
         f"{len(metadata)} metadata files copied")
-    failed = [(str(s), f"same name as {o.name} (one .mp4 per name; {o.name} was prepared)") for s, o in clashes]
-    no_audio, start = 0, time.perf_counter()
-    workers = workers or os.cpu_count()
-    with ProcessPoolExecutor(workers) as pool:
-        jobs = [pool.submit(_prepare_one, s, d, scale) for s, d in todo]
-        for job in progress(as_completed(jobs), total=len(jobs), desc="prepare", unit="file"):
-            path, reason, has_audio = job.result()
-            if reason:
-                failed.append((path, reason))
-            no_audio += reason is None and not has_audio
+    failed = [(str(s), f"same name as {o.name}, which is prepared in its place (one .mp4 per name)")
+              for s, o in clashes]
+    prepared = no_audio = 0
+    start, workers = time.perf_counter(), workers or data.available_cores()
+    jobs = [(s, d, scale) for s, d in todo]
+    crashed = lambda job: ("cannot transcode: FFmpeg crashed on it (the worker process died)", False)
+    for (s, d, _), (reason, has_audio) in progress(in_processes(_prepare_one, jobs, workers, crashed),
+                                                   total=len(jobs), desc="prepare", unit="file"):
+        if reason is None:
+            prepared += 1
+            no_audio += not has_audio
+        elif s.suffix.lower() not in VIDEO_EXTENSIONS:  # not a video after all: copied as it is, so the
+            d = dst / s.relative_to(src)                 # scan of DST names it as the scan of SRC did
+            shutil.copy2(s, d)
+            failed.append((str(s), f"{reason} (copied as it is)"))
+        else:
+            failed.append((str(s), reason))
     seconds = time.perf_counter() - start
     (dst / FAILED_FILE).write_text("".join(f"{p}\t{r}\n" for p, r in sorted(failed)))
-    log(f"prepare: {len(todo) - len(failed) + len(clashes)} transcoded in {seconds:.0f} s "
-        f"({workers} processes), {no_audio} of them without audio (kept: UCF101 and HMDB51 need none), "
-        f"{len(failed)} not prepared" + (f", listed in {dst / FAILED_FILE}:" if failed else "") +
+    log(f"prepare: {prepared} transcoded in {seconds:.0f} s ({workers} processes), {no_audio} of them without "
+        f"audio (kept: UCF101 and HMDB51 need none), {len(failed)} not prepared" +
+        (f", listed in {dst / FAILED_FILE}:" if failed else "") +
         "".join(f"\n  {p}: {r}" for p, r in sorted(failed)[:10]) + ("\n  ..." if len(failed) > 10 else ""))
-    return {"prepared": len(todo) - len(failed) + len(clashes), "skipped": len(videos) - len(todo),
-            "failed": sorted(failed), "no_audio": no_audio, "seconds": seconds}
+    lock.close()
+    return {"prepared": prepared, "skipped": len(videos) - len(todo), "failed": sorted(failed),
+            "no_audio": no_audio, "seconds": seconds}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,7 +362,7 @@ def write_youtube_like(root, files=8, seconds=10.0, width=1280, height=720, work
     todo = [p for p in paths if not p.exists()]
     for p in todo:
         p.parent.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+    with ProcessPoolExecutor(workers or data.available_cores()) as pool:
         jobs = [pool.submit(_write_youtube_like_file, p, seconds, width, height, k) for k, p in enumerate(todo)]
         for job in progress(as_completed(jobs), total=len(jobs), desc="writing a YouTube-like source", unit="file"):
             job.result()
@@ -327,14 +407,22 @@ def loader_clips_per_s(videos, spec, workers, batch_size=32, batches=16):
     return n / (time.perf_counter() - t)
 
 
-def compare(source, prepared, spec=PAPER_CLIP, clips=20, workers=(1,), log=print):
-    """The bench: a source tree against its prepared copy, per core and with the loader's workers."""
+def bench_sample(source, files, seed=0):
+    """A seeded sample of `files` videos of source/train (a bench reads a few clips: it need not scan,
+    nor prepare, a whole download)."""
+    videos, _ = kinetics_folder(source, "train", log=lambda *_: None)
+    return sorted(random.Random(seed).sample(videos, min(files, len(videos))))
+
+
+def compare(source, prepared, sample, spec=PAPER_CLIP, clips=20, workers=(1,), log=print):
+    """The bench: the `sample` of a source tree against its prepared copy, per core and with the
+    loader's workers."""
     torch.set_num_threads(1)
     quiet = lambda *_: None
-    src, _ = kinetics_folder(source, "train", log=quiet)
-    src, _ = scan(src, spec, log=quiet)
-    dst, _ = kinetics_folder(prepared, "train", log=quiet)
-    dst, _ = scan(dst, spec, log=quiet)
+    copies = [replace(v, path=str((Path(prepared) / Path(v.path).relative_to(source)).with_suffix(".mp4")))
+              for v in sample]
+    src, _ = scan(sample, spec, log=quiet)
+    dst, _ = scan(copies, spec, log=quiet)
     item = lambda ds: lambda v, start: ds._clip(v, v, start)
     rows = {}
     for name, videos in (("source", src), ("prepared", dst)):

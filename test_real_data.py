@@ -17,6 +17,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 
 import data
 import evaluate
@@ -600,7 +601,7 @@ def test_bench_compares_a_youtube_like_source_with_its_prepared_copy(tmp_path, c
                "--clips", "3", "--workers", "1"])
     said = capsys.readouterr().out
     assert re.search(r"source \(96x64, 30 fps, 2 files\)\s+\d", said) and "prepared / source, per core:" in said
-    assert re.search(r"loader on the prepared copy, 1 worker\(s\):\s+\d+\.\d clips/s = \d\.\d\d of raw", said)
+    assert re.search(r"loader on the prepared copy, 1 worker\(s\):\s+\d+\.\d clips/s = \d+\.\d\d of raw", said)
     with av.open(str(next((tmp_path / "source").rglob("*.mp4")))) as c:
         assert [k for k, p in enumerate(c.demux(video=0)) if p.is_keyframe] == [0]  # one GOP: as YouTube's
 
@@ -611,5 +612,117 @@ def test_the_gpu_check_runs_its_steps_on_the_cpu_at_small_settings(tmp_path, cap
     result = gpu_check.main(["--small", "--root", str(tmp_path), "--files", "8", "--workers", "1"])
     said = capsys.readouterr().out
     assert set(result["step"]) == {"xid", "weighted", "soft", "robust"} and result["epochs"] == [1, 2]
-    assert all(result["times"][m]["data"] > 0 for m in result["step"])
+    assert set(result["times"]["robust"]) == {"data", "transforms", "forward", "loss", "backward", "bank"}
+    ratio, worst = result["step"]["robust"] / result["step"]["xid"], max(result["wait"].values())
+    assert [ok for _, ok in result["checks"]] == [worst < 0.10, ratio <= 1.10, True]   # each target from its number
+    assert f"({ratio:.2f}x)" in said and f"(worst {worst:.1%})" in said
     assert said.count("ok    ") + said.count("MISSED") == 3 and "ok      the resumed run logged epochs [1, 2]" in said
+
+
+def _twice_but_die_on_3(x):
+    if x == 3:
+        os._exit(1)  # as a worker does when FFmpeg crashes on a file
+    return 2 * x
+
+
+def test_a_worker_that_dies_takes_only_its_own_file_with_it():
+    """data.in_processes (prepare's and the scan's pool): a dead worker does not end the run; the
+    files it may have been on are retried one by one, and only the one that kills again is named."""
+    got = dict(data.in_processes(_twice_but_die_on_3, range(10), 2, crashed=lambda x: "crashed"))
+    assert got == {**{x: 2 * x for x in range(10) if x != 3}, 3: "crashed"}
+
+
+def test_prepare_follows_linked_folders_and_names_a_name_clash(download, tmp_path):
+    """A class folder that is a symbolic link is prepared like any other; two containers of one name
+    become one .mp4: the one data.kinetics_csv reads (a video extension, then the last name), the
+    other named."""
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere" / "linked class"
+    (src / "train" / "a").mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    good = download / "kinetics" / "train" / "abseiling"
+    shutil.copy(good / clip_name(2, ".mkv"), src / "train" / "a" / "x.mkv")
+    shutil.copy(good / clip_name(3, ".webm"), src / "train" / "a" / "x.webm")
+    shutil.copy(good / clip_name(0), elsewhere / "y.mp4")
+    (src / "train" / "b").symlink_to(elsewhere, target_is_directory=True)
+    result = prepare.prepare(src, tmp_path / "dst", workers=1, log=lambda *a: None)
+    assert (tmp_path / "dst" / "train" / "b" / "y.mp4").exists() and (tmp_path / "dst" / "train" / "a" / "x.mp4").exists()
+    assert [(Path(p).name, r.split(",")[0]) for p, r in result["failed"]] == [("x.mkv", "same name as x.webm")]
+    (src / "train.csv").write_text("label,youtube_id,time_start,time_end,split\n")  # what kinetics_csv would read:
+    assert data.kinetics_csv.__doc__ and sorted(data.video_files(src / "train" / "a"),  # the same file
+                                                key=lambda f: (f.suffix.lower() in data.VIDEO_EXTENSIONS, f.name))[-1].name == "x.webm"
+
+
+def _flash_and_click(path, audio_parts, flash_at, fps=30, seconds=4.0):
+    """A 64x48 video (0..seconds) with one white frame at flash_at, and PCM audio written as
+    (start, length, click_at) parts: a gap between parts is a gap in the file's timestamps."""
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=fps)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        aus = out.add_stream("pcm_s16le", rate=44100)
+        aus.layout = "mono"
+        for i in range(int(seconds * fps)):
+            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 250 if i == round(flash_at * fps) else 20, np.uint8),
+                                           format="rgb24")
+            f.pts, f.time_base = i, Fraction(1, fps)
+            out.mux(vs.encode(f))
+        out.mux(vs.encode())
+        for start, length, click in audio_parts:
+            wave = np.zeros((1, int(length * 44100)), np.int16)
+            if click is not None:
+                wave[:, int((click - start) * 44100):int((click - start) * 44100) + 200] = 20000
+            af = av.AudioFrame.from_ndarray(wave, format="s16", layout="mono")
+            af.sample_rate, af.pts, af.time_base = 44100, int(start * 44100), Fraction(1, 44100)
+            out.mux(aus.encode(af))
+        out.mux(aus.encode())
+
+
+def test_a_gap_in_the_source_audio_stays_a_gap(tmp_path):
+    """Audio from 0-1 s and again from 2 s (nothing in between), a click at 2.5 s with the flash: the
+    prepared copy fills the gap with silence, so the click stays at 2.5 s, with the flash."""
+    src = tmp_path / "gap.mkv"
+    _flash_and_click(src, [(0.0, 1.0, None), (2.0, 2.0, 2.5)], flash_at=2.5)
+    dst = tmp_path / "gap.mp4"
+    prepare.transcode(src, dst)
+    frames, wave = data.decode_clip(dst, 2.0, data.ClipSpec(frames=16, fps=16.0, audio_seconds=1.0, sample_rate=16000))
+    flash, click = np.argmax(frames.mean(axis=(1, 2, 3))) / 16.0, np.argmax(np.abs(wave)) / 16000
+    assert abs(flash - 0.5) <= 1 / 16 + 1e-6 and abs(click - 0.5) <= 0.02, (flash, click)
+
+
+def test_a_file_cut_off_mid_data_is_not_prepared_as_a_shorter_one(tmp_path):
+    """A Matroska download cut off at 60% still opens and decodes to its end: transcode compares the
+    last frame with the duration the file declares and refuses it."""
+    src = tmp_path / "cut.mkv"
+    write_av(src, fmt="matroska", seconds=4.0, fps=25, size=(64, 48))
+    src.write_bytes(src.read_bytes()[: int(src.stat().st_size * 0.6)])
+    with pytest.raises(RuntimeError, match="truncated"):
+        prepare.transcode(src, tmp_path / "cut.mp4")
+    assert not list(tmp_path.glob("*cut.mp4*"))
+
+
+@pytest.mark.parametrize("size", [(64, 48), (256, 192)])
+def test_both_ways_of_cropping_give_the_box_resized(tmp_path, size):
+    """_decode_frames crops a prepared-size frame and resizes the box (torchvision), and scales a
+    large frame while converting it (FFmpeg) so the box lands on the clip size: both give the box
+    of the full frame, resized (compared with a crop-and-resize of the plain decoded frame)."""
+    w, h = size
+    path = tmp_path / "gradient.mp4"
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=8)
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        vs.codec_context.options = {"qp": "0"}
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([255 * xx / w, 255 * yy / h, np.full_like(xx, 128.0)], -1).astype(np.uint8)
+        for i in range(16):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = i, Fraction(1, 8)
+            out.mux(vs.encode(f))
+        out.mux(vs.encode())
+    box = (h // 8, w // 4, h // 2, h // 2)  # top, left, height, width
+    with av.open(str(path)) as c:
+        full = data._decode_frames(c, 0.5, 4, 8.0)
+    with av.open(str(path)) as c:
+        got = data._decode_frames(c, 0.5, 4, 8.0, box=lambda *_: box, size=32)
+    top, left, bh, bw = box
+    ref = v2.functional.resize(torch.from_numpy(full[:, top:top + bh, left:left + bw]).permute(0, 3, 1, 2), [32, 32],
+                               antialias=True).permute(0, 2, 3, 1).numpy()
+    assert got.shape == (4, 32, 32, 3) and np.abs(got.astype(float) - ref).mean() < 4

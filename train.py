@@ -161,7 +161,7 @@ def main(argv=None):
     parser, args = get_args(argv)
     run = set_up(parser, args)            # processes, data, injection, model, loss, optimiser, resume
     if args.bench:
-        run.bench = bench(run, args)      # median seconds of each part of a step
+        run.bench = bench(run, args)      # median seconds of each part of a step, data wait of the total
         return run
     if run.start_epoch == 0 and args.bank_init == "embeddings":
         fill_bank(run, args)
@@ -200,7 +200,7 @@ class Run:
     bank_refresh: str = "epoch"           # "step": update the bank slots after each step; "epoch": at its end
     pending_bank_updates: list = field(default_factory=list)   # (index, v, a) of the epoch's steps so far
     start_epoch: int = 0
-    bench: dict = None                    # --bench: median seconds of each part of a step
+    bench: dict = None                    # --bench: {"median": seconds of each part of a step, "data_wait_of_total"}
 
     @property
     def is_main(self):
@@ -641,18 +641,20 @@ def bench(run, args):
         n += 1
     med = {k: float(np.median(v)) for k, v in parts.items()}
     step = sum(med.values())
+    wait_of_total = sum(parts["data"]) / sum(map(sum, parts.values()))  # a slow batch now and then counts here
     per_step = len(index)
     print(f"bench: {args.bench_steps} steps, batch {per_step}, {args.mode}/{args.strategy}, K={run.criterion.K}, "
           f"bank update timed after each step (with --bank-refresh epoch it happens at the epoch's end), "
           f"{args.video_arch}+{args.audio_arch}, {args.frames}x{args.crop}x{args.crop}, device {device}")
-    print(f"  clips/s {per_step / step:.1f}   data-wait fraction {med['data'] / step:.3f}   step {1e3 * step:.1f} ms (medians)")
+    print(f"  clips/s {per_step / step:.1f}   data-wait fraction {med['data'] / step:.3f}   step {1e3 * step:.1f} ms (medians; "
+          f"data wait of the total time {wait_of_total:.3f})")
     print("  " + "  ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items()))
     if device.type == "cuda":
         print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     else:
         import resource
         print(f"  peak process memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    return med
+    return {"median": med, "data_wait_of_total": wait_of_total}
 
 
 if __name__ == "__main__":

@@ -273,6 +273,36 @@ def training_curves(run_dir, out):
     save(fig, out)
 
 
+def compare_curves(groups, out):
+    """Per-epoch xID loss and detection ROC AUC of groups of runs ({label: [run folders]}), one line
+    per run, a colour per group: how soon each recipe learns, seed by seed."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    chance = None
+    for (label, runs), colour in zip(groups.items(), ("tab:grey", "tab:blue", "tab:orange", "tab:green")):
+        for k, run in enumerate(runs):
+            log = [json.loads(x) for x in (Path(run) / "log.jsonl").read_text().splitlines()]
+            ep = [r for r in log if r["kind"] == "epoch"]
+            x = [r["epoch"] for r in ep]
+            axes[0].plot(x, [r["loss"] for r in ep], color=colour, lw=1, label=label if k == 0 else None)
+            key = "injected_auc" if "injected_auc" in ep[-1] else "natural_auc"
+            axes[1].plot(x, [r.get(key, np.nan) for r in ep], color=colour, lw=1,
+                         label=f"{label} ({key.split('_')[0]})" if k == 0 else None)
+            if chance is None:  # K as train.py chose it: --num-negatives, or min(1024, N/2)
+                n = json.loads((Path(run) / "injection.json").read_text())["num_instances"]
+                K = json.loads((Path(run) / "args.json").read_text())["num_negatives"] or min(1024, n // 2)
+                chance = 2 * np.log(K + 1)
+    if chance is not None:
+        axes[0].axhline(chance, color="0.6", lw=1, ls=":", label="chance, 2 ln(K+1)")
+    axes[0].set_title("xID loss per epoch")
+    axes[1].axhline(0.5, color="0.6", lw=1, ls=":")
+    axes[1].set_title("faulty-positive detection ROC AUC")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, out)
+
+
 def toy_clip(root, rel, out, frames=12):
     """A frame strip over the log-mel spectrogram of the same seconds, wall hits marked on both."""
     params = json.loads((Path(root) / "toy.json").read_text())
@@ -325,6 +355,9 @@ def main(argv=None):
     r = sub.add_parser("run", help="Figures 3-4, score histogram and training curves of one evaluated run")
     r.add_argument("run_dir")
     r.add_argument("--out", default="figures", help="output folder")
+    c = sub.add_parser("curves", help="per-epoch loss and detection AUC of groups of runs, overlaid")
+    c.add_argument("groups", nargs="+", metavar="LABEL=RUN[,RUN...]", help="a label and its run folders")
+    c.add_argument("--out", default="figures/curves", help="output path without extension")
     t = sub.add_parser("toy-clip", help="frame strip + spectrogram of one embedded clip")
     t.add_argument("--root", default="data/toy", help="the embedded dataset (generated if missing)")
     t.add_argument("--clip", default="kinetics/train/triangle_diagonal/toy020001_000000_000003.mp4",
@@ -346,6 +379,17 @@ def main(argv=None):
         retrieval_grid(run, out / "fig4_retrievals")
         score_histogram(run, out / "score_histogram")
         training_curves(run, out / "training_curves")
+    elif args.cmd == "curves":
+        groups = {}
+        for g in args.groups:
+            label, _, runs = g.partition("=")
+            folders = [Path(r) for r in runs.split(",") if r]
+            missing = [str(f) for f in folders if not (f / "log.jsonl").exists()]
+            if not label or not folders or missing:
+                p.error(f"{g!r}: expected LABEL=RUN[,RUN...] with a log.jsonl in each run" +
+                        (f" (none in {', '.join(missing)})" if missing else ""))
+            groups[label] = folders
+        compare_curves(groups, args.out)
     else:
         embedded_dataset.ensure_toy(args.root)
         toy_clip(args.root, args.clip, args.out)

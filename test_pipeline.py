@@ -656,3 +656,28 @@ def test_quick_sweep_uses_its_small_grid_except_where_a_flag_is_given(monkeypatc
     assert seen["epochs"] == 24 and seen["runs"] == "runs/sweeps" and seen["seeds"] == [0, 1]
     plots.main(["delta"])
     assert seen["epochs"] == 24 and seen["runs"] == "runs/sweeps"
+
+
+def test_curves_overlays_groups_of_runs_and_names_a_run_without_a_log(tmp_path, capsys):
+    """plots.py curves LABEL=RUN,... draws each run's per-epoch loss (with the chance level
+    2 ln(K+1), K as train.py chose it) and detection AUC; a folder without log.jsonl is named."""
+    runs = []
+    for k in range(2):
+        run = tmp_path / f"run{k}"
+        run.mkdir()
+        (run / "args.json").write_text(json.dumps({"num_negatives": None}))
+        (run / "injection.json").write_text(json.dumps({"num_instances": 480}))
+        (run / "log.jsonl").write_text("".join(json.dumps({"kind": "epoch", "epoch": e, "loss": 11 - e / 3,
+                                                           "natural_auc": 0.5 + e / 10}) + "\n" for e in (1, 2, 3)))
+        runs.append(str(run))
+    drawn = []
+    real = plots.plt.Axes.axhline
+    plots.plt.Axes.axhline = lambda self, y, **k: drawn.append(y) or real(self, y, **k)
+    try:
+        plots.main(["curves", f"a={runs[0]}", f"b={runs[1]}", "--out", str(tmp_path / "fig")])
+    finally:
+        plots.plt.Axes.axhline = real
+    assert (tmp_path / "fig.png").stat().st_size > 5000 and pytest.approx(2 * np.log(241)) in drawn
+    with pytest.raises(SystemExit):
+        plots.main(["curves", f"a={tmp_path / 'nothing'}"])
+    assert "none in" in capsys.readouterr().err

@@ -254,6 +254,15 @@ class RobustXIDLoss(nn.Module):
         self.mode, self.K, self.tau, self.tau_s = mode, num_negatives, tau, tau_s
         self.delta, self.kappa, self.w_min, self.lam, self.strategy = delta, kappa, w_min, lam, strategy
         self.generator = torch.Generator().manual_seed(seed + 1)
+        self.oracle = None  # (faulty (N,) bool, weight): weights from the ground truth, see set_oracle
+
+    def set_oracle(self, faulty, weight):
+        """Weighted-xID with the ground truth in place of W(s): w_i = weight (w_min, or 0) for the
+        pairs known to be faulty (the injected ones), 1 for all others. Not a method anyone could
+        train with: the bound that any detector of faulty positives could reach with this weighting,
+        which tells a gap in detection from a gap in weighting. A run sets it again at every start
+        (it follows from the injection's seed), so it is not part of the state_dict."""
+        self.oracle = (torch.as_tensor(faulty, dtype=torch.bool, device=self.bank.s.device), float(weight))
 
     def get_extra_state(self):  # the negatives' generator travels with the banks in a checkpoint
         return {"generator": self.generator.get_state()}
@@ -288,8 +297,13 @@ class RobustXIDLoss(nn.Module):
             with torch.no_grad():
                 mu, sigma = bank.score_stats()
                 s = bank.s[index]                                               # (B,)
-                w = (faulty_positive_weights(s, mu, sigma, self.delta, self.kappa, self.w_min)
-                     if weighted else torch.ones_like(s))                       # (B,)
+                if not weighted:
+                    w = torch.ones_like(s)                                      # (B,)
+                elif self.oracle is not None:                                   # the ground truth's weights
+                    faulty, weight = self.oracle
+                    w = torch.where(faulty.to(s.device)[index], weight, 1.0)
+                else:
+                    w = faulty_positive_weights(s, mu, sigma, self.delta, self.kappa, self.w_min)
                 if lam > 0:
                     S_v, S_a = softening_scores(self.strategy, v_pos, a_pos, v_neg, a_neg,
                                                 self.tau_s, mask)
@@ -297,8 +311,9 @@ class RobustXIDLoss(nn.Module):
                 else:
                     T_v = T_a = one_hot_targets(logits_v)                      # 1[j = i]
 
-            loss_v = (w * soft_cross_entropy(logits_v, T_v, mask)).sum() / w.sum()  # -log P(ā|v) terms
-            loss_a = (w * soft_cross_entropy(logits_a, T_a, mask)).sum() / w.sum()  # -log P(v̄|a) terms
+            w_sum = w.sum().clamp_min(1e-6)  # an oracle's weight 0 on a whole batch: no loss, not 0/0
+            loss_v = (w * soft_cross_entropy(logits_v, T_v, mask)).sum() / w_sum  # -log P(ā|v) terms
+            loss_a = (w * soft_cross_entropy(logits_a, T_a, mask)).sum() / w_sum  # -log P(v̄|a) terms
 
         diagnostics = {
             "loss_v2a": loss_v.detach(), "loss_a2v": loss_a.detach(),

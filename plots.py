@@ -27,7 +27,7 @@ from losses import faulty_positive_weights  # noqa: E402
 PANELS = [("ucf", "finetune_video_top1", "UCF fine-tune (video top-1)"), ("ucf", "R@5", "UCF retrieval R@5"),
           ("hmdb", "finetune_video_top1", "HMDB fine-tune (video top-1)"), ("hmdb", "R@5", "HMDB retrieval R@5")]
 QUICK_SETTINGS = {
-    "delta": dict(seeds=[0, 1], epochs=12, eval_clips=2, deltas=[-1.0], n0=[0.5], runs="runs/sweeps_quick",
+    "delta": dict(seeds=[0, 1], epochs=12, eval_clips=2, deltas=[-1.0], n0=[0.5], oracle=False, runs="runs/sweeps_quick",
                   out="figures/quick/fig1_delta_sweep"),
     "lambda": dict(seeds=[0, 1], epochs=12, eval_clips=2, lams=[0.0, 0.5, 1.0], runs="runs/sweeps_quick",
                    out="figures/quick/fig2_lambda_sweep")}
@@ -90,11 +90,15 @@ def sweep(kind, args):
     points = []  # (key, run folder, train.py flags)
     if kind == "delta":
         # xID at every n₀, and at n₀ = 0 as the reference without injection
+        # and, with --oracle, Weighted-xID with the ground truth's weights (injected pairs at w_min, and at 0)
         grid = [(n0, d) for n0 in args.n0 for d in args.deltas] + [(n0, "xid") for n0 in sorted({0.0, *args.n0})]
+        grid += [(n0, o) for n0 in args.n0 if n0 > 0 for o in ORACLES] if args.oracle else []
         for seed in args.seeds:
             for n0, d in grid:
-                flags = ["--mode", "xid"] if d == "xid" else ["--mode", "weighted", "--delta", str(d)]
-                name = f"n0_{n0:g}_{'xid' if d == 'xid' else f'delta_{d:g}'}_seed{seed}"
+                flags = (["--mode", "xid"] if d == "xid" else
+                         ["--mode", "weighted", "--oracle-weights", d] if d in ORACLES else
+                         ["--mode", "weighted", "--delta", str(d)])
+                name = f"n0_{n0:g}_{d if isinstance(d, str) else f'delta_{d:g}'}_seed{seed}"
                 points.append(((n0, d, seed), root / name, flags + ["--n0", str(n0), "--seed", str(seed)]))
     else:
         for seed in args.seeds:
@@ -144,9 +148,16 @@ def draw_sweep(x, lines, xlabel, title, out, extra=None):
     save(fig, out)
 
 
+ORACLES = ("w-min", "zero")  # train.py --oracle-weights
+
+
 def draw_delta(table, args, out):
     lines = []
     for k, n0 in enumerate(args.n0):
+        for o in ORACLES if args.oracle and n0 > 0 else ():
+            lines.append((f"oracle weights ({'w_min' if o == 'w-min' else '0'} on injected), n₀ = {n0:g}",
+                          "-." if o == "w-min" else (0, (1, 1)), None,
+                          {d: [table[(n0, o, s)] for s in args.seeds] for d in args.deltas}))
         lines.append((f"Weighted-xID, n₀ = {n0:g}", STYLES[k % 4], MARKERS[k],
                       {d: [table[(n0, d, s)] for s in args.seeds] for d in args.deltas}))
         lines.append((f"xID, n₀ = {n0:g}", STYLES[k % 4], None,
@@ -332,7 +343,7 @@ def main(argv=None):
     sweeps = {}
     for kind in ("delta", "lambda"):
         s = sweeps[kind] = sub.add_parser(kind, help=f"the {kind} sweep: train/evaluate missing points, draw the figure")
-        s.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per grid point")
+        s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per grid point")
         s.add_argument("--epochs", type=int, default=24, help="pre-training epochs per point (clean xID leaves "
                        "its plateau after about 20 on the embedded data)")
         s.add_argument("--warmup-epochs", type=int, default=3, help="plain-xID epochs first")
@@ -346,6 +357,9 @@ def main(argv=None):
             s.add_argument("--deltas", type=float, nargs="+", default=[-2.0, -1.0, 0.0], help="δ grid")
             s.add_argument("--n0", type=float, nargs="+", default=[0.25, 0.5],
                            help="one line per n₀ (xID without injection is always trained as the reference)")
+            s.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
+                           help="also Weighted-xID with the ground truth's weights at each n₀ (train.py "
+                                "--oracle-weights w-min and zero): how much any detector could win")
         else:
             s.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="λ grid")
         s.add_argument("--quick", action="store_true",

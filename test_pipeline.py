@@ -555,7 +555,8 @@ def test_run_figures_are_drawn(toy, tmp_path):
 def test_sweep_skips_finished_points_and_draws(tmp_path):
     """A grid point with complete results is not trained again (an interrupted sweep resumes);
     the figures draw mean ± std over seeds from the results alone."""
-    args = argparse.Namespace(epochs=3, eval_clips=2, seeds=[0, 1], deltas=[-1.0, 0.0], n0=[0.25, 0.5], lams=[0.0, 0.5])
+    args = argparse.Namespace(epochs=3, eval_clips=2, seeds=[0, 1], deltas=[-1.0, 0.0], n0=[0.25, 0.5], lams=[0.0, 0.5],
+                              oracle=True)
     rng = np.random.default_rng(0)
     fake = lambda: {"evaluated_epoch": 3, **{ds: {"finetune_video_top1": rng.random(), "retrieval": {"R@5": rng.random()}}  # noqa: E731
                                               for ds in ("ucf", "hmdb")}}
@@ -564,11 +565,55 @@ def test_sweep_skips_finished_points_and_draws(tmp_path):
     (point / "results.json").write_text(json.dumps(fake()))
     assert plots.train_and_evaluate_point(point, ["--mode", "xid"], args) == json.loads((point / "results.json").read_text())
     assert not (point / "checkpoint.pt").exists()                          # nothing was trained
-    table = {(n0, d, s): fake() for n0 in args.n0 for d in args.deltas + ["xid"] for s in args.seeds}
+    table = {(n0, d, s): fake() for n0 in args.n0 for d in args.deltas + ["xid", *plots.ORACLES] for s in args.seeds}
     table.update({(0.0, "xid", s): fake() for s in args.seeds})            # the reference without injection
     plots.draw_delta(table, args, tmp_path / "fig1")
     plots.draw_lambda({(lam, s): fake() for lam in args.lams for s in args.seeds}, args, tmp_path / "fig2")
     assert (tmp_path / "fig1.png").exists() and (tmp_path / "fig2.pdf").exists()
+
+
+def test_the_delta_sweep_trains_the_oracle_at_every_injected_n0(tmp_path, monkeypatch):
+    """Figure 1's oracle: at each n₀ > 0, Weighted-xID with --oracle-weights w-min and zero, every
+    seed; xID at n₀ = 0 as the reference; --no-oracle leaves the oracle out."""
+    trained = []
+    monkeypatch.setattr(plots.embedded_dataset, "ensure_toy", lambda root: None)
+    monkeypatch.setattr(plots, "train_and_evaluate_point", lambda run_dir, flags, args: trained.append(flags) or {})
+    args = argparse.Namespace(runs=str(tmp_path), toy_root="unused", seeds=[0, 1, 2], deltas=[-1.0], n0=[0.5],
+                              oracle=True, epochs=3)
+    table = plots.sweep("delta", args)
+    oracle = [f for f in trained if "--oracle-weights" in f]
+    assert len(oracle) == 6 and {(f[f.index("--oracle-weights") + 1], f[f.index("--seed") + 1]) for f in oracle} == \
+        {(o, str(s)) for o in ("w-min", "zero") for s in (0, 1, 2)}
+    assert all(f[f.index("--n0") + 1] == "0.5" and f[:2] == ["--mode", "weighted"] for f in oracle)
+    assert (0.5, "zero", 2) in table and (0.0, "xid", 1) in table
+    trained.clear()
+    plots.sweep("delta", argparse.Namespace(**{**vars(args), "oracle": False}))
+    assert not [f for f in trained if "--oracle-weights" in f] and len(trained) == 9
+
+
+def test_oracle_weights_come_from_the_ground_truth(toy, tmp_path):
+    """--oracle-weights: the injected pairs of the batch get w_min (or 0), all others 1, whatever the
+    scores say; without injection (or with xID) the flag is refused."""
+    K = 8
+    loss = losses.RobustXIDLoss(20, 16, mode="weighted", num_negatives=K, w_min=0.25)
+    faulty = torch.zeros(20, dtype=torch.bool)
+    faulty[[3, 7]] = True
+    v = torch.nn.functional.normalize(torch.randn(6, 16), dim=1)
+    a = torch.nn.functional.normalize(torch.randn(6, 16), dim=1)
+    index = torch.tensor([0, 3, 5, 7, 9, 11])
+    for weight in (0.25, 0.0):
+        loss.set_oracle(faulty, weight)
+        _, diag = loss(v, a, index)
+        assert diag["weights"].tolist() == [1.0, weight, 1.0, weight, 1.0, 1.0]
+    loss.set_oracle(torch.ones(20, dtype=torch.bool), 0.0)
+    total, _ = loss(v, a, index)
+    assert total.item() == 0.0                               # all weights 0: no loss, not 0/0
+    with pytest.raises(SystemExit):
+        run_train(toy, tmp_path / "r", "--oracle-weights", "w-min", "--mode", "weighted")   # n0 = 0
+    run_train(toy, tmp_path / "o", "--oracle-weights", "zero", "--mode", "weighted", "--n0", "0.5", "--epochs", "2",
+              "--warmup-epochs", "1", "--no-eval")
+    log = [json.loads(x) for x in (tmp_path / "o" / "log.jsonl").read_text().splitlines() if '"epoch"' in x]
+    assert log[0]["batch_mean_weight"] == 1.0 and 0.2 < log[1]["batch_mean_weight"] < 0.8  # half the pairs: 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,6 +61,9 @@ def get_args(argv=None):
     g.add_argument("--warmup-epochs", type=int, default=3,
                    help="epochs of plain xID before weights and soft targets switch on (banks start random)")
     g.add_argument("--n0", type=float, default=0.0, help="n₀ in [0, 1): share of instances given another's audio")
+    g.add_argument("--oracle-weights", choices=["off", "w-min", "zero"], default="off",
+                   help="Weighted-xID with the ground truth in place of W(s): the injected pairs get w_min "
+                        "(or 0), every other pair 1 -- the bound any detector could reach (Figure 1's oracle)")
     g.add_argument("--seed", type=int, default=0, help="seeds injection, negatives, init and augmentation")
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=None, help="Kinetics as ROOT/<split>/<class>/*.mp4; "
@@ -121,6 +124,8 @@ def check_args(p, args):
                f"must be in [1, {data.max_n_mels(args.sample_rate)}] (the frequency bins of the spectrogram's window)"),
               ("--subset", args.subset is None or args.subset >= 2, "must be >= 2"),
               ("--bench-steps", args.bench_steps >= 1, "must be >= 1")]
+    checks.append(("--oracle-weights", args.oracle_weights == "off" or (args.mode in ("weighted", "robust") and args.n0 > 0),
+                   "needs --mode weighted or robust and --n0 > 0 (it weights the injected pairs)"))
     for flag, ok, rule in checks:
         if not ok:
             p.error(f"{flag} {rule}, got {getattr(args, flag[2:].replace('-', '_'))}")
@@ -244,6 +249,8 @@ def set_up(parser, args):
     model = AVModel(args.video_arch, args.audio_arch, centred_heads=args.centred_heads).to(device)
     criterion = RobustXIDLoss(len(videos), 128, args.mode, K, args.tau, args.bank_momentum, args.delta, args.kappa,
                               args.w_min, args.lam, args.strategy, args.tau_s, seed=args.seed).to(device)
+    if args.oracle_weights != "off":
+        criterion.set_oracle(data.injected_mask(pairs, len(videos)), args.w_min if args.oracle_weights == "w-min" else 0.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     amp = args.amp if args.amp != "auto" else ("off" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")

@@ -396,7 +396,7 @@ def main(argv=None):
     elif args.cmd == "curves":
         groups = {}
         for g in args.groups:
-            label, _, runs = g.partition("=")
+            label, _, runs = g.rpartition("=")  # a label may hold "=" (n₀ = 0.5), a path rarely does
             folders = [Path(r) for r in runs.split(",") if r]
             missing = [str(f) for f in folders if not (f / "log.jsonl").exists()]
             if not label or not folders or missing:

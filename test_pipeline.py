@@ -19,6 +19,7 @@ import data
 import embedded_dataset
 import evaluate
 import losses
+import model
 import plots
 import train
 from data import ClipSpec, Video
@@ -726,3 +727,17 @@ def test_curves_overlays_groups_of_runs_and_names_a_run_without_a_log(tmp_path, 
     with pytest.raises(SystemExit):
         plots.main(["curves", f"a={tmp_path / 'nothing'}"])
     assert "none in" in capsys.readouterr().err
+
+
+def test_centred_heads_spread_a_random_encoders_embeddings():
+    """model.projection_head: a randomly initialised encoder maps every clip to nearly the same
+    direction (its ReLU features are all positive), where xID's softmax over the candidates is flat;
+    the parameter-free BatchNorm at the end of the heads centres a batch's embeddings first."""
+    torch.manual_seed(0)
+    video, audio = torch.randn(16, 3, 4, 32, 32), torch.randn(16, 1, 40, 100)
+
+    def mean_cosine(centred):
+        torch.manual_seed(1)
+        v, a = model.AVModel(centred_heads=centred)(video, audio)
+        return [((x @ x.T).sum() - len(x)).item() / (len(x) ** 2 - len(x)) for x in (v, a)]
+    assert min(mean_cosine(False)) > 0.5 and max(mean_cosine(True)) < 0.2

@@ -244,12 +244,15 @@ class AVClips(Dataset):
         # torchvision draws the box (area 40-100% of the frame, aspect 3/4-4/3); FFmpeg applies it
         return RandomResizedCrop.get_params(torch.empty(1, height, width), [0.4, 1.0], [3 / 4, 4 / 3])
 
+    def audio_start(self, video_start, audio_duration):
+        """The audio window is centred on the video window (the same moment), clipped to its file."""
+        a_start = video_start + (self.spec.video_seconds - self.spec.audio_seconds) / 2
+        return min(max(a_start, 0.0), max(audio_duration - self.spec.audio_seconds, 0.0))
+
     def _clip(self, video, audio_video, start):
         spec = self.spec
-        # the audio window is centred on the video window (same moment), clipped to its file
-        a_start = start + (spec.video_seconds - spec.audio_seconds) / 2
-        a_start = min(max(a_start, 0.0), max(audio_video.duration - spec.audio_seconds, 0.0))
-        frames, wave = decode_clip(video.path, start, spec, audio_video.path, a_start, box=self._box)
+        frames, wave = decode_clip(video.path, start, spec, audio_video.path, self.audio_start(start, audio_video.duration),
+                                   box=self._box)
         if self.train and random.random() < 0.5:
             frames = frames[:, :, ::-1]                                           # horizontal flip
         video_t = torch.from_numpy(np.ascontiguousarray(frames.transpose(3, 0, 1, 2)))  # (3, T, H, W) uint8

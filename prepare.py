@@ -369,28 +369,29 @@ def write_youtube_like(root, files=8, seconds=10.0, width=1280, height=720, work
     return paths
 
 
-def raw_decode(path, start, spec):
-    """The floor for the loader: plain PyAV decoding of the same window, no resampling or transforms."""
+def raw_decode(path, start, audio_start, spec):
+    """The floor for the loader: plain PyAV decoding of the same windows, no cropping or resampling."""
     with av.open(str(path)) as c:
         vs, aus = c.streams.video[0], c.streams.audio[0]
         c.seek(int(start / vs.time_base), stream=vs, backward=True)
         frames = [f.to_ndarray(format="rgb24") for f in takewhile(lambda f: f.time <= start + spec.video_seconds,
                                                                    c.decode(vs)) if f.time >= start]
-        c.seek(int(start / aus.time_base), stream=aus, backward=True)
-        audio = [f.to_ndarray() for f in takewhile(lambda f: f.time <= start + spec.audio_seconds, c.decode(aus))]
+        c.seek(int(audio_start / aus.time_base), stream=aus, backward=True)
+        audio = [f.to_ndarray() for f in takewhile(lambda f: f.time <= audio_start + spec.audio_seconds, c.decode(aus))]
     return frames, audio
 
 
-def ms_per_clip(fn, videos, clips, seed=0):
-    """Median milliseconds of fn(video, start) over `clips` random (video, start) draws, on one core."""
-    rng, times = random.Random(seed), []
+def ms_per_clip(fn, videos, clips, spec, seed=0):
+    """Mean milliseconds of fn(video, start) over `clips` (video, start) draws made as the loader
+    makes them (start uniform where a clip fits), on one core."""
+    rng, total = random.Random(seed), 0.0
     for _ in range(clips):
         v = rng.choice(videos)
-        start = rng.uniform(0, max(v.duration - PAPER_CLIP.shortest_file_seconds, 0))
+        start = rng.uniform(0, max(v.duration - spec.video_seconds, 0))
         t = time.perf_counter()
         fn(v, start)
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+        total += time.perf_counter() - t
+    return 1e3 * total / clips
 
 
 def loader_clips_per_s(videos, spec, workers, batch_size=32, batches=16):
@@ -427,8 +428,9 @@ def compare(source, prepared, sample, spec=PAPER_CLIP, clips=20, workers=(1,), l
     rows = {}
     for name, videos in (("source", src), ("prepared", dst)):
         ds = AVClips(videos, spec, train=True)
-        rows[name] = {"item": ms_per_clip(item(ds), videos, clips),
-                      "raw": ms_per_clip(lambda v, s: raw_decode(v.path, s, spec), videos, clips)}
+        rows[name] = {"item": ms_per_clip(item(ds), videos, clips, spec),
+                      "raw": ms_per_clip(lambda v, s: raw_decode(v.path, s, ds.audio_start(s, v.duration), spec),
+                                         videos, clips, spec)}
     with av.open(src[0].path) as c:
         s = c.streams.video[0]
         shape = f"{s.codec_context.width}x{s.codec_context.height}, {float(s.average_rate):.0f} fps"
@@ -436,7 +438,7 @@ def compare(source, prepared, sample, spec=PAPER_CLIP, clips=20, workers=(1,), l
         s = c.streams.video[0]
         shape_p = f"{s.codec_context.width}x{s.codec_context.height}, {float(s.average_rate):.0f} fps"
     log(f"clip: {spec.frames} frames at {spec.fps:g} fps cropped to {spec.size}, {spec.audio_seconds:g} s of audio at "
-        f"{spec.sample_rate} Hz; medians of {clips} random clips, one core\n"
+        f"{spec.sample_rate} Hz; means over {clips} random clips, one core\n"
         f"{'':34s} {'ms/clip':>8s} {'clips/s':>8s}   raw PyAV decode of the window\n" +
         "".join(f"{f'{n} ({sh}, {len(v)} files)':34s} {r['item']:8.1f} {1e3 / r['item']:8.1f}   {r['raw']:.1f} ms\n"
                 for (n, r), sh, v in zip(rows.items(), (shape, shape_p), (src, dst))) +

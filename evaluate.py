@@ -179,6 +179,12 @@ class Classifier(nn.Module):
         return self.fc(self.dropout(self.encoder.feature_map(video).mean(dim=(2, 3, 4))))  # (B, C)
 
 
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def finetune(model, train_set, test_set, num_classes, device, epochs, lr, batch_size, workers):
     """Train encoder + classifier on random clips, then score 10-clip videos: (clip top-1, video top-1)."""
     net = Classifier(copy.deepcopy(model.video), num_classes).to(device)
@@ -236,9 +242,15 @@ def evaluate_downstream(name, model, listing, spec, args, device, log):
                                     device=device),
            "linear_probe_video_top1": linear_probe(gallery.features["pooled"], gallery.labels,
                                                    queries.features["pooled"], queries.labels, len(classes))}
-    clip, video = finetune(model, data.AVClips(train_v, spec, True), data.AVClips(test_v, spec, False, args.clips),
-                           len(classes), device, args.ft_epochs, args.ft_lr, args.ft_batch_size, args.workers)
-    out.update(finetune_clip_top1=clip, finetune_video_top1=video, seconds=time.perf_counter() - t)
+    clips, videos = [], []
+    for r in range(args.ft_repeats):  # fine-tuning is the noisy number: its mean over repeats is reported
+        seed_everything(args.seed * 1000 + r)
+        clip, video = finetune(model, data.AVClips(train_v, spec, True), data.AVClips(test_v, spec, False, args.clips),
+                               len(classes), device, args.ft_epochs, args.ft_lr, args.ft_batch_size, args.workers)
+        clips.append(clip)
+        videos.append(video)
+    out.update(finetune_clip_top1=float(np.mean(clips)), finetune_video_top1=float(np.mean(videos)),
+               finetune_video_top1_each=videos, seconds=time.perf_counter() - t)
     return out
 
 
@@ -381,17 +393,20 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0, help="seeds fine-tuning and augmentation: same seed, same numbers")
+    p.add_argument("--ft-repeats", type=int, default=1,
+                   help="fine-tune this many times (seeds seed*1000 + r) and report the mean: on the embedded sets "
+                        "one fine-tuning varies by up to 0.17 between seeds, retrieval and the probe by 0.01 at most")
     args = p.parse_args(argv)
     if bool(args.ucf_root) != bool(args.ucf_splits) or bool(args.hmdb_root) != bool(args.hmdb_splits):
         p.error("give --ucf-root with --ucf-splits, and --hmdb-root with --hmdb-splits")
+    if args.ft_repeats < 1:
+        p.error(f"--ft-repeats must be >= 1, got {args.ft_repeats}")
     for flag in ("ucf_root", "ucf_splits", "hmdb_root", "hmdb_splits"):
         if getattr(args, flag) and not Path(getattr(args, flag)).is_dir():
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a folder")
 
     t0 = time.perf_counter()
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     device = torch.device(args.device)
     model, ckpt, run_dir = load_run(args.run, device)
     run_args = ckpt["args"]

@@ -273,7 +273,9 @@ def test_folder_download_end_to_end(download, tmp_path, capsys, monkeypatch):
     assert {"R@1", "R@5"} <= set(results["train_summary_retrieval"]) and results["detection_injected"]["n_faulty"] == 4
 
     r = evaluate.main([str(out), *downstream_flags(download), "--clips", "2", "--ft-epochs", "1", "--workers", "0",
-                       "--queries", "3"])
+                       "--queries", "3", "--ft-repeats", "2"])
+    each = r["ucf"]["finetune_video_top1_each"]                                     # two fine-tunings, their mean
+    assert len(each) == 2 and r["ucf"]["finetune_video_top1"] == pytest.approx(sum(each) / 2)
     assert r["ucf"]["classes"] == 3 and r["ucf"]["train_videos"] == 8 and r["ucf"]["test_videos"] == 3
     assert r["hmdb"]["classes"] == 3 and r["hmdb"]["train_videos"] == 6 and r["hmdb"]["test_videos"] == 3
     assert set(r["per_class_R@1"]) == {"abseiling", "playing guitar", FOOTBALL}     # labels by training class

@@ -43,6 +43,15 @@ def every_rank_has_data(has_data, device, world):
     return has_data
 
 
+def agreed_count(n, device, world):
+    """The smallest n over the ranks: loops that hold collectives run as many times on every rank."""
+    if world > 1:
+        t = torch.tensor([float(n)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        n = int(t.item())
+    return n
+
+
 def shared_by_ranks(fn, rank, world):
     """fn(probe_many) runs on rank 0; the files it probes are spread over every rank (each probes one
     share, the results are gathered), and every rank returns what rank 0 returned (or raises what it

@@ -258,9 +258,10 @@ class RobustXIDLoss(nn.Module):
 
     def set_oracle(self, faulty, weight):
         """Weighted-xID with the ground truth in place of W(s): w_i = weight (w_min, or 0) for the
-        pairs known to be faulty (the injected ones), 1 for all others. Not a method anyone could
-        train with: the bound that any detector of faulty positives could reach with this weighting,
-        which tells a gap in detection from a gap in weighting. A run sets it again at every start
+        pairs known to be faulty (train.py passes the injected ones), 1 for all others. Not a method
+        anyone could train with: what a perfect detector of the *injected* pairs would reach with this
+        weighting (a detector that also down-weighted the natural faulty pairs could do better), which
+        tells a gap in detection from a gap in weighting. A run sets it again at every start
         (it follows from the injection's seed), so it is not part of the state_dict."""
         self.oracle = (torch.as_tensor(faulty, dtype=torch.bool, device=self.bank.s.device), float(weight))
 
@@ -311,7 +312,7 @@ class RobustXIDLoss(nn.Module):
                 else:
                     T_v = T_a = one_hot_targets(logits_v)                      # 1[j = i]
 
-            w_sum = w.sum().clamp_min(1e-6)  # an oracle's weight 0 on a whole batch: no loss, not 0/0
+            w_sum = torch.where(w.sum() > 0, w.sum(), 1.0)  # an oracle's 0 on a whole batch: no loss, not 0/0
             loss_v = (w * soft_cross_entropy(logits_v, T_v, mask)).sum() / w_sum  # -log P(ā|v) terms
             loss_a = (w * soft_cross_entropy(logits_a, T_a, mask)).sum() / w_sum  # -log P(v̄|a) terms
 

@@ -55,8 +55,20 @@ def metric(results, dataset, name):
     return r["retrieval"][name] if name.startswith("R@") else r[name]
 
 
+RECIPE = {"centred_heads": True, "bank_init": "embeddings", "bank_refresh": "step"}  # the sweeps' start and refresh
+
+
 def finished_results(run_dir, args):
-    """The point's results.json if it is complete for this sweep's settings, else None."""
+    """The point's results.json if it is complete for this sweep's settings, else None. A point made
+    with another recipe (a runs folder from before the start changed) stops the sweep, naming it:
+    a figure must not mix two recipes."""
+    saved = run_dir / "args.json"
+    if saved.exists():
+        was = json.loads(saved.read_text())
+        old = {k: was.get(k, {"centred_heads": False, "bank_init": "random"}.get(k)) for k in RECIPE}
+        if old != RECIPE:
+            raise SystemExit(f"{run_dir} was trained with {old}, the sweeps now use {RECIPE}: delete it, or give "
+                             f"another --runs")
     res = run_dir / "results.json"
     if res.exists():
         r = json.loads(res.read_text())
@@ -150,14 +162,15 @@ def draw_sweep(x, lines, xlabel, title, out, extra=None):
 
 
 ORACLES = ("w-min", "zero")  # train.py --oracle-weights
+ORACLE_STYLES = ("-.", (0, (1, 1)), (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
 
 
 def draw_delta(table, args, out):
     lines = []
     for k, n0 in enumerate(args.n0):
         for o in ORACLES if args.oracle and n0 > 0 else ():
-            lines.append((f"oracle weights ({'w_min' if o == 'w-min' else '0'} on injected), n₀ = {n0:g}",
-                          "-." if o == "w-min" else (0, (1, 1)), None,
+            lines.append((f"injected-pair oracle ({'w_min' if o == 'w-min' else '0'} on injected), n₀ = {n0:g}",
+                          ORACLE_STYLES[(2 * k + ORACLES.index(o)) % len(ORACLE_STYLES)], None,
                           {d: [table[(n0, o, s)] for s in args.seeds] for d in args.deltas}))
         lines.append((f"Weighted-xID, n₀ = {n0:g}", STYLES[k % 4], MARKERS[k],
                       {d: [table[(n0, d, s)] for s in args.seeds] for d in args.deltas}))
@@ -290,10 +303,15 @@ def compare_curves(groups, out):
     per run, a colour per group: how soon each recipe learns, seed by seed."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     chance = None
-    for (label, runs), colour in zip(groups.items(), ("tab:grey", "tab:blue", "tab:orange", "tab:green")):
+    colours = ("tab:grey", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+    if len(groups) > len(colours):
+        raise ValueError(f"at most {len(colours)} groups, got {len(groups)}")
+    for (label, runs), colour in zip(groups.items(), colours):
         for k, run in enumerate(runs):
             log = [json.loads(x) for x in (Path(run) / "log.jsonl").read_text().splitlines()]
             ep = [r for r in log if r["kind"] == "epoch"]
+            if not ep:
+                raise ValueError(f"{run}: its log.jsonl has no epoch yet")
             x = [r["epoch"] for r in ep]
             axes[0].plot(x, [r["loss"] for r in ep], color=colour, lw=1, label=label if k == 0 else None)
             key = "injected_auc" if "injected_auc" in ep[-1] else "natural_auc"
@@ -345,8 +363,7 @@ def main(argv=None):
     for kind in ("delta", "lambda"):
         s = sweeps[kind] = sub.add_parser(kind, help=f"the {kind} sweep: train/evaluate missing points, draw the figure")
         s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per grid point")
-        s.add_argument("--epochs", type=int, default=24, help="pre-training epochs per point (clean xID leaves "
-                       "its plateau after about 20 on the embedded data)")
+        s.add_argument("--epochs", type=int, default=24, help="pre-training epochs per point")
         s.add_argument("--warmup-epochs", type=int, default=3, help="plain-xID epochs first")
         s.add_argument("--runs", default="runs/sweeps", help="where the runs of the sweep live")
         s.add_argument("--toy-root", default="data/toy", help="the embedded dataset")
@@ -362,7 +379,7 @@ def main(argv=None):
                            help="one line per n₀ (xID without injection is always trained as the reference)")
             s.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
                            help="also Weighted-xID with the ground truth's weights at each n₀ (train.py "
-                                "--oracle-weights w-min and zero): how much any detector could win")
+                                "--oracle-weights w-min and zero): what a perfect detector of the injected pairs would win")
         else:
             s.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="λ grid")
         s.add_argument("--quick", action="store_true",
@@ -406,7 +423,10 @@ def main(argv=None):
                 p.error(f"{g!r}: expected LABEL=RUN[,RUN...] with a log.jsonl in each run" +
                         (f" (none in {', '.join(missing)})" if missing else ""))
             groups[label] = folders
-        compare_curves(groups, args.out)
+        try:
+            compare_curves(groups, args.out)
+        except ValueError as e:
+            p.error(str(e))
     else:
         embedded_dataset.ensure_toy(args.root)
         toy_clip(args.root, args.clip, args.out)

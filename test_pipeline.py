@@ -741,3 +741,34 @@ def test_centred_heads_spread_a_random_encoders_embeddings():
         v, a = model.AVModel(centred_heads=centred)(video, audio)
         return [((x @ x.T).sum() - len(x)).item() / (len(x) ** 2 - len(x)) for x in (v, a)]
     assert min(mean_cosine(False)) > 0.5 and max(mean_cosine(True)) < 0.2
+
+
+def test_the_bank_is_filled_slot_by_slot_before_the_first_step_unless_asked_for_random(toy, tmp_path, capsys):
+    """--bank-init embeddings: every slot (the ones the training loader's dropped last batch would
+    miss too) holds the initial encoders' embedding, with its score s_i = v̄_i·ā_i; random: untouched."""
+    for init in ("embeddings", "random"):
+        parser, args = train.get_args(["--toy-root", str(toy), "--out", str(tmp_path / init), *TRAIN_FLAGS,
+                                       "--batch-size", "6", "--bank-init", init])   # 40 videos: 6 x 6 + 4
+        run = train.set_up(parser, args)
+        start = run.criterion.bank.v_bar.clone()
+        if init == "embeddings":
+            train.fill_bank(run, args)
+        bank = run.criterion.bank
+        changed = (bank.v_bar - start).norm(dim=1) > 1e-6
+        assert changed.all() if init == "embeddings" else not changed.any()
+        assert torch.allclose(bank.s, (bank.v_bar * bank.a_bar).sum(1))
+    capsys.readouterr()
+    for init in ("random", "embeddings"):   # train.main fills only when asked
+        run_train(toy, tmp_path / f"r_{init}", "--bank-init", init, "--epochs", "1")
+        assert ("memory bank filled" in capsys.readouterr().out) == (init == "embeddings")
+
+
+def test_a_sweep_refuses_a_point_trained_with_another_recipe(tmp_path):
+    """A runs folder from before the start changed (plain heads, random bank) is not mixed into a
+    figure of the current recipe: the sweep stops and names the folder."""
+    point = tmp_path / "n0_0.5_xid_seed0"
+    point.mkdir()
+    (point / "args.json").write_text(json.dumps({"bank_refresh": "step"}))   # no centred_heads: the old heads
+    with pytest.raises(SystemExit, match="n0_0.5_xid_seed0 was trained with"):
+        plots.finished_results(point, argparse.Namespace(epochs=24))
+

@@ -4,7 +4,8 @@
     python train.py --n0 0.3 --mode weighted          # inject 30% faulty positives, down-weight them
     torchrun --nproc_per_node=8 train.py --data-root /data/kinetics --video-arch r2plus1d_18 \\
         --audio-arch avid --crop 112 --fps 16 --audio-seconds 2 --sample-rate 24000 --lr 2e-4 --batch-size 256 \\
-        --bank-refresh step                             # the paper's recipe
+        --bank-refresh step --no-centred-heads --bank-init random   # the paper's recipe (this project's
+                                                        # start, centred heads and a filled bank, without the last two)
 
 One folder per run (--out): args.json, log.jsonl, injection.json, broken.txt, checkpoint.pt, results.json.
 """
@@ -59,11 +60,13 @@ def get_args(argv=None):
                         "all at the end of the epoch, so that within an epoch every slot is of one age (on a small "
                         "dataset the per-step refresh lets the encoder pick its positive by age: README)")
     g.add_argument("--warmup-epochs", type=int, default=3,
-                   help="epochs of plain xID before weights and soft targets switch on (banks start random)")
+                   help="epochs of plain xID before weights and soft targets switch on (scores and soft targets "
+                        "from banks that have not learned yet mean nothing)")
     g.add_argument("--n0", type=float, default=0.0, help="n₀ in [0, 1): share of instances given another's audio")
     g.add_argument("--oracle-weights", choices=["off", "w-min", "zero"], default="off",
                    help="Weighted-xID with the ground truth in place of W(s): the injected pairs get w_min "
-                        "(or 0), every other pair 1 -- the bound any detector could reach (Figure 1's oracle)")
+                        "(or 0), every other pair 1 -- a perfect detector of the injected pairs (the oracle "
+                        "lines of plots.py delta)")
     g.add_argument("--seed", type=int, default=0, help="seeds injection, negatives, init and augmentation")
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=None, help="Kinetics as ROOT/<split>/<class>/*.mp4; "
@@ -222,6 +225,8 @@ def set_up(parser, args):
     out = Path(args.out)
     if args.batch_size % world:
         parser.error(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
+    if args.batch_size // world < 2:  # BatchNorm (the encoders', the centred heads') needs 2 clips a process
+        parser.error(f"--batch-size {args.batch_size} over {world} processes leaves fewer than 2 clips a process")
     spec, videos, classes, broken, K, audio_source, pairs = load_data(parser, args, rank, world, log)
     ckpt = None
     if args.resume:  # mapped to the CPU: load_state_dict then copies each tensor to where it lives
@@ -236,6 +241,9 @@ def set_up(parser, args):
         if was != args.centred_heads:
             parser.error(f"--resume: the run's projection heads were {'' if was else 'not '}centred; pass "
                          f"--{'' if was else 'no-'}centred-heads to continue it")
+        was = ckpt["args"].get("oracle_weights", "off")
+        if was != args.oracle_weights:
+            parser.error(f"--resume: the run was trained with --oracle-weights {was}; pass it to continue the run")
     if rank == 0 and not args.bench:  # every check has passed: now the run folder
         write_run_folder(args, out, videos, pairs, broken)
 
@@ -343,20 +351,31 @@ def reseed(seed, epoch, rank):
 @torch.no_grad()
 def fill_bank(run, args):
     """--bank-init embeddings: before the first step every slot gets the initial encoders' embeddings
-    of a clip of its instance (one pass, no gradients, momentum 0), not a random unit vector. A random
+    of a clip of its instance (one pass, no gradients, momentum 0), not a random unit vector; a slot
+    whose clip fails to decode stays random (named). It costs one forward pass over the data: 2-5 s
+    on the embedded data, a tenth of an epoch or so on Kinetics. A random
     slot carries nothing: as a positive it is a target no clip can predict, and next to slots already
     refreshed its age gives the positive away. With 15 steps an epoch (the embedded data) that was a
     whole epoch of training towards noise; on Kinetics it is a fraction of one epoch in many."""
     t = time.perf_counter()
-    reseed(args.seed, -1, run.rank)
-    run.sampler.set_epoch(0)
+    reseed(args.seed, 10**6, run.rank)  # a stream of its own, apart from every epoch's
+    # every slot, in order (the training loader drops the last, incomplete batch); a process's last
+    # batch of one clip is joined to the one before, as BatchNorm needs two
+    share = list(range(run.rank, len(run.videos), run.world))
+    per = run.loader.batch_size
+    batches = [share[k:k + per] for k in range(0, len(share), per)]
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches[-2:] = [batches[-2] + batches[-1]]
+    steps = distributed.agreed_count(len(batches), run.device, run.world)  # collectives: the same number everywhere
+    loader = DataLoader(run.loader.dataset, batch_sampler=batches[:steps], num_workers=run.loader.num_workers,
+                        collate_fn=data.collate_clips)
     run.model.train()  # the embeddings training will compare them with: batch statistics
-    for batch in progress(run.loader, desc="filling the memory bank", unit="step", disable=not run.is_main,
+    for batch in progress(loader, desc="filling the memory bank", unit="step", disable=not run.is_main,
                           leave=False):
         for e in batch["errors"]:
             print(f"{'' if run.is_main else f'[rank {run.rank}] '}data error (slot left random): {e}",
                   file=sys.stdout if run.is_main else sys.stderr, flush=True)
-        if not distributed.every_rank_has_data("video" in batch, run.device, run.world):
+        if not distributed.every_rank_has_data("video" in batch and len(batch["index"]) >= 2, run.device, run.world):
             continue
         video, audio, index = to_device(batch, run.device)
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
@@ -387,7 +406,8 @@ def train_one_epoch(run, args, epoch):
             data_errors.append(e)
             print(f"{'' if run.is_main else f'[rank {run.rank}] '}data error (clip left out of this step, "
                   f"not replaced): {e}", file=sys.stdout if run.is_main else sys.stderr, flush=True)
-        if not distributed.every_rank_has_data("video" in batch, run.device, run.world):  # all failed (named above)
+        # every clip failed (named above), or one is left: BatchNorm needs two (each rank must agree)
+        if not distributed.every_rank_has_data("video" in batch and len(batch["index"]) >= 2, run.device, run.world):
             t_last = time.perf_counter()
             continue
         loss, diag, index = train_step(run, batch, warmup, where=f"epoch {epoch + 1}, step {step}")

@@ -6,7 +6,7 @@
     python plots.py toy-clip     # a frame strip and spectrogram of an embedded clip
 
 A sweep trains and evaluates every grid point that has no complete results.json yet (an interrupted
-sweep resumes where it stopped), then draws mean ± sample std (ddof 1) over seeds.
+sweep resumes where it stopped), then draws mean ± standard error (ddof 1) over seeds.
 """
 import argparse
 import json
@@ -135,9 +135,12 @@ def sweep(kind, args):
 
 
 def mean_and_spread(ys):
-    """ys (points, seeds) -> mean and sample standard deviation (ddof 1) over the seeds of each point;
-    the population std (ddof 0) would understate the spread by √2 with two seeds."""
-    return ys.mean(1), ys.std(1, ddof=1) if ys.shape[1] > 1 else np.zeros(len(ys))
+    """ys (points, seeds) -> mean and standard error of the mean over the seeds of each point: the
+    sample std (ddof 1; the population std would understate it by √2 with two seeds) over √seeds.
+    Two means whose bars overlap are not told apart; a 95% interval is t(seeds−1) standard errors
+    (4.3 with 3 seeds), the README's findings give it."""
+    n = ys.shape[1]
+    return ys.mean(1), ys.std(1, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(len(ys))
 
 
 def draw_sweep(x, lines, xlabel, title, out, extra=None):
@@ -179,7 +182,7 @@ def draw_delta(table, args, out):
     if 0.0 not in args.n0:
         lines.append(("xID, no injection", ":", None, {d: [table[(0.0, "xid", s)] for s in args.seeds] for d in args.deltas}))
     draw_sweep(args.deltas, lines, "δ (mid-point of W at μ + δσ)",
-               f"Figure 1 on the embedded data: δ sweep (w_min = 0.25, κ = 0.5), mean ± sample std (ddof 1) over "
+               f"Figure 1 on the embedded data: δ sweep (w_min = 0.25, κ = 0.5), mean ± standard error (ddof 1) over "
                f"{len(args.seeds)} seeds, {args.epochs} epochs" + QUICK_TITLE * bool(getattr(args, "quick", False)), out)
 
 
@@ -189,7 +192,7 @@ def draw_lambda(table, args, out):
         ax.axvline(0.65, color="0.5", ls=":", label="paper: collapse above")
     lines = [("Soft-xID, cycle", "-", "o", {lam: [table[(lam, s)] for s in args.seeds] for lam in args.lams})]
     draw_sweep(args.lams, lines, "λ (soft-target mixing)",
-               f"Figure 2 on the embedded data: λ sweep of Soft-xID (cycle targets), mean ± sample std (ddof 1) over "
+               f"Figure 2 on the embedded data: λ sweep of Soft-xID (cycle targets), mean ± standard error (ddof 1) over "
                f"{len(args.seeds)} seeds, {args.epochs} epochs" + QUICK_TITLE * bool(getattr(args, "quick", False)),
                out, extra=paper)
 

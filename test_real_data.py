@@ -469,10 +469,13 @@ def test_the_most_likely_faulty_pairs_count_both_kinds(capsys):
         in capsys.readouterr().out
 
 
-def test_error_bars_are_the_sample_std_over_seeds():
-    """Two seeds at 0.4 and 0.6: sample std (ddof 1) 0.1414, not the population std 0.1."""
+def test_error_bars_are_the_standard_error_over_seeds():
+    """Two seeds at 0.4 and 0.6: sample std (ddof 1) 0.1414 (not the population std 0.1), standard
+    error 0.1414 / √2 = 0.1; three seeds 0.4, 0.5, 0.6: std 0.1, standard error 0.1 / √3."""
     mean, spread = plots.mean_and_spread(np.array([[0.4, 0.6], [0.5, 0.5]]))
-    assert mean.tolist() == pytest.approx([0.5, 0.5]) and spread.tolist() == pytest.approx([0.02 ** 0.5, 0.0])
+    assert mean.tolist() == pytest.approx([0.5, 0.5]) and spread.tolist() == pytest.approx([0.1, 0.0])
+    _, spread = plots.mean_and_spread(np.array([[0.4, 0.5, 0.6]]))
+    assert spread.tolist() == pytest.approx([0.1 / 3 ** 0.5])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     python plots.py delta        # Figure 1: δ sweep of Weighted-xID, one line per n₀ (trains what is missing)
     python plots.py lambda       # Figure 2: λ sweep of Soft-xID with cycle targets (trains what is missing)
     python plots.py run RUN_DIR  # Figures 3-4, the score histogram with W(s), training curves of one run
+    python plots.py curves "A=RUN,RUN" "B=RUN"   # per-epoch loss and detection AUC of groups of runs
     python plots.py toy-clip     # a frame strip and spectrogram of an embedded clip
 
 A sweep trains and evaluates every grid point that has no complete results.json yet (an interrupted

@@ -36,11 +36,7 @@ def setup(device_flag):
 def every_rank_has_data(has_data, device, world):
     """All ranks take the same steps, or DDP's all-reduce would wait forever: a step is skipped
     everywhere when one rank's whole batch failed."""
-    if world > 1:
-        flag = torch.tensor([float(has_data)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        has_data = bool(flag.item())
-    return has_data
+    return bool(agreed_count(int(has_data), device, world))
 
 
 def agreed_count(n, device, world):

@@ -14,7 +14,6 @@ It ends with the targets, each marked ok or MISSED: data wait below 10%, robust'
 import argparse
 import gc
 import json
-import os
 import shutil
 import sys
 from pathlib import Path

@@ -449,3 +449,66 @@ def compare(source, prepared, sample, spec=PAPER_CLIP, clips=20, workers=(1,), l
         log(f"loader on the prepared copy, {w} worker(s): {loader[w]:7.1f} clips/s = "
             f"{loader[w] / w / (1e3 / rows['prepared']['raw']):.2f} of raw decoding per core (target: >= 0.8)")
     return rows, loader
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: `python data.py prepare ...` and `python data.py bench ...` (data.py's main adds these)
+# ----------------------------------------------------------------------------------------------
+def add_commands(sub):
+    """The prepare and bench subcommands, added to data.py's parser."""
+    r = sub.add_parser("prepare", help="transcode SRC (Kinetics / UCF101 / HMDB51 folders) to the training scale in DST")
+    r.add_argument("src")
+    r.add_argument("dst")
+    d = Scale()
+    r.add_argument("--short-side", type=int, default=d.short_side, help="pixels of the short side (not enlarged)")
+    r.add_argument("--fps", type=float, default=d.fps, help="frame rate (the paper's clips: 16)")
+    r.add_argument("--keyframe-interval", type=int, default=d.keyframe_interval, help="frames between keyframes")
+    r.add_argument("--sample-rate", type=int, default=d.sample_rate, help="audio rate in Hz (the paper's: 24000)")
+    r.add_argument("--channels", type=int, choices=[1, 2], default=d.channels, help="audio channels")
+    r.add_argument("--crf", type=int, default=d.crf, help="x264 quality, 0-51: lower is better and bigger")
+    r.add_argument("--workers", type=int, default=None, help="files transcoded at once (default: this process's cores)")
+    b = sub.add_parser("bench", help="clips/s per core of a source tree against its prepared copy, and the loader")
+    b.add_argument("source", nargs="?", default=None,
+                   help="a Kinetics-style tree (SRC/train/<class>/...); default: write a YouTube-like one")
+    b.add_argument("--prepared", default=None, help="its prepared copy (default: the sample read is prepared now, "
+                                                        "into SRC-bench-prepared beside it)")
+    b.add_argument("--youtube-like", default="data/youtube_like", help="where the YouTube-like source is written")
+    b.add_argument("--files", type=int, default=8, help="videos to read (and YouTube-like files to write)")
+    b.add_argument("--seconds", type=float, default=10.0, help="length of each YouTube-like file")
+    b.add_argument("--resolution", default="1280x720", help="WxH of the YouTube-like files")
+    b.add_argument("--clips", type=int, default=20, help="random clips timed per tree")
+    b.add_argument("--workers", type=int, nargs="+", default=[1, data.available_cores()],
+                   help="loader worker counts to time on the prepared copy")
+
+
+def run_command(p, args):
+    """Carry out `prepare` or `bench`; p.error names a bad flag."""
+    if args.cmd == "prepare":
+        scale = Scale(args.short_side, args.fps, args.keyframe_interval, args.sample_rate, args.channels, args.crf)
+        for flag, ok in (("--short-side", args.short_side >= 2), ("--fps", args.fps > 0),
+                         ("--keyframe-interval", args.keyframe_interval >= 1), ("--sample-rate", args.sample_rate >= 8000),
+                         ("--crf", 0 <= args.crf <= 51), ("--workers", args.workers is None or args.workers >= 1)):
+            if not ok:
+                p.error(f"{flag} is out of range")
+        try:
+            prepare(args.src, args.dst, scale, args.workers)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
+    else:
+        try:
+            width, height = (int(x) for x in args.resolution.lower().split("x"))
+        except ValueError:
+            p.error(f"--resolution {args.resolution!r}: expected WxH, e.g. 1280x720")
+        if min(args.workers) < 1 or args.files < 1 or args.clips < 1:
+            p.error("--workers, --files and --clips must be >= 1")
+        if args.source is None:
+            args.source = Path(args.youtube_like) / "source"
+            write_youtube_like(args.source, args.files, args.seconds, width, height)
+        if not (Path(args.source) / "train").is_dir():
+            p.error(f"{args.source} has no train/ folder (the bench reads SRC/train/<class>/<video>)")
+        sample = bench_sample(args.source, args.files)
+        if args.prepared is None:  # only the sample is prepared
+            args.prepared = Path(f"{Path(args.source).resolve()}-bench-prepared")
+            prepare(args.source, args.prepared, only={Path(v.path) for v in sample})
+        compare(args.source, args.prepared, sample, clips=args.clips, workers=args.workers)
+

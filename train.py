@@ -11,7 +11,6 @@ One folder per run (--out): args.json, log.jsonl, injection.json, broken.txt, ch
 """
 import argparse
 import json
-import math
 import os
 import random
 import sys

@@ -668,19 +668,23 @@ def bench(run, args):
     med = {k: float(np.median(v)) for k, v in parts.items()}
     step = sum(med.values())
     wait_of_total = sum(parts["data"]) / sum(map(sum, parts.values()))  # a slow batch now and then counts here
+    half = len(parts["data"]) // 2  # the loader's start shows in the first half, a steady shortfall in both
+    wait_halves = [sum(parts["data"][s]) / max(sum(sum(p[s]) for p in parts.values()), 1e-12)
+                   for s in (slice(0, half), slice(half, None))]
     per_step = len(index)
     print(f"bench: {args.bench_steps} steps, batch {per_step}, {args.mode}/{args.strategy}, K={run.criterion.K}, "
           f"bank update timed after each step (with --bank-refresh epoch it happens at the epoch's end), "
           f"{args.video_arch}+{args.audio_arch}, {args.frames}x{args.crop}x{args.crop}, device {device}")
     print(f"  clips/s {per_step / step:.1f}   data-wait fraction {med['data'] / step:.3f}   step {1e3 * step:.1f} ms (medians; "
-          f"data wait of the total time {wait_of_total:.3f})")
+          f"data wait of the total time {wait_of_total:.3f}: {wait_halves[0]:.3f} in the first half "
+          f"of the steps, {wait_halves[1]:.3f} in the second)")
     print("  " + "  ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items()))
     if device.type == "cuda":
         print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     else:
         import resource
         print(f"  peak process memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    return {"median": med, "data_wait_of_total": wait_of_total}
+    return {"median": med, "data_wait_of_total": wait_of_total, "data_wait_halves": wait_halves}
 
 
 if __name__ == "__main__":

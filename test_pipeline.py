@@ -557,10 +557,10 @@ def test_sweep_skips_finished_points_and_draws(tmp_path):
     """A grid point with complete results is not trained again (an interrupted sweep resumes);
     the figures draw mean ± std over seeds from the results alone."""
     args = argparse.Namespace(epochs=3, eval_clips=2, seeds=[0, 1], deltas=[-1.0, 0.0], n0=[0.25, 0.5], lams=[0.0, 0.5],
-                              oracle=True)
+                              oracle=True, workers=2, ft_repeats=2)
     rng = np.random.default_rng(0)
-    fake = lambda: {"evaluated_epoch": 3, **{ds: {"finetune_video_top1": rng.random(), "retrieval": {"R@5": rng.random()}}  # noqa: E731
-                                              for ds in ("ucf", "hmdb")}}
+    fake = lambda: {"evaluated_epoch": 3, "protocol": plots.evaluate_protocol(point, args),  # noqa: E731
+                    **{ds: {"finetune_video_top1": rng.random(), "retrieval": {"R@5": rng.random()}} for ds in ("ucf", "hmdb")}}
     point = tmp_path / "p"
     point.mkdir()
     (point / "results.json").write_text(json.dumps(fake()))
@@ -571,6 +571,23 @@ def test_sweep_skips_finished_points_and_draws(tmp_path):
     plots.draw_delta(table, args, tmp_path / "fig1")
     plots.draw_lambda({(lam, s): fake() for lam in args.lams for s in args.seeds}, args, tmp_path / "fig2")
     assert (tmp_path / "fig1.png").exists() and (tmp_path / "fig2.pdf").exists()
+
+
+def test_a_point_evaluated_under_another_protocol_is_evaluated_again_not_trained(tmp_path, monkeypatch):
+    """results.json records evaluate.py's protocol; when the sweep's differs (here a fine-tuning
+    schedule from before), the point's checkpoint is evaluated again and nothing is trained."""
+    args = argparse.Namespace(epochs=3, eval_clips=2, workers=2, ft_repeats=2, toy_root="unused", warmup_epochs=1)
+    point = tmp_path / "n0_0_xid_seed0"
+    point.mkdir()
+    torch.save({"epoch": 2}, point / "checkpoint.pt")                       # all 3 epochs trained
+    old = {**plots.evaluate_protocol(point, args), "ft_schedule": "constant", "ft_epochs": 8}
+    (point / "results.json").write_text(json.dumps({"evaluated_epoch": 3, "protocol": old, "ucf": {}, "hmdb": {}}))
+    assert plots.finished_results(point, args) is None
+    calls = []
+    monkeypatch.setattr(train, "main", lambda argv: calls.append(("train", argv)))
+    monkeypatch.setattr(evaluate, "main", lambda argv: calls.append(("evaluate", argv)) or "evaluated")
+    assert plots.train_and_evaluate_point(point, ["--mode", "xid"], args) == "evaluated"
+    assert [c[0] for c in calls] == ["evaluate"] and "--ft-repeats" in calls[0][1]
 
 
 def test_the_delta_sweep_trains_the_oracle_at_every_injected_n0(tmp_path, monkeypatch):
@@ -655,8 +672,8 @@ def test_scanning_broken_files_prints_no_ffmpeg_messages(toy, tmp_path):
 def test_a_sweep_says_which_point_of_how_many_and_when_it_ends(toy, tmp_path, capsys, monkeypatch):
     """Point i of n before each one that must be trained, and the time left from the points so far."""
     args = argparse.Namespace(epochs=3, eval_clips=2, seeds=[0], lams=[0.0, 0.5, 1.0], runs=str(tmp_path),
-                              toy_root=str(toy))
-    finished = {"evaluated_epoch": 3, "ucf": {}, "hmdb": {}}
+                              toy_root=str(toy), workers=2, ft_repeats=1)
+    finished = {"evaluated_epoch": 3, "ucf": {}, "hmdb": {}, "protocol": plots.evaluate_protocol(tmp_path, args)}
     (tmp_path / "lambda" / "lam_0_seed0").mkdir(parents=True)
     (tmp_path / "lambda" / "lam_0_seed0" / "results.json").write_text(json.dumps(finished))
     monkeypatch.setattr(plots, "train_and_evaluate_point", lambda run_dir, flags, a: finished)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from losses import (MODES, STRATEGIES, MemoryBank, RobustXIDLoss, faulty_positive_weights,
-                    sample_negatives, soft_targets, softening_scores)
+                    sample_negatives, soft_cross_entropy, soft_targets, softening_scores)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,6 +227,26 @@ def test_weights_come_from_bank_scores():
 # ----------------------------------------------------------------------------------------------
 # Targets, gradients, banks
 # ----------------------------------------------------------------------------------------------
+def test_soft_targets_mix_the_one_hot_and_S():
+    """T(j|i) = (1 - λ)·1[j = i] + λ·S(j|i), the positive in column 0: worked by hand for one row."""
+    S = torch.tensor([[0.5, 0.3, 0.2]])
+    torch.testing.assert_close(soft_targets(S, 0.4), torch.tensor([[0.6 + 0.2, 0.12, 0.08]]))
+    torch.testing.assert_close(soft_targets(S, 0.0), torch.tensor([[1.0, 0.0, 0.0]]))   # xID's targets
+    torch.testing.assert_close(soft_targets(S, 1.0), S)                                 # S alone
+
+
+def test_soft_cross_entropy_by_hand():
+    """-Σ_j T(j|i) log P(j|i) with P = softmax of the row; a masked candidate (the row's own instance
+    drawn as a negative) has P = 0 and T = 0, and costs nothing."""
+    logits = torch.tensor([[math.log(2.0), 0.0, 0.0]])                       # P = (1/2, 1/4, 1/4)
+    T = torch.tensor([[0.5, 0.5, 0.0]])
+    expected = -(0.5 * math.log(0.5) + 0.5 * math.log(0.25))
+    torch.testing.assert_close(soft_cross_entropy(logits, T), torch.tensor([expected]))
+    mask = torch.tensor([[False, True]])                                         # the last candidate is out
+    expected_masked = -(0.5 * math.log(2 / 3) + 0.5 * math.log(1 / 3))         # P = (2/3, 1/3, 0)
+    torch.testing.assert_close(soft_cross_entropy(logits, T, mask), torch.tensor([expected_masked]))
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
 def test_targets_are_distributions(strategy, lam):

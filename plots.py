@@ -4,6 +4,7 @@
     python plots.py lambda       # Figure 2: λ sweep of Soft-xID with cycle targets (trains what is missing)
     python plots.py run RUN_DIR  # Figures 3-4, the score histogram with W(s), training curves of one run
     python plots.py curves "A=RUN,RUN" "B=RUN"   # per-epoch loss and detection AUC of groups of runs
+    python plots.py targets RUN_DIR   # the soft targets T(j|i) between instances sorted by class
     python plots.py toy-clip     # a frame strip and spectrogram of an embedded clip
 
 A sweep trains and evaluates every grid point that has no complete results.json yet (an interrupted
@@ -23,7 +24,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import embedded_dataset  # noqa: E402
-from losses import faulty_positive_weights  # noqa: E402
+from losses import STRATEGIES, faulty_positive_weights, soft_targets, softening_scores  # noqa: E402
 
 PANELS = [("ucf", "finetune_video_top1", "UCF fine-tune (video top-1)"), ("ucf", "R@5", "UCF retrieval R@5"),
           ("hmdb", "finetune_video_top1", "HMDB fine-tune (video top-1)"), ("hmdb", "R@5", "HMDB retrieval R@5")]
@@ -348,6 +349,48 @@ def compare_curves(groups, out):
     save(fig, out)
 
 
+def soft_target_map(run_dir, out, per_class=6, lam=None, strategy=None):
+    """T(j|i) of Soft-xID between instances sorted by class, computed from a run's memory banks by
+    losses.py's functions: each row's positive on the diagonal, and the mass the soft targets move
+    off it, which lands in the row's own class block where it finds faulty negatives."""
+    ckpt = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    run_args = ckpt["args"]
+    lam = lam if lam is not None else (run_args["lam"] if run_args["mode"] in ("soft", "robust") and run_args["lam"] > 0 else 0.5)
+    strategy = strategy or run_args["strategy"]
+    labels = np.array([label for _, label, _ in ckpt["instances"]])
+    classes = np.unique(labels)
+    pick = torch.from_numpy(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes]))
+    v_bar, a_bar = ckpt["criterion"]["bank.v_bar"][pick].float(), ckpt["criterion"]["bank.a_bar"][pick].float()
+    own = torch.eye(len(pick), dtype=torch.bool)  # every picked instance is a candidate of every row, but not its own negative
+    S_v, _ = softening_scores(strategy, v_bar, a_bar, v_bar, a_bar, run_args["tau_s"], mask=own)
+    T = soft_targets(S_v, lam)                                                  # (M, 1 + M), column 0 the positive
+    grid = T[:, 1:].clone()
+    grid[own] = T[:, 0]                                                         # (M, M), row i: T(j|i)
+    same = torch.from_numpy(labels[pick][:, None] == labels[pick][None, :]) & ~own
+    moved = grid.masked_fill(own, 0)
+    share = (moved[same].sum() / moved.sum()).item() if moved.sum() > 0 else float("nan")  # λ = 0 moves nothing
+
+    fig, ax = plt.subplots(figsize=(6.2, 5.4))
+    im = ax.imshow(grid.numpy(), cmap="magma_r", norm=matplotlib.colors.LogNorm(vmin=1e-3, vmax=1))
+    ends = np.cumsum([min(per_class, int((labels == c).sum())) for c in classes])  # a class may have fewer
+    for end in ends[:-1]:
+        ax.axhline(end - 0.5, color="tab:blue", lw=0.6)
+        ax.axvline(end - 0.5, color="tab:blue", lw=0.6)
+    names = ckpt.get("classes") or [str(c) for c in classes]
+    ticks = (np.r_[0, ends[:-1]] + ends - 1) / 2
+    ax.set_xticks(ticks, [names[c] for c in classes], rotation=90, fontsize=6)
+    ax.set_yticks(ticks, [names[c] for c in classes], fontsize=6)
+    ax.set_xlabel("candidate j")
+    ax.set_ylabel("instance i")
+    ax.set_title(f"soft targets T(j|i), {strategy}, λ = {lam:g} ({per_class} instances a class)\n"
+                 f"mass moved off the diagonal that stays in the class: {share:.0%} "
+                 f"(the class's share of candidates: {same.float().sum().item() / (~own).sum().item():.0%})", fontsize=8)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="T(j|i) (log scale)")
+    fig.tight_layout()
+    save(fig, out)
+    return share
+
+
 def toy_clip(root, rel, out, frames=12):
     """A frame strip over the log-mel spectrogram of the same seconds, wall hits marked on both."""
     params = json.loads((Path(root) / "toy.json").read_text())
@@ -407,6 +450,12 @@ def main(argv=None):
     c = sub.add_parser("curves", help="per-epoch loss and detection AUC of groups of runs, overlaid")
     c.add_argument("groups", nargs="+", metavar="LABEL=RUN[,RUN...]", help="a label and its run folders")
     c.add_argument("--out", default="figures/curves", help="output path without extension")
+    m = sub.add_parser("targets", help="the soft targets T(j|i) between instances sorted by class, from a run's banks")
+    m.add_argument("run_dir")
+    m.add_argument("--per-class", type=int, default=6, help="instances drawn from each class")
+    m.add_argument("--lam", type=float, help="λ (default: the run's, or 0.5 for a run without soft targets)")
+    m.add_argument("--strategy", choices=STRATEGIES, help="softening strategy (default: the run's)")
+    m.add_argument("--out", default="figures/soft_targets", help="output path without extension")
     t = sub.add_parser("toy-clip", help="frame strip + spectrogram of one embedded clip")
     t.add_argument("--root", default="data/toy", help="the embedded dataset (generated if missing)")
     t.add_argument("--clip", default="kinetics/train/triangle_diagonal/toy020001_000000_000003.mp4",
@@ -442,6 +491,10 @@ def main(argv=None):
             compare_curves(groups, args.out)
         except ValueError as e:
             p.error(str(e))
+    elif args.cmd == "targets":
+        if not (Path(args.run_dir) / "checkpoint.pt").exists():
+            p.error(f"{args.run_dir} has no checkpoint.pt: give a folder of train.py")
+        soft_target_map(args.run_dir, args.out, args.per_class, args.lam, args.strategy)
     else:
         embedded_dataset.ensure_toy(args.root)
         toy_clip(args.root, args.clip, args.out)

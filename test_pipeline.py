@@ -547,8 +547,10 @@ def test_run_figures_are_drawn(toy, tmp_path):
     out = tmp_path / "run"
     run_train(toy, out, "--epochs", "2", "--n0", "0.25")
     evaluate.main([str(out), "--clips", "2", "--ft-epochs", "1", "--workers", "0", "--queries", "2", "--skip", "ucf", "hmdb"])
+    assert "protocol" not in json.loads((out / "results.json").read_text())  # it describes ucf/hmdb numbers: none made
     plots.main(["run", str(out), "--out", str(tmp_path / "figs")])
-    for name in ("fig3_per_class_r1", "fig4_retrievals", "score_histogram", "training_curves"):
+    plots.main(["targets", str(out), "--per-class", "3", "--out", str(tmp_path / "figs" / "soft_targets")])
+    for name in ("fig3_per_class_r1", "fig4_retrievals", "score_histogram", "training_curves", "soft_targets"):
         assert (tmp_path / "figs" / f"{name}.png").stat().st_size > 5000
         assert (tmp_path / "figs" / f"{name}.pdf").exists()
 

@@ -668,7 +668,7 @@ def bench(run, args):
     med = {k: float(np.median(v)) for k, v in parts.items()}
     step = sum(med.values())
     wait_of_total = sum(parts["data"]) / sum(map(sum, parts.values()))  # a slow batch now and then counts here
-    half = len(parts["data"]) // 2  # the loader's start shows in the first half, a steady shortfall in both
+    half = len(parts["data"]) // 2  # an epoch's start (its empty queue) shows in one half, a steady shortfall in both
     wait_halves = [sum(parts["data"][s]) / max(sum(sum(p[s]) for p in parts.values()), 1e-12)
                    for s in (slice(0, half), slice(half, None))]
     per_step = len(index)

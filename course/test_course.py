@@ -42,6 +42,9 @@ def test_make_then_grade_and_the_solution_is_never_touched(tmp_path, capsys):
     mine.write_text(answer)                                                 # a student's correct W(s)
     assert exercises.grade(mine, {1}) == 1
     assert "exercise 1 (faulty_positive_weights" in capsys.readouterr().out
+    mine.write_text(answer.replace("def soft_cross_entropy(logits, targets, mask=None):", "def soft_cross_entropy(logits,"))
+    assert exercises.grade(mine, {1, 3}) == 0                               # a file that does not parse: each says so
+    assert capsys.readouterr().out.count("does not parse: line") == 2
     assert hashlib.sha256(exercises.SOLUTION.read_bytes()).hexdigest() == before
 
 

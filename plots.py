@@ -157,15 +157,16 @@ def mean_and_spread(ys):
 
 
 def draw_sweep(x, lines, xlabel, title, out, extra=None):
-    """Four panels (PANELS); lines: [(label, style, marker, {x: [results of each seed]})]."""
+    """Four panels (PANELS); lines: [(label, style, marker, {x: [results of each seed]}[, colour])]."""
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
     for ax, (ds, name, panel) in zip(axes, PANELS):
-        for label, style, marker, runs in lines:
+        for label, style, marker, runs, *colour in lines:
             ys = np.array([[metric(r, ds, name) for r in runs[v]] for v in x])
             if marker:
-                ax.errorbar(x, *mean_and_spread(ys), marker=marker, ls=style, color="k", capsize=3, label=label)
+                ax.errorbar(x, *mean_and_spread(ys), marker=marker, ls=style, color=(colour or ["k"])[0], capsize=3,
+                            label=label)
             else:  # a baseline that does not depend on x
-                ax.axhline(ys.mean(), ls=style, color="0.6", lw=1.5, label=label)
+                ax.axhline(ys.mean(), ls=style, color=(colour or ["0.6"])[0], lw=1.5, alpha=0.7, label=label)
         if extra:
             extra(ax)
         ax.set_xlabel(xlabel)
@@ -178,20 +179,22 @@ def draw_sweep(x, lines, xlabel, title, out, extra=None):
 
 
 ORACLES = ("w-min", "zero")  # train.py --oracle-weights
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 ORACLE_STYLES = ("-.", (0, (1, 1)), (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
 
 
 def draw_delta(table, args, out):
     lines = []
     for k, n0 in enumerate(args.n0):
+        colour = COLOURS[k % len(COLOURS)]  # one colour per n₀: its Weighted-xID line, xID and oracles alike
         for o in ORACLES if args.oracle and n0 > 0 else ():
             lines.append((f"injected-pair oracle ({'w_min' if o == 'w-min' else '0'} on injected), n₀ = {n0:g}",
-                          ORACLE_STYLES[(2 * k + ORACLES.index(o)) % len(ORACLE_STYLES)], None,
-                          {d: [table[(n0, o, s)] for s in args.seeds] for d in args.deltas}))
-        lines.append((f"Weighted-xID, n₀ = {n0:g}", STYLES[k % 4], MARKERS[k],
-                      {d: [table[(n0, d, s)] for s in args.seeds] for d in args.deltas}))
-        lines.append((f"xID, n₀ = {n0:g}", STYLES[k % 4], None,
-                      {d: [table[(n0, "xid", s)] for s in args.seeds] for d in args.deltas}))
+                          ORACLE_STYLES[ORACLES.index(o)], None,
+                          {d: [table[(n0, o, s)] for s in args.seeds] for d in args.deltas}, colour))
+        lines.append((f"Weighted-xID, n₀ = {n0:g}", "-", MARKERS[k],
+                      {d: [table[(n0, d, s)] for s in args.seeds] for d in args.deltas}, colour))
+        lines.append((f"xID, n₀ = {n0:g}", "--", None,
+                      {d: [table[(n0, "xid", s)] for s in args.seeds] for d in args.deltas}, colour))
     if 0.0 not in args.n0:
         lines.append(("xID, no injection", ":", None, {d: [table[(0.0, "xid", s)] for s in args.seeds] for d in args.deltas}))
     draw_sweep(args.deltas, lines, "δ (mid-point of W at μ + δσ)",

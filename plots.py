@@ -180,7 +180,7 @@ def draw_sweep(x, lines, xlabel, title, out, extra=None):
 
 ORACLES = ("w-min", "zero")  # train.py --oracle-weights
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
-ORACLE_STYLES = ("-.", (0, (1, 1)), (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+ORACLE_STYLES = ("-.", (0, (1, 1)))  # w-min, zero
 
 
 def draw_delta(table, args, out):

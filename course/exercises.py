@@ -124,7 +124,6 @@ def failing_tests(losses_source, tests=None, timeout=600):
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "losses.py").write_text(losses_source)
         shutil.copy(TESTS, tmp)
-        report = Path(tmp, "report.txt")
         ids = [f"test_losses.py::{t}" for t in tests] if tests else ["test_losses.py"]
         try:
             proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *ids],
@@ -132,7 +131,6 @@ def failing_tests(losses_source, tests=None, timeout=600):
                                   env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
         except subprocess.TimeoutExpired:
             return [f"(every test: they did not finish within {timeout} s, an endless loop?)"]
-        report.write_text(proc.stdout)
         failed = [line.split("::", 1)[1].split(" - ")[0].strip() for line in proc.stdout.splitlines()
                   if line.startswith(("FAILED test_losses.py::", "ERROR test_losses.py::"))]
         if proc.returncode not in (0, 1) or (proc.returncode == 1 and not failed):

@@ -258,7 +258,8 @@ def score_histogram(run_dir, out, deltas=(-2, -1, 0)):
     ckpt = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
     run = ckpt["args"]
     kappa, w_min = run["kappa"], run["w_min"]
-    deltas = sorted({*deltas, run["delta"]})
+    weighted = run["mode"] in ("weighted", "robust")  # xID and Soft-xID compute no weights: draw W(s) as "what if"
+    deltas = sorted({*deltas, run["delta"]} if weighted else set(deltas))
     s = ckpt["criterion"]["bank.s"]
     injected = torch.from_numpy(data.injected_mask(ckpt["injected_pairs"], len(s)))
     natural = embedded_dataset.natural_faulty_flags([data.Video(p) for p in ckpt["videos"]])
@@ -278,14 +279,15 @@ def score_histogram(run_dir, out, deltas=(-2, -1, 0)):
     grid = torch.linspace(float(s.min()), float(s.max()), 200)
     for k, d in enumerate(deltas):
         w_ax.plot(grid, faulty_positive_weights(grid, mu, sigma, d, kappa, w_min), color="k", ls=STYLES[k % 4],
-                  lw=2 if d == run["delta"] else 1, label=f"W(s), δ = {d:g}" + (" (the run's)" if d == run["delta"] else ""))
+                  lw=2 if weighted and d == run["delta"] else 1,
+                  label=f"W(s), δ = {d:g}" + (" (the run's)" if weighted and d == run["delta"] else ""))
     w_ax.set_ylim(0, 1.05)
     w_ax.set_ylabel("weight W(s)")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = w_ax.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
-    ax.set_title(f"scores at the end of the run (n₀ = {run['n0']:g}); W(s) with the run's w_min = {w_min:g}, "
-                 f"κ = {kappa:g}", fontsize=10)
+    ax.set_title(f"scores at the end of the run (n₀ = {run['n0']:g}, {run['mode']}); W(s) with w_min = {w_min:g}, "
+                 f"κ = {kappa:g}" + ("" if weighted else " (not applied in this run)"), fontsize=10)
     fig.tight_layout()
     save(fig, out)
 
@@ -497,7 +499,8 @@ def main(argv=None):
     elif args.cmd == "targets":
         if not (Path(args.run_dir) / "checkpoint.pt").exists():
             p.error(f"{args.run_dir} has no checkpoint.pt: give a folder of train.py")
-        soft_target_map(args.run_dir, args.out, args.per_class, args.lam, args.strategy)
+        share = soft_target_map(args.run_dir, args.out, args.per_class, args.lam, args.strategy)
+        print(f"of the target mass moved off the positives, {share:.0%} lands on candidates of the row's own class")
     else:
         embedded_dataset.ensure_toy(args.root)
         toy_clip(args.root, args.clip, args.out)

@@ -390,6 +390,27 @@ def test_resume_gives_the_same_run(toy, tmp_path, refresh):
     torch.testing.assert_close(a["bank.v_bar"], b["bank.v_bar"])
 
 
+def test_ctrl_c_stops_with_a_note_and_the_run_resumes(toy, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in epoch 2 exits with 130 and says what the checkpoint holds and how to continue, not
+    a traceback; --resume then finishes the run with every epoch logged once."""
+    real = train.train_one_epoch
+
+    def interrupted(run, args, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(run, args, epoch)
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        run_train(toy, tmp_path / "run", "--epochs", "3")
+    assert stop.value.code == 130
+    said = capsys.readouterr().out
+    assert "stopped (Ctrl-C) in epoch 2: epochs 1-1 are in" in said and "--resume" in said
+    monkeypatch.setattr(train, "train_one_epoch", real)
+    log = epochs_of(run_train(toy, tmp_path / "run", "--epochs", "3", "--resume"))
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("refresh", ["step", "epoch"])
 def test_two_processes_keep_identical_banks(toy, tmp_path, refresh):
     """torchrun with 2 CPU processes (gloo): the run completes and both ranks hold the same banks,

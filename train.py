@@ -173,7 +173,13 @@ def main(argv=None):
     if run.start_epoch == 0 and args.bank_init == "embeddings":
         fill_bank(run, args)
     for epoch in range(run.start_epoch, args.epochs):
-        summary = train_one_epoch(run, args, epoch)
+        try:
+            summary = train_one_epoch(run, args, epoch)
+        except KeyboardInterrupt:         # a traceback would read like a crash, and nothing finished is lost
+            kept = f"epochs 1-{epoch} are in {run.out / 'checkpoint.pt'}" if epoch else "no epoch had finished"
+            run.log(f"stopped (Ctrl-C) in epoch {epoch + 1}: {kept}; the same command with --resume continues"
+                    if epoch else f"stopped (Ctrl-C) in epoch 1: {kept}; run the command again to start over")
+            sys.exit(130)
         save_checkpoint_then_log(run, args, epoch, summary)
     if not args.no_eval:                  # every rank takes part: the features are shared out
         final_summary(run, args)
@@ -508,8 +514,12 @@ def save_checkpoint_then_log(run, args, epoch, summary):
         # RNGs need no saving: reseed() fixes them at every epoch start from (seed, epoch, rank),
         # and the negatives' generator is part of the criterion's state.
     run.runlog.write(**record)
+    weighted, soft = args.mode in ("weighted", "robust"), "soft_mass_same_class" in summary  # soft: after warm-up
     run.log(f"epoch {epoch + 1}/{args.epochs}: loss {summary.get('loss', float('nan')):.3f}  "
-            f"w mean {summary['w_mean']:.2f}  "
+            + (f"w mean {summary['w_mean']:.2f} (w < 0.5: {100 * summary['w_share_below_half']:.0f}%)  "
+               if weighted else "")
+            + (f"target on positive {summary['target_on_positive']:.2f}, moved mass in class "
+               f"{summary['soft_mass_same_class']:.2f} (chance {summary['same_class_share']:.2f})  " if soft else "")
             + (f"injected AUC {summary['injected_auc']:.2f}  " if "injected_auc" in summary else "")
             + (f"natural AUC {summary['natural_auc']:.2f}  " if "natural_auc" in summary else "")
             + f"{summary['clips_per_s']:.0f} clips/s  data wait {100 * summary['data_wait_fraction']:.0f}%"

@@ -68,3 +68,35 @@ def test_the_worked_example_is_paper_arithmetic(capsys):
     for mode in ("xid", "weighted", "soft", "robust"):
         assert r["trained"][mode].item() == pytest.approx(r["by_hand"][mode].item(), rel=1e-6)
     torch.testing.assert_close(r["T_v"].sum(1), torch.ones(2))
+
+
+def guide_commands(script):
+    """The argument lists of every `python SCRIPT ...` (or torchrun) line in COURSE.md's bash blocks,
+    with the loop variable of lab 5 set to 0."""
+    import re
+    import shlex
+    text = (Path(__file__).resolve().parent.parent / "COURSE.md").read_text()
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            words = shlex.split(line.replace("$s", "0").replace("$lam", "0"), comments=True)
+            if script in words:
+                yield words[words.index(script) + 1:]
+
+
+def test_the_guides_train_and_evaluate_commands_are_accepted_as_written(tmp_path):
+    """Every train.py and evaluate.py command of the labs parses with the flags the scripts have now
+    (train.py's checks of values included), so the guide cannot drift from the code unnoticed."""
+    root = str(Path(__file__).resolve().parent.parent)
+    sys.path.insert(0, root)
+    import evaluate
+    import train
+    trained = [argv for argv in guide_commands("train.py")]
+    assert len(trained) >= 12
+    for argv in trained:
+        if "--resume" in argv:  # needs the run it continues; the same flags without it are checked
+            argv = [a for a in argv if a != "--resume"]
+        train.get_args(argv + ["--out", str(tmp_path / "run")])  # a later --out wins: nothing of the clone's
+    evaluated = list(guide_commands("evaluate.py"))
+    assert len(evaluated) >= 9
+    for argv in evaluated:
+        evaluate.parser().parse_args(argv)

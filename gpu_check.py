@@ -1,6 +1,6 @@
 """The CUDA path at the paper's scale, checked in one go: run it whenever a GPU is at hand.
 
-    python gpu_check.py            # on a GPU machine with 16 cores: 8 min on an H100 with 10-s sources (now 4 s)
+    python gpu_check.py            # on a GPU machine with 16 cores: 3.7 min on an H100
     python gpu_check.py --small    # the same steps at toy settings, on any CPU (the tests run this)
 
 1. writes a YouTube-like source (data.py bench's) and prepares it with `data.py prepare`;

@@ -258,7 +258,8 @@ def score_histogram(run_dir, out, deltas=(-2, -1, 0)):
     ckpt = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
     run = ckpt["args"]
     kappa, w_min = run["kappa"], run["w_min"]
-    weighted = run["mode"] in ("weighted", "robust")  # xID and Soft-xID compute no weights: draw W(s) as "what if"
+    # xID and Soft-xID apply no weights, the oracle the ground truth's: there W(s) is drawn as "what if"
+    weighted = run["mode"] in ("weighted", "robust") and run.get("oracle_weights", "off") == "off"
     deltas = sorted({*deltas, run["delta"]} if weighted else set(deltas))
     s = ckpt["criterion"]["bank.s"]
     injected = torch.from_numpy(data.injected_mask(ckpt["injected_pairs"], len(s)))

@@ -390,24 +390,36 @@ def test_resume_gives_the_same_run(toy, tmp_path, refresh):
     torch.testing.assert_close(a["bank.v_bar"], b["bank.v_bar"])
 
 
-def test_ctrl_c_stops_with_a_note_and_the_run_resumes(toy, tmp_path, monkeypatch, capsys):
-    """Ctrl-C in epoch 2 exits with 130 and says what the checkpoint holds and how to continue, not
-    a traceback; --resume then finishes the run with every epoch logged once."""
+@pytest.mark.parametrize("stop_in", [1, 2])
+def test_ctrl_c_stops_with_a_note_and_the_run_resumes(toy, tmp_path, monkeypatch, capsys, stop_in):
+    """Ctrl-C exits with 130 and says what the checkpoint holds and how to go on, not a traceback:
+    stopped in epoch 2, --resume finishes the run with every epoch logged once; stopped in epoch 1,
+    there is nothing to resume and the same command starts over."""
     real = train.train_one_epoch
 
     def interrupted(run, args, epoch):
-        if epoch == 1:
+        if epoch == stop_in - 1:
             raise KeyboardInterrupt
         return real(run, args, epoch)
 
     monkeypatch.setattr(train, "train_one_epoch", interrupted)
-    with pytest.raises(SystemExit) as stop:
+    try:
         run_train(toy, tmp_path / "run", "--epochs", "3")
-    assert stop.value.code == 130
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped train.main as a traceback")
+    except SystemExit as stop:
+        assert stop.code == 130
+    else:
+        pytest.fail("the interrupted run did not stop")
     said = capsys.readouterr().out
-    assert "stopped (Ctrl-C) in epoch 2: epochs 1-1 are in" in said and "--resume" in said
     monkeypatch.setattr(train, "train_one_epoch", real)
-    log = epochs_of(run_train(toy, tmp_path / "run", "--epochs", "3", "--resume"))
+    if stop_in == 2:
+        assert "stopped (Ctrl-C) in epoch 2: epoch 1 is in" in said and "--resume continues" in said
+        log = epochs_of(run_train(toy, tmp_path / "run", "--epochs", "3", "--resume"))
+    else:
+        assert "stopped (Ctrl-C) in epoch 1: no epoch had finished" in said
+        assert not (tmp_path / "run" / "checkpoint.pt").exists()
+        log = epochs_of(run_train(toy, tmp_path / "run", "--epochs", "3"))
     assert [r["epoch"] for r in log] == [1, 2, 3]
 
 

@@ -170,20 +170,32 @@ def main(argv=None):
     if args.bench:
         run.bench = bench(run, args)      # median seconds of each part of a step, data wait of the total
         return run
-    if run.start_epoch == 0 and args.bank_init == "embeddings":
-        fill_bank(run, args)
-    for epoch in range(run.start_epoch, args.epochs):
-        try:
+    epoch = run.start_epoch
+    try:
+        if run.start_epoch == 0 and args.bank_init == "embeddings":
+            fill_bank(run, args)
+        for epoch in range(run.start_epoch, args.epochs):
             summary = train_one_epoch(run, args, epoch)
-        except KeyboardInterrupt:         # a traceback would read like a crash, and nothing finished is lost
-            kept = f"epochs 1-{epoch} are in {run.out / 'checkpoint.pt'}" if epoch else "no epoch had finished"
-            run.log(f"stopped (Ctrl-C) in epoch {epoch + 1}: {kept}; the same command with --resume continues"
-                    if epoch else f"stopped (Ctrl-C) in epoch 1: {kept}; run the command again to start over")
-            sys.exit(130)
-        save_checkpoint_then_log(run, args, epoch, summary)
+            save_checkpoint_then_log(run, args, epoch, summary)
+    except KeyboardInterrupt:             # a traceback would read like a crash, and nothing finished is lost
+        stopped_by_ctrl_c(run, epoch)
     if not args.no_eval:                  # every rank takes part: the features are shared out
         final_summary(run, args)
     return run                            # the caller holds it until the processes end (distributed.end_processes)
+
+
+def stopped_by_ctrl_c(run, epoch):
+    """Say what the checkpoint holds and how to go on, then leave with the shell's code for Ctrl-C.
+    With several processes, leave without destructors, as distributed.end_processes explains."""
+    kept = ("epoch 1 is" if epoch == 1 else f"epochs 1-{epoch} are") + f" in {run.out / 'checkpoint.pt'}"
+    run.log(f"stopped (Ctrl-C) in epoch {epoch + 1}: {kept}; the same command with --resume continues" if epoch else
+            "stopped (Ctrl-C) in epoch 1: no epoch had finished, so there is nothing to resume; run the command "
+            "again to start over")
+    if run.world > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(130)
 
 
 @dataclass
@@ -514,10 +526,13 @@ def save_checkpoint_then_log(run, args, epoch, summary):
         # RNGs need no saving: reseed() fixes them at every epoch start from (seed, epoch, rank),
         # and the negatives' generator is part of the criterion's state.
     run.runlog.write(**record)
-    weighted, soft = args.mode in ("weighted", "robust"), "soft_mass_same_class" in summary  # soft: after warm-up
+    # what the loss applied this epoch: weights after the warm-up, soft targets where λ > 0
+    weighted = args.mode in ("weighted", "robust") and not summary.get("warmup", False)
+    soft = "soft_mass_same_class" in summary
     run.log(f"epoch {epoch + 1}/{args.epochs}: loss {summary.get('loss', float('nan')):.3f}  "
-            + (f"w mean {summary['w_mean']:.2f} (w < 0.5: {100 * summary['w_share_below_half']:.0f}%)  "
-               if weighted else "")
+            + (f"weight applied {summary['batch_mean_weight']:.2f}"
+               + (" (oracle)  " if args.oracle_weights != "off" else
+                  f" (W(s) < 0.5 on {100 * summary['w_share_below_half']:.0f}% of slots)  ") if weighted else "")
             + (f"target on positive {summary['target_on_positive']:.2f}, moved mass in class "
                f"{summary['soft_mass_same_class']:.2f} (chance {summary['same_class_share']:.2f})  " if soft else "")
             + (f"injected AUC {summary['injected_auc']:.2f}  " if "injected_auc" in summary else "")

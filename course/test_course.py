@@ -78,14 +78,15 @@ def guide_commands(script):
     text = (Path(__file__).resolve().parent.parent / "COURSE.md").read_text()
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.splitlines():
-            words = shlex.split(line.replace("$s", "0").replace("$lam", "0"), comments=True)
+            words = shlex.split(line.replace("$s", "0"), comments=True)
             if script in words:
                 yield words[words.index(script) + 1:]
 
 
 def test_the_guides_train_and_evaluate_commands_are_accepted_as_written(tmp_path):
     """Every train.py and evaluate.py command of the labs parses with the flags the scripts have now
-    (train.py's checks of values included), so the guide cannot drift from the code unnoticed."""
+    (train.py's checks of values included). The plots.py and data.py commands are not checked here;
+    those are checked by running the guide from a fresh clone before a change to it lands."""
     root = str(Path(__file__).resolve().parent.parent)
     sys.path.insert(0, root)
     import evaluate

@@ -178,17 +178,18 @@ def main(argv=None):
             summary = train_one_epoch(run, args, epoch)
             save_checkpoint_then_log(run, args, epoch, summary)
     except KeyboardInterrupt:             # a traceback would read like a crash, and nothing finished is lost
-        stopped_by_ctrl_c(run, epoch)
+        stopped_by_ctrl_c(run, epoch, run.epochs_saved)
     if not args.no_eval:                  # every rank takes part: the features are shared out
         final_summary(run, args)
     return run                            # the caller holds it until the processes end (distributed.end_processes)
 
 
-def stopped_by_ctrl_c(run, epoch):
-    """Say what the checkpoint holds and how to go on, then leave with the shell's code for Ctrl-C.
-    With several processes, leave without destructors, as distributed.end_processes explains."""
-    kept = ("epoch 1 is" if epoch == 1 else f"epochs 1-{epoch} are") + f" in {run.out / 'checkpoint.pt'}"
-    run.log(f"stopped (Ctrl-C) in epoch {epoch + 1}: {kept}; the same command with --resume continues" if epoch else
+def stopped_by_ctrl_c(run, epoch, saved):
+    """Say what the checkpoint holds (`saved` epochs) and how to go on, then leave with the shell's
+    code for Ctrl-C. With several processes, leave without destructors, as distributed.end_processes
+    explains."""
+    kept = ("epoch 1 is" if saved == 1 else f"epochs 1-{saved} are") + f" in {run.out / 'checkpoint.pt'}"
+    run.log(f"stopped (Ctrl-C) in epoch {epoch + 1}: {kept}; the same command with --resume continues" if saved else
             "stopped (Ctrl-C) in epoch 1: no epoch had finished, so there is nothing to resume; run the command "
             "again to start over")
     if run.world > 1:
@@ -225,6 +226,7 @@ class Run:
     bank_refresh: str = "epoch"           # "step": update the bank slots after each step; "epoch": at its end
     pending_bank_updates: list = field(default_factory=list)   # (index, v, a) of the epoch's steps so far
     start_epoch: int = 0
+    epochs_saved: int = 0                 # epochs the checkpoint holds (what Ctrl-C leaves to resume)
     bench: dict = None                    # --bench: {"median": seconds of each part of a step, "data_wait_of_total"}
 
     @property
@@ -293,7 +295,7 @@ def set_up(parser, args):
         optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
         criterion.load_state_dict(ckpt["criterion"])
         scaler.load_state_dict(ckpt["scaler"])
-        run.start_epoch = ckpt["epoch"] + 1
+        run.start_epoch = run.epochs_saved = ckpt["epoch"] + 1
         run.runlog.resume_at(run.start_epoch, ckpt.get("epoch_record"))
         log(f"resumed {out} after epoch {run.start_epoch}")
     elif rank == 0 and not args.bench:
@@ -525,6 +527,7 @@ def save_checkpoint_then_log(run, args, epoch, summary):
                      "injected_pairs": run.pairs, "args": vars(args), "epoch_record": record}, run.out / "checkpoint.pt")
         # RNGs need no saving: reseed() fixes them at every epoch start from (seed, epoch, rank),
         # and the negatives' generator is part of the criterion's state.
+    run.epochs_saved = epoch + 1
     run.runlog.write(**record)
     # what the loss applied this epoch: weights after the warm-up, soft targets where λ > 0
     weighted = args.mode in ("weighted", "robust") and not summary.get("warmup", False)

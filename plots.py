@@ -302,9 +302,15 @@ def training_curves(run_dir, out):
     for key, ls in (("loss_v2a", "-"), ("loss_a2v", "--")):
         axes[0].plot(x, [r[key] for r in ep], "k" + ls, label=key.replace("_", " "))
     axes[0].set_title("loss per direction")
-    axes[1].plot(x, [r["w_mean"] for r in ep], "k-", label="mean W over all slots")
-    axes[1].plot(x, [r["w_share_below_half"] for r in ep], "k--", label="share with W < 0.5")
-    axes[1].set_title("weights")
+    run = json.loads((Path(run_dir) / "args.json").read_text()) if (Path(run_dir) / "args.json").exists() else {}
+    weighted = run.get("mode") in ("weighted", "robust")
+    uses_w = weighted and run.get("oracle_weights", "off") == "off"
+    axes[1].plot(x, [r["w_mean"] for r in ep], "k-", label="mean W(s) over all slots")
+    axes[1].plot(x, [r["w_share_below_half"] for r in ep], "k--", label="share with W(s) < 0.5")
+    if weighted:  # what the loss applied: 1 in the warm-up, then W(s) or the oracle's weights
+        axes[1].plot(x, [r["batch_mean_weight"] for r in ep], color="tab:blue", label="mean weight applied")
+    axes[1].set_title("weights" + ("" if uses_w else " (W(s) not applied in this run)" if not weighted
+                                   else " (the oracle's applied, not W(s))"))
     for key, ls, label in (("injected_auc", "-", "injected"), ("natural_auc", ":", "natural")):
         if key in ep[-1]:
             axes[2].plot(x, [r.get(key, np.nan) for r in ep], "k" + ls, label=label)

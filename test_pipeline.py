@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -421,6 +422,20 @@ def test_ctrl_c_stops_with_a_note_and_the_run_resumes(toy, tmp_path, monkeypatch
         assert not (tmp_path / "run" / "checkpoint.pt").exists()
         log = epochs_of(run_train(toy, tmp_path / "run", "--epochs", "3"))
     assert [r["epoch"] for r in log] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("epoch, saved, said", [
+    (0, 0, "in epoch 1: no epoch had finished, so there is nothing to resume"),
+    (4, 4, "in epoch 5: epochs 1-4 are in run/checkpoint.pt; the same command with --resume continues"),
+    (4, 5, "in the end-of-run summary: training had finished (epochs 1-5 are in run/checkpoint.pt)")])
+def test_the_ctrl_c_note_says_what_the_checkpoint_holds(epoch, saved, said):
+    """The note after Ctrl-C counts the epochs the checkpoint holds, not the epoch that was running,
+    and tells a run whose training had finished to evaluate rather than resume."""
+    lines = []
+    run = SimpleNamespace(log=lines.append, out=Path("run"), world=1)
+    with pytest.raises(SystemExit) as stop:
+        train.stopped_by_ctrl_c(run, epoch, saved, epochs=5)
+    assert stop.value.code == 130 and said in lines[0]
 
 
 @pytest.mark.parametrize("refresh", ["step", "epoch"])

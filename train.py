@@ -177,21 +177,27 @@ def main(argv=None):
         for epoch in range(run.start_epoch, args.epochs):
             summary = train_one_epoch(run, args, epoch)
             save_checkpoint_then_log(run, args, epoch, summary)
+        if not args.no_eval:              # every rank takes part: the features are shared out
+            final_summary(run, args)
     except KeyboardInterrupt:             # a traceback would read like a crash, and nothing finished is lost
-        stopped_by_ctrl_c(run, epoch, run.epochs_saved)
-    if not args.no_eval:                  # every rank takes part: the features are shared out
-        final_summary(run, args)
+        stopped_by_ctrl_c(run, epoch, run.epochs_saved, args.epochs)
     return run                            # the caller holds it until the processes end (distributed.end_processes)
 
 
-def stopped_by_ctrl_c(run, epoch, saved):
-    """Say what the checkpoint holds (`saved` epochs) and how to go on, then leave with the shell's
-    code for Ctrl-C. With several processes, leave without destructors, as distributed.end_processes
-    explains."""
+def stopped_by_ctrl_c(run, epoch, saved, epochs):
+    """Say what the checkpoint holds (`saved` epochs of `epochs`) and how to go on, then leave with
+    the shell's code for Ctrl-C. With several processes, leave without destructors, as
+    distributed.end_processes explains. (Under torchrun, torchrun itself also reports the signal,
+    and a rank waiting in a collective for one that has left may end with the backend's error.)"""
     kept = ("epoch 1 is" if saved == 1 else f"epochs 1-{saved} are") + f" in {run.out / 'checkpoint.pt'}"
-    run.log(f"stopped (Ctrl-C) in epoch {epoch + 1}: {kept}; the same command with --resume continues" if saved else
-            "stopped (Ctrl-C) in epoch 1: no epoch had finished, so there is nothing to resume; run the command "
-            "again to start over")
+    if saved == epochs:
+        run.log(f"stopped (Ctrl-C) in the end-of-run summary: training had finished ({kept}); "
+                f"`python evaluate.py {run.out}` evaluates it")
+    elif saved:
+        run.log(f"stopped (Ctrl-C) in epoch {epoch + 1}: {kept}; the same command with --resume continues")
+    else:
+        run.log("stopped (Ctrl-C) in epoch 1: no epoch had finished, so there is nothing to resume; run the "
+                "command again to start over")
     if run.world > 1:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -383,9 +383,9 @@ def load_run(path, device):
 def protocol(args):
     """What the downstream numbers depend on besides the checkpoint: a sweep re-evaluates a point
     whose results.json was made under another protocol (and trains nothing again)."""
+    # workers too: which worker draws a clip's random crop depends on their number
     return {k: getattr(args, k) for k in ("fold", "clips", "retrieval_features", "seed", "ft_epochs", "ft_lr",
-                                         "ft_schedule", "ft_batch_size", "ft_repeats", "workers")}  # workers: which
-    # worker draws a clip's random crop
+                                         "ft_schedule", "ft_batch_size", "ft_repeats", "workers")}
 
 
 def parser():

@@ -252,14 +252,21 @@ def retrieval_grid(run_dir, out):
     save(fig, out)
 
 
+def weights_applied(run_args):
+    """The weights a run's loss applied to its positive pairs: "W(s)" (Weighted-xID), "oracle" (the
+    ground truth's, --oracle-weights) or None (xID and Soft-xID weight nothing)."""
+    if run_args.get("mode") not in ("weighted", "robust"):
+        return None
+    return "W(s)" if run_args.get("oracle_weights", "off") == "off" else "oracle"
+
+
 def score_histogram(run_dir, out, deltas=(-2, -1, 0)):
     """Alignment scores s_i of clean and injected pairs, with W(s) drawn over them for the run's own
     δ, κ and w_min, and for a few other δ at the run's κ and w_min."""
     ckpt = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
     run = ckpt["args"]
     kappa, w_min = run["kappa"], run["w_min"]
-    # xID and Soft-xID apply no weights, the oracle the ground truth's: there W(s) is drawn as "what if"
-    weighted = run["mode"] in ("weighted", "robust") and run.get("oracle_weights", "off") == "off"
+    weighted = weights_applied(run) == "W(s)"  # elsewhere W(s) is drawn as "what if"
     deltas = sorted({*deltas, run["delta"]} if weighted else set(deltas))
     s = ckpt["criterion"]["bank.s"]
     injected = torch.from_numpy(data.injected_mask(ckpt["injected_pairs"], len(s)))
@@ -302,15 +309,14 @@ def training_curves(run_dir, out):
     for key, ls in (("loss_v2a", "-"), ("loss_a2v", "--")):
         axes[0].plot(x, [r[key] for r in ep], "k" + ls, label=key.replace("_", " "))
     axes[0].set_title("loss per direction")
-    run = json.loads((Path(run_dir) / "args.json").read_text()) if (Path(run_dir) / "args.json").exists() else {}
-    weighted = run.get("mode") in ("weighted", "robust")
-    uses_w = weighted and run.get("oracle_weights", "off") == "off"
+    applied = weights_applied(json.loads((Path(run_dir) / "args.json").read_text())
+                              if (Path(run_dir) / "args.json").exists() else {})
     axes[1].plot(x, [r["w_mean"] for r in ep], "k-", label="mean W(s) over all slots")
     axes[1].plot(x, [r["w_share_below_half"] for r in ep], "k--", label="share with W(s) < 0.5")
-    if weighted:  # what the loss applied: 1 in the warm-up, then W(s) or the oracle's weights
+    if applied:  # what the loss applied: 1 in the warm-up, then W(s) or the oracle's weights
         axes[1].plot(x, [r["batch_mean_weight"] for r in ep], color="tab:blue", label="mean weight applied")
-    axes[1].set_title("weights" + ("" if uses_w else " (W(s) not applied in this run)" if not weighted
-                                   else " (the oracle's applied, not W(s))"))
+    axes[1].set_title("weights" + {"W(s)": "", "oracle": " (the oracle's applied, not W(s))",
+                                   None: " (W(s) not applied in this run)"}[applied])
     for key, ls, label in (("injected_auc", "-", "injected"), ("natural_auc", ":", "natural")):
         if key in ep[-1]:
             axes[2].plot(x, [r.get(key, np.nan) for r in ep], "k" + ls, label=label)

@@ -535,20 +535,25 @@ def save_checkpoint_then_log(run, args, epoch, summary):
         # and the negatives' generator is part of the criterion's state.
     run.epochs_saved = epoch + 1
     run.runlog.write(**record)
-    # what the loss applied this epoch: weights after the warm-up, soft targets where λ > 0
-    weighted = args.mode in ("weighted", "robust") and not summary.get("warmup", False)
-    soft = "soft_mass_same_class" in summary
-    run.log(f"epoch {epoch + 1}/{args.epochs}: loss {summary.get('loss', float('nan')):.3f}  "
-            + (f"weight applied {summary['batch_mean_weight']:.2f}"
-               + (" (oracle)  " if args.oracle_weights != "off" else
-                  f" (W(s) < 0.5 on {100 * summary['w_share_below_half']:.0f}% of slots)  ") if weighted else "")
-            + (f"target on positive {summary['target_on_positive']:.2f}, moved mass in class "
-               f"{summary['soft_mass_same_class']:.2f} (chance {summary['same_class_share']:.2f})  " if soft else "")
-            + (f"injected AUC {summary['injected_auc']:.2f}  " if "injected_auc" in summary else "")
-            + (f"natural AUC {summary['natural_auc']:.2f}  " if "natural_auc" in summary else "")
-            + f"{summary['clips_per_s']:.0f} clips/s  data wait {100 * summary['data_wait_fraction']:.0f}%"
-            + (f"  data errors {summary['data_errors']}" if summary["data_errors"] else ""))
+    run.log(epoch_line(summary, args, epoch))
 
+
+def epoch_line(summary, args, epoch):
+    """The epoch's line on the console: the loss, what the loss applied (weights after the warm-up,
+    soft targets where λ > 0), detection, speed."""
+    parts = [f"epoch {epoch + 1}/{args.epochs}: loss {summary.get('loss', float('nan')):.3f}"]
+    if args.mode in ("weighted", "robust") and not summary.get("warmup", False):
+        parts.append(f"weight applied {summary['batch_mean_weight']:.2f} " + (
+            "(oracle)" if args.oracle_weights != "off" else
+            f"(W(s) < 0.5 on {100 * summary['w_share_below_half']:.0f}% of slots)"))
+    if "soft_mass_same_class" in summary:
+        parts.append(f"target on positive {summary['target_on_positive']:.2f}, moved mass in class "
+                     f"{summary['soft_mass_same_class']:.2f} (chance {summary['same_class_share']:.2f})")
+    parts += [f"{kind} AUC {summary[f'{kind}_auc']:.2f}" for kind in ("injected", "natural") if f"{kind}_auc" in summary]
+    parts.append(f"{summary['clips_per_s']:.0f} clips/s  data wait {100 * summary['data_wait_fraction']:.0f}%")
+    if summary["data_errors"]:
+        parts.append(f"data errors {summary['data_errors']}")
+    return "  ".join(parts)
 
 class RunLog:
     """log.jsonl, one JSON object per line; rank 0 only."""

@@ -9,10 +9,9 @@ Injection lives here, not in train.py or losses.py: it decides which file each i
 read from (AVClips' audio_source), so it is a property of the data a run is served, like its
 listing; the loss never knows. train.py, evaluate.py and plots.py all read it from here.
 
-Command line (data.py's own tools for a download; prepare and bench live in prepare.py):
-    python data.py scan ROOT                     # sort every video under ROOT into usable / broken
-    python data.py prepare SRC DST               # transcode a download once, to the scale training reads
-    python data.py bench [SRC --prepared DST]    # clips/s per core before and after, and the loader
+Command line:
+    python data.py scan ROOT     # sort every video under ROOT into usable / broken, with a reason
+(tools/prepare.py transcodes a download once to the scale training reads.)
 """
 import argparse
 import csv
@@ -33,7 +32,7 @@ import torchaudio
 from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import RandomResizedCrop, v2
 
-from progress import progress
+from runs import atomic_write, progress
 
 # FFmpeg's own messages ("moov atom not found", "Error parsing Opus packet header", ...) would come
 # between the project's lines, pages of them on a real download; the project names the file and the
@@ -317,7 +316,7 @@ def log_mel(mel, wave):
 def collate_clips(items):
     """Batch the clips that decoded; the failures are reported by name in batch["errors"]."""
     good = [it for it in items if "error" not in it]
-    batch = default_collate(good) if good else {}
+    batch = default_collate(good) if good else {"index": torch.empty(0, dtype=torch.long)}
     batch["errors"] = [it["error"] for it in items if "error" in it]
     return batch
 
@@ -638,19 +637,10 @@ def scan(videos, spec=ClipSpec(), cache_path=None, name="dataset", probe_many=No
     return usable, broken
 
 
-def atomic_write(path, text):
-    """Write a file so that a crash leaves the old version or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    Path(tmp).write_text(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 def main(argv=None):
-    import prepare  # data.py's own tools: prepare.py builds on the reading above
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("scan", help="sort the videos under ROOT into usable and broken")
@@ -659,7 +649,6 @@ def main(argv=None):
     s.add_argument("--min-seconds", type=float, default=ClipSpec().shortest_file_seconds, help="shortest usable file")
     s.add_argument("--broken-list", default=None, help="where to write the broken files (default ROOT/broken.txt)")
     s.add_argument("--workers", type=int, default=None, help="processes opening files (default: this process's cores)")
-    prepare.add_commands(sub)  # prepare, bench: prepare.py's
     args = p.parse_args(argv)
     if args.cmd == "scan":
         root = Path(args.root)
@@ -673,8 +662,7 @@ def main(argv=None):
         out = Path(args.broken_list or root / "broken.txt")
         out.write_text("".join(f"{path}\t{reason}\n" for path, reason in broken))
         print(f"broken files listed in {out}")
-    else:
-        prepare.run_command(p, args)
+
 
 if __name__ == "__main__":
     main()

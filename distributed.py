@@ -109,8 +109,7 @@ def end_processes():
     first. Then the process leaves without running destructors, while the run (and its DDP wrapper)
     is still referenced: freeing the wrapper frees gloo's process group, whose destructor waits,
     holding Python's lock, for a gloo thread that is still freeing tensors of the last collectives
-    and needs that lock. That deadlock was seen about once in ten 2-process runs here, after
-    everything had been written."""
+    and needs that lock: a deadlock after everything has been written."""
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()

@@ -12,7 +12,7 @@ audio has a click and a decaying tone:
 - two downstream sets, ucf/ (shape x direction, 18 classes, UCF101's split files) and hmdb/
   (shape x speed, 12 classes, HMDB51's split files), with any colour and any pitch.
 
-    python embedded_dataset.py --root data/toy      # write it (about 30 s on 2 cores); train.py does on first use
+    python embedded_dataset.py --root data/embedded      # write it (about 30 s on 2 cores); train.py does on first use
 
 Nothing in data.py depends on this file; this file uses data.py's listings, as any dataset would.
 """
@@ -28,8 +28,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from data import atomic_write, hmdb51, kinetics_folder, ucf101
-from progress import progress
+from data import hmdb51, kinetics_folder, ucf101
+from runs import atomic_write, progress
 
 # ----------------------------------------------------------------------------------------------
 # The world: bouncing shapes that click when they hit a wall
@@ -39,7 +39,7 @@ PALETTE = {"red": (225, 50, 45), "green": (50, 200, 70), "blue": (60, 100, 235),
 # Pre-training classes: picture (shape, direction of motion) and sound (pitch, timbre) together. The
 # colour is drawn per clip, a nuisance as in real video, so matching sound to picture needs the shape
 # and the motion (and, for the instance, the timing of the wall hits).
-TOY_KINETICS = [("circle", "horizontal", 262, "sine"), ("square", "vertical", 330, "square"),
+KINETICS_CLASSES = [("circle", "horizontal", 262, "sine"), ("square", "vertical", 330, "square"),
                 ("triangle", "diagonal", 392, "saw"), ("diamond", "horizontal", 440, "square"),
                 ("cross", "vertical", 523, "sine"), ("ring", "diagonal", 587, "saw"),
                 ("circle", "vertical", 659, "saw"), ("square", "diagonal", 698, "sine"),
@@ -49,9 +49,9 @@ TOY_KINETICS = [("circle", "horizontal", 262, "sine"), ("square", "vertical", 33
 # colour, any pitch. Many classes and few labelled videos per class, as in UCF101 and HMDB51, so
 # that neither retrieval (R@5) nor fine-tuning from scratch is easy without pre-training.
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
-TOY_UCF = [(s, m) for s in SHAPES for m in ("horizontal", "vertical", "diagonal")]
-TOY_HMDB = [(s, sp) for s in SHAPES for sp in ("slow", "fast")]
-TOY_VERSION = 4  # bump when the generator changes: existing copies are then regenerated
+UCF_CLASSES = [(s, m) for s in SHAPES for m in ("horizontal", "vertical", "diagonal")]
+HMDB_CLASSES = [(s, sp) for s in SHAPES for sp in ("slow", "fast")]
+VERSION = 5  # bump when the generator changes: existing copies are then regenerated
 SPEEDS = {"normal": (35.0, 80.0), "slow": (20.0, 35.0), "fast": (80.0, 120.0)}  # pixels/s at 64 px
 
 
@@ -129,8 +129,8 @@ def write_av_file(path, frames, wave, fps, rate):
     with av.open(str(path), "w") as out:
         vs = out.add_stream("libx264", rate=int(fps))
         vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        # constant quantiser, one thread: x264's CRF rate control was seen to give different bytes
-        # for the same frames from run to run, and the seed must fix what is decoded
+        # constant quantiser, one thread: x264's CRF rate control can give different bytes for the
+        # same frames from run to run, and the seed must fix what is decoded
         vs.codec_context.options = {"preset": "veryfast", "qp": "20", "threads": "1"}
         vs.codec_context.thread_count = 1
         aus = out.add_stream("aac", rate=rate)
@@ -144,25 +144,25 @@ def write_av_file(path, frames, wave, fps, rate):
         out.mux(aus.encode())
 
 
-def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=30, faulty_share=0.1,
+def make(root="data/embedded", seed=0, per_class=60, downstream_per_class=30, faulty_share=0.1,
              size=64, fps=16, seconds=3.0, rate=16000, log=print):
     """Write the embedded dataset under root: kinetics/{train,val}/<class>/<id>.mp4 (+ the official-style
     CSV and annotations.csv marking natural faulty positives), ucf/ and hmdb/ with split files.
     Every clip is drawn from one generator seeded with `seed`, in a fixed order: same seed, same data."""
     root, t0 = Path(root), time.time()
-    marker = root / "toy.json"
+    marker = root / "embedded.json"
     if root.is_dir() and any(root.iterdir()) and not marker.exists():
-        raise ValueError(f"embedded_dataset.py: {root} is not empty and holds no toy.json (not an embedded dataset); "
+        raise ValueError(f"embedded_dataset.py: {root} is not empty and holds no embedded.json (not an embedded dataset); "
                          f"give an empty or new --root")
     # what an earlier version wrote goes first (its classes may have other names); the marker says
     # "incomplete" until the last file is written, so an interrupted run is made again
     for generated in ("kinetics", "ucf", "hmdb"):
         shutil.rmtree(root / generated, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write(marker, json.dumps({"version": TOY_VERSION, "complete": False}))
+    atomic_write(marker, json.dumps({"version": VERSION, "complete": False}))
     rng = np.random.default_rng(seed)
     events_of, pending = {}, []
-    total = len(TOY_KINETICS) * per_class + (len(TOY_UCF) + len(TOY_HMDB)) * downstream_per_class
+    total = len(KINETICS_CLASSES) * per_class + (len(UCF_CLASSES) + len(HMDB_CLASSES)) * downstream_per_class
     # clips are drawn here, one after the other from the one generator (so the seed fixes the data);
     # encoding them, half of the work, is shared out to processes (deterministic: constant quantiser)
     workers = max(1, len(os.sched_getaffinity(0)))
@@ -184,7 +184,7 @@ def make_toy(root="data/toy", seed=0, per_class=60, downstream_per_class=30, fau
             job.result()
             bar.update()
     atomic_write(root / "events.json", json.dumps(events_of))
-    params = dict(version=TOY_VERSION, complete=True, seed=seed, per_class=per_class, downstream_per_class=downstream_per_class,
+    params = dict(version=VERSION, complete=True, seed=seed, per_class=per_class, downstream_per_class=downstream_per_class,
                   faulty_share=faulty_share, size=size, fps=fps, seconds=seconds, rate=rate)
     atomic_write(marker, json.dumps(params, indent=1))  # written last: marks a complete set
     log(f"wrote the embedded dataset to {root} in {time.time() - t0:.1f}s "
@@ -196,18 +196,18 @@ def _write_pretraining_set(root, clip, rng, per_class, faulty_share, seconds):
     """Kinetics layout, 80% train / 20% val, a share of natural faulty positives (annotations.csv),
     and the official-style CSV."""
     annotations, csv_rows = [], []
-    for c, (shape, motion, pitch, timbre) in enumerate(TOY_KINETICS):
+    for c, (shape, motion, pitch, timbre) in enumerate(KINETICS_CLASSES):
         name = f"{shape}_{motion}"
         for k in range(per_class):
             split = "train" if k < int(0.8 * per_class) else "val"
             kind = "events" if rng.random() >= faulty_share else str(rng.choice(["music", "voice-over"]))
-            yid = f"toy{c:02d}{k:04d}"  # unique over the dataset, as YouTube ids are
+            yid = f"emb{c:02d}{k:04d}"  # unique over the dataset, as YouTube ids are
             rel = f"kinetics/{split}/{name}/{yid}_000000_{int(seconds):06d}.mp4"
             clip(rel, shape, str(rng.choice(list(PALETTE))), motion, "normal", pitch, timbre, kind)
             annotations.append({"path": rel, "split": split, "label": name, "audio": kind,
                                 "faulty_positive": int(kind != "events")})
             csv_rows.append({"label": name, "youtube_id": yid, "time_start": 0, "time_end": int(seconds), "split": split})
-    for fname, rows in [("annotations.csv", annotations), ("kinetics_toy.csv", csv_rows)]:
+    for fname, rows in [("annotations.csv", annotations), ("kinetics_embedded.csv", csv_rows)]:
         with open(root / "kinetics" / fname, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
@@ -217,7 +217,7 @@ def _write_pretraining_set(root, clip, rng, per_class, faulty_share, seconds):
 def _write_ucf_stand_in(root, clip, rng, per_class):
     """Shape x direction, any colour, any pitch; UCF101's split files, three folds by groups."""
     lists = {f: ([], []) for f in (1, 2, 3)}
-    for shape, motion in TOY_UCF:
+    for shape, motion in UCF_CLASSES:
         name = f"{shape.capitalize()}{motion.capitalize()}"
         for k in range(per_class):
             group = k // 2 + 1
@@ -226,11 +226,11 @@ def _write_ucf_stand_in(root, clip, rng, per_class):
                  float(rng.uniform(200, 900)), str(rng.choice(["sine", "square", "saw"])))
             for fold in (1, 2, 3):
                 test = group % 3 == fold - 1
-                lists[fold][test].append(rel if test else f"{rel} {TOY_UCF.index((shape, motion)) + 1}")
+                lists[fold][test].append(rel if test else f"{rel} {UCF_CLASSES.index((shape, motion)) + 1}")
     splits = root / "ucf" / "ucfTrainTestlist"
     splits.mkdir(parents=True, exist_ok=True)
     (splits / "classInd.txt").write_text("".join(f"{i + 1} {s.capitalize()}{m.capitalize()}\n"
-                                                 for i, (s, m) in enumerate(TOY_UCF)))
+                                                 for i, (s, m) in enumerate(UCF_CLASSES)))
     for fold, (train, test) in lists.items():
         (splits / f"trainlist0{fold}.txt").write_text("\n".join(train) + "\n")
         (splits / f"testlist0{fold}.txt").write_text("\n".join(test) + "\n")
@@ -240,7 +240,7 @@ def _write_hmdb_stand_in(root, clip, rng, per_class, seed):
     """Shape x speed, any direction, colour and pitch; 70/30 per class and fold, HMDB51's split files."""
     splits = root / "hmdb" / "testTrainMulti_7030_splits"
     splits.mkdir(parents=True, exist_ok=True)
-    for shape, speed in TOY_HMDB:
+    for shape, speed in HMDB_CLASSES:
         name = f"{shape}_{speed}"
         names = [f"{name}_{k:03d}.mp4" for k in range(per_class)]
         for n in names:
@@ -253,18 +253,18 @@ def _write_hmdb_stand_in(root, clip, rng, per_class, seed):
                 "".join(f"{n} {2 if k in test else 1}\n" for k, n in enumerate(names)))
 
 
-def ensure_toy(root="data/toy", log=print):
-    """The embedded dataset under root, generated on first use; a partial one (toy.json says
+def ensure(root="data/embedded", log=print):
+    """The embedded dataset under root, generated on first use; a partial one (embedded.json says
     incomplete) or one from another version of the generator is made again."""
-    marker = Path(root) / "toy.json"
+    marker = Path(root) / "embedded.json"
     made = json.loads(marker.read_text()) if marker.exists() else {}
-    if made.get("version") == TOY_VERSION and made.get("complete"):
+    if made.get("version") == VERSION and made.get("complete"):
         return Path(root)
     log(f"generating the embedded dataset in {root} ({'first use' if not made else 'it was incomplete or older'})")
-    return make_toy(root, log=log)
+    return make(root, log=log)
 
 
-def toy_splits(root):
+def splits(root):
     """The embedded dataset's listings, through the real-data parsers: {"kinetics": f(split),
     "ucf": f(split, fold=1), "hmdb": f(split, fold=1)}, each returning (videos, classes)."""
     root = Path(root)
@@ -290,7 +290,7 @@ def natural_faulty_flags(videos):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="data/toy", help="output folder")
+    p.add_argument("--root", default="data/embedded", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="same seed, same clips")
     p.add_argument("--per-class", type=int, default=60, help="pre-training clips per class (80%% train, 20%% val)")
     p.add_argument("--downstream-per-class", type=int, default=30, help="clips per class of the UCF/HMDB stand-ins")
@@ -304,7 +304,7 @@ def main():
     if args.size % 2:
         p.error("--size must be even (H.264 with 4:2:0 chroma)")
     try:
-        make_toy(args.root, args.seed, args.per_class, args.downstream_per_class, args.faulty_share,
+        make(args.root, args.seed, args.per_class, args.downstream_per_class, args.faulty_share,
                  args.size, args.fps, args.seconds, args.rate)
     except ValueError as e:
         p.error(str(e))

@@ -10,7 +10,6 @@ Prints a table and merges everything into RUN_DIR/results.json (plots.py reads i
 """
 import argparse
 import copy
-import json
 import random
 import sys
 import time
@@ -25,9 +24,10 @@ from torch.utils.data import DataLoader, Subset
 import data
 import distributed
 import embedded_dataset
-from losses import gather_from_all_ranks
+import runs
+from losses import faulty_positive_weights, gather_from_all_ranks
 from model import AVModel
-from progress import progress
+from runs import progress
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +102,35 @@ def detection_report(s, injected, natural=None):
     if natural is not None and natural.any():
         report["natural"] = detection_metrics(s, natural, ignore=injected)
     return report
+
+
+def bank_detection(criterion, injected, natural):
+    """The weights W(s) of every bank slot under the current μ, σ, and how well the scores s_i
+    find the faulty pairs (logged every epoch by train.py)."""
+    bank = criterion.bank
+    mu, sigma = bank.score_stats()
+    w = faulty_positive_weights(bank.s, mu, sigma, criterion.delta, criterion.kappa, criterion.w_min)
+    stats = {"mu": mu.item(), "sigma": sigma.item(), "w_mean": w.mean().item(),
+             "smallest_weight": w.min().item(), "w_share_below_half": (w < 0.5).float().mean().item()}
+    for name, d in detection_report(bank.s.cpu().numpy(), injected, natural).items():
+        stats.update({f"{name}_{k}": v for k, v in d.items()})
+    return stats
+
+
+def soft_target_mass_in_class(diag, index, labels):
+    """Of the target mass Soft-xID moves off the positive, the share that lands on same-class
+    negatives (faulty negatives found), and the share of same-class negatives (chance)."""
+    same = labels[diag["negatives"]][None, :] == labels[index][:, None]          # (B, K)
+    moved = diag["targets_v"][:, 1:] + diag["targets_a"][:, 1:]                   # (B, K)
+    total = moved.sum()
+    share = ((moved * same).sum() / total).item() if total > 0 else float("nan")
+    return share, same.float().mean().item()
+
+
+def chance_r1(gallery_labels, query_labels):
+    """Expected R@1 of random features: the share of gallery items of the query's class."""
+    counts = torch.bincount(gallery_labels, minlength=int(query_labels.max()) + 1).float()
+    return (counts / len(gallery_labels))[query_labels].mean().item()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,15 +295,12 @@ def evaluate_downstream(name, model, listing, spec, args, device, log):
 def training_instances(ckpt):
     """The run's instances, bank slot by bank slot, exactly as it trained on them (never a re-listing,
     which could differ: files added, removed, or scanned with other requirements)."""
-    if "instances" not in ckpt:
-        raise SystemExit("evaluate.py: this checkpoint does not record its instances (written by an older "
-                         "train.py); train again to evaluate the pre-training set, or pass --skip pretrain")
     return [data.Video(path, label, duration) for path, label, duration in ckpt["instances"]]
 
 
 def pretraining_root(run_args):
     """Where a run's pre-training split folders are: --data-root, or the embedded dataset's kinetics/."""
-    return Path(run_args["data_root"]) if run_args["data_root"] else Path(run_args["toy_root"]) / "kinetics"
+    return Path(run_args["data_root"]) if run_args["data_root"] else Path(run_args["embedded_root"]) / "kinetics"
 
 
 def pretraining_set_features(model, train_v, val_v, spec, device, workers, log, kinds=("pooled", "map"),
@@ -292,6 +318,36 @@ def pretraining_set_features(model, train_v, val_v, spec, device, workers, log, 
         log("pre-training set: no training or held-out video decoded, so no retrieval")
         return None, None
     return gallery, queries
+
+
+def run_summary(model, criterion, train_v, val_v, spec, device, workers, injected, natural, log,
+                rank=0, world=1, names=("train", "val")):
+    """train.py's end-of-run summary: video retrieval of the held-out clips among the training
+    clips (val_v None: none), and faulty-positive detection by the bank's scores. Each rank
+    extracts the features of its share of the videos (2 clips a video: at Kinetics scale that is
+    the summary's cost); rank 0 searches the nearest neighbours on the training device, in chunks
+    of queries. Returns the results on rank 0, {} elsewhere."""
+    results = {}
+    if val_v:
+        gallery, queries = pretraining_set_features(model, train_v, val_v, spec, device, workers, log,
+                                                    kinds=("pooled",), rank=rank, world=world)
+        if gallery is not None and rank == 0:
+            r = recall_at_k(queries.features["pooled"], gallery.features["pooled"], queries.labels,
+                            gallery.labels, ks=(1, 5), device=device)
+            results["train_summary_retrieval"] = r
+            log(f"video retrieval, {len(queries.labels)} held-out {names[1]} clips -> "
+                f"{len(gallery.labels)} {names[0]} clips: "
+                + "  ".join(f"{k} {v:.3f}" for k, v in r.items())
+                + f"  (chance R@1 ~ {chance_r1(gallery.labels, queries.labels):.3f})")
+    if rank != 0:
+        return results
+    for name, d in detection_report(criterion.bank.s.cpu().numpy(), injected, natural).items():
+        results[f"detection_{name}"] = d
+        log(f"{name} faulty positives ({d['n_faulty']}"
+            + (", marked in annotations.csv" if name == "natural" else "")
+            + f"): ROC AUC {d['auc']:.3f}, precision of the {d['n_faulty']} lowest-scored "
+            f"{d['precision_at_n']:.3f} (chance {d['chance']:.3f})")
+    return results
 
 
 def pretraining_analysis(model, ckpt, spec, args, device, out_dir, log):
@@ -369,9 +425,9 @@ def load_run(path, device):
     if not ckpt_path.is_file():
         raise SystemExit(f"evaluate.py: no checkpoint at {ckpt_path} (give a run folder written by train.py, "
                          f"or its checkpoint.pt)")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = runs.load_checkpoint(ckpt_path)
     run_args = ckpt["args"]
-    model = AVModel(run_args["video_arch"], run_args["audio_arch"], centred_heads=run_args.get("centred_heads", False))
+    model = AVModel(run_args["video_arch"], run_args["audio_arch"], centred_heads=run_args["centred_heads"])
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -435,13 +491,13 @@ def main(argv=None):
     run_args = ckpt["args"]
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     spec = data.ClipSpec(frames=run_args["frames"], fps=run_args["fps"], size=run_args["crop"], need_audio=False)
-    toy = Path(run_args["toy_root"])
+    embedded = Path(run_args["embedded_root"])
     if not (args.ucf_root and args.hmdb_root):
-        embedded_dataset.ensure_toy(toy, log=log)
+        embedded_dataset.ensure(embedded, log=log)
     sets = {"ucf": (lambda split: data.ucf101(args.ucf_root, args.ucf_splits, args.fold, split)) if args.ucf_root
-            else (lambda split: embedded_dataset.toy_splits(toy)["ucf"](split, args.fold)),
+            else (lambda split: embedded_dataset.splits(embedded)["ucf"](split, args.fold)),
             "hmdb": (lambda split: data.hmdb51(args.hmdb_root, args.hmdb_splits, args.fold, split)) if args.hmdb_root
-            else (lambda split: embedded_dataset.toy_splits(toy)["hmdb"](split, args.fold))}
+            else (lambda split: embedded_dataset.splits(embedded)["hmdb"](split, args.fold))}
     results = {"evaluated_epoch": ckpt["epoch"] + 1, "fold": args.fold, "retrieval_features": args.retrieval_features,
                "eval_seed": args.seed}
     downstream = [name for name in sets if name not in args.skip]
@@ -454,19 +510,10 @@ def main(argv=None):
         results.update(pretraining_analysis(model, ckpt, spec, args, device, run_dir, log))
     results["evaluate_seconds"] = time.perf_counter() - t0
 
-    path = merge_results(run_dir, results)
+    path = runs.merge_results(run_dir, results)
     print_table(results)
     log(f"evaluated in {results['evaluate_seconds']:.0f}s; results merged into {path}")
     return results
-
-
-def merge_results(run_dir, results):
-    """Add to RUN_DIR/results.json, keeping what other steps wrote there (train.py, other parts)."""
-    path = Path(run_dir) / "results.json"
-    merged = json.loads(path.read_text()) if path.exists() else {}
-    merged.update(results)
-    data.atomic_write(path, json.dumps(merged, indent=1))
-    return path
 
 
 def print_table(r):

@@ -1,7 +1,7 @@
 """Robust-xID losses: xID, Weighted-xID, Soft-xID and Robust-xID.
 
 Morgado, Misra, Vasconcelos. Robust Audio-Visual Instance Discrimination. CVPR 2021.
-Read beside the paper; symbols follow METHOD.md (beside this file):
+Read beside the paper; symbols follow METHOD.md:
 
     v_i, a_i     L2-normalised video / audio embeddings of instance i       (B, d)
     v̄, ā         memory banks, one slot per training instance               (N, d)
@@ -11,8 +11,7 @@ Read beside the paper; symbols follow METHOD.md (beside this file):
     W(s)         faulty-positive weight  (Weighted-xID)
     S(j|i)       softening scores; T(j|i) = (1-λ)·1[j=i] + λ·S(j|i)  (Soft-xID)
 
-Defaults (METHOD.md): τ = 0.07, K = 1024, m = 0.5, w_min = 0.25, κ = 0.5, δ = -2,
-λ = 0.5, τ_s = 0.07, softening strategy `cycle`.
+The values a run uses are train.py's flags (METHOD.md, "Defaults").
 
 Everything the losses compute in the bank's space is done in float32 with autocast off, so the
 module is safe to call from inside a bf16/fp16 autocast region.
@@ -323,47 +322,3 @@ class RobustXIDLoss(nn.Module):
             "negatives": negatives, "targets_v": T_v, "targets_a": T_a,
         }
         return loss_v + loss_a, diagnostics
-
-
-if __name__ == "__main__":
-    # Benchmark: forward + backward of the loss alone at paper-scale shapes, on this machine.
-    import argparse
-    import statistics
-    import time
-
-    p = argparse.ArgumentParser(description="Time the loss alone (forward + backward) for each mode.")
-    p.add_argument("--batch", type=int, default=64, help="B, embeddings per step")
-    p.add_argument("--dim", type=int, default=128, help="d, embedding size")
-    p.add_argument("--instances", type=int, default=240_000, help="N, bank slots (Kinetics ~240k)")
-    p.add_argument("--negatives", type=int, nargs="+", default=[1024, 8192], help="K values to time")
-    p.add_argument("--repeats", type=int, default=30, help="timed runs per setting; the median is shown")
-    p.add_argument("--strategy", choices=STRATEGIES, default="cycle", help="softening strategy of soft/robust")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-
-    dev = torch.device(args.device)
-    print(f"device={dev} threads={torch.get_num_threads()} B={args.batch} d={args.dim} N={args.instances} "
-          f"strategy={args.strategy}")
-    print(f"{'K':>6} {'mode':>9} {'median ms':>10} {'x xid':>6}")
-    for K in args.negatives:
-        base = None
-        for mode in MODES:
-            crit = RobustXIDLoss(args.instances, args.dim, mode=mode, num_negatives=K,
-                                 strategy=args.strategy).to(dev)
-            times = []
-            for r in range(args.repeats + 3):
-                v = F.normalize(torch.randn(args.batch, args.dim, device=dev), dim=1).requires_grad_()
-                a = F.normalize(torch.randn(args.batch, args.dim, device=dev), dim=1).requires_grad_()
-                index = torch.randint(args.instances, (args.batch,), device=dev)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                loss, _ = crit(v, a, index)
-                loss.backward()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                if r >= 3:  # first runs warm up the allocator
-                    times.append(time.perf_counter() - t0)
-            med = statistics.median(times) * 1e3
-            base = base or med
-            print(f"{K:>6} {mode:>9} {med:>10.2f} {med / base:>6.2f}")

@@ -84,9 +84,9 @@ AUDIO_ENCODERS = {"small": SmallAudioEncoder, "avid": AVIDAudioEncoder}
 def projection_head(c_in, hidden, out=128, centred=True):
     """MLP c_in -> hidden -> out. centred: a BatchNorm without parameters at the end, so that the
     embeddings of a batch are centred before they are L2-normalised. A randomly initialised encoder
-    maps every clip to nearly the same direction (its ReLU features are all positive: mean cosine
-    0.89 between instances on the embedded data), where xID's softmax over K+1 candidates is flat
-    and learning waits epochs for the embeddings to spread; centred, they start spread (0.03)."""
+    maps every clip to nearly the same direction (its ReLU features are all positive), where xID's
+    softmax over K+1 candidates is flat; centred, the embeddings start spread (a deviation from
+    the paper: METHOD.md)."""
     layers = [nn.Linear(c_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)]
     return nn.Sequential(*layers, *([nn.BatchNorm1d(out, affine=False)] if centred else []))
 

@@ -5,7 +5,7 @@
     python plots.py run RUN_DIR  # Figures 3-4, the score histogram with W(s), training curves of one run
     python plots.py curves "A=RUN,RUN" "B=RUN"   # per-epoch loss and detection AUC of groups of runs
     python plots.py targets RUN_DIR   # the soft targets T(j|i) between instances sorted by class
-    python plots.py toy-clip     # a frame strip and spectrogram of an embedded clip
+    python plots.py embedded-clip     # a frame strip and spectrogram of an embedded clip
 
 A sweep trains and evaluates every grid point that has no complete results.json yet (an interrupted
 sweep resumes where it stopped), then draws mean ± standard error (ddof 1) over seeds.
@@ -24,6 +24,9 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import embedded_dataset  # noqa: E402
+import evaluate  # noqa: E402
+import runs  # noqa: E402
+import train  # noqa: E402
 from losses import STRATEGIES, faulty_positive_weights, soft_targets, softening_scores  # noqa: E402
 
 PANELS = [("ucf", "finetune_video_top1", "UCF fine-tune (video top-1)"), ("ucf", "R@5", "UCF retrieval R@5"),
@@ -57,17 +60,17 @@ def metric(results, dataset, name):
     return r["retrieval"][name] if name.startswith("R@") else r[name]
 
 
-RECIPE = {"centred_heads": True, "bank_init": "embeddings", "bank_refresh": "step"}  # the sweeps' start and refresh
+RECIPE = {"centred_heads": True, "bank_init": "embeddings", "bank_refresh": "step"}  # the sweeps' start
 
 
 def finished_results(run_dir, args):
     """The point's results.json if it is complete for this sweep's settings, else None. A point made
-    with another recipe (a runs folder from before the start changed) stops the sweep, naming it:
-    a figure must not mix two recipes."""
+    with another start or bank refresh stops the sweep, naming it: a figure must not mix two
+    recipes."""
     saved = run_dir / "args.json"
     if saved.exists():
         was = json.loads(saved.read_text())
-        old = {k: was.get(k, {"centred_heads": False, "bank_init": "random"}.get(k)) for k in RECIPE}
+        old = {k: was.get(k) for k in RECIPE}
         if old != RECIPE:
             raise SystemExit(f"{run_dir} was trained with {old}, the sweeps now use {RECIPE}: delete it, or give "
                              f"another --runs")
@@ -87,22 +90,19 @@ def evaluate_flags(run_dir, args):
 
 def evaluate_protocol(run_dir, args):
     """The protocol evaluate.py records for this sweep's flags (evaluate.py's own defaults included)."""
-    import evaluate
     return evaluate.protocol(evaluate.parser().parse_args(evaluate_flags(run_dir, args)))
 
 
 def train_and_evaluate_point(run_dir, train_flags, args):
     """Train and evaluate one grid point unless its results are complete; resume a half-done one."""
-    import evaluate
-    import train
     done_results = finished_results(run_dir, args)
     if done_results:
         return done_results
     # the figures' recipe: the paper's per-step bank refresh (train.py's quick start refreshes per epoch)
-    common = ["--toy-root", args.toy_root, "--out", str(run_dir), "--epochs", str(args.epochs), "--no-eval",
+    common = ["--embedded-root", args.embedded_root, "--out", str(run_dir), "--epochs", str(args.epochs), "--no-eval",
               "--warmup-epochs", str(args.warmup_epochs), "--workers", str(args.workers), "--bank-refresh", "step"]
     ckpt = run_dir / "checkpoint.pt"
-    done = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] + 1 if ckpt.exists() else 0
+    done = runs.load_checkpoint(ckpt)["epoch"] + 1 if ckpt.exists() else 0
     if done < args.epochs:
         train.main(common + train_flags + (["--resume"] if done else []))
     return evaluate.main(evaluate_flags(run_dir, args))
@@ -112,7 +112,7 @@ def sweep(kind, args):
     """Every grid point: {key: results}. Before each point a line says which of how many it is and,
     from the points trained so far in this call, when the sweep will end."""
     root = Path(args.runs) / kind
-    embedded_dataset.ensure_toy(args.toy_root)
+    embedded_dataset.ensure(args.embedded_root)
     points = []  # (key, run folder, train.py flags)
     if kind == "delta":
         # xID at every n₀, and at n₀ = 0 as the reference without injection
@@ -151,7 +151,7 @@ def mean_and_spread(ys):
     """ys (points, seeds) -> mean and standard error of the mean over the seeds of each point: the
     sample std (ddof 1; the population std would understate it by √2 with two seeds) over √seeds.
     Two means whose bars overlap are not told apart; a 95% interval is t(seeds−1) standard errors
-    (4.3 with 3 seeds), the README's findings give it."""
+    (4.3 with 3 seeds), as RESULTS.md gives them."""
     n = ys.shape[1]
     return ys.mean(1), ys.std(1, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(len(ys))
 
@@ -160,8 +160,8 @@ def draw_sweep(x, lines, xlabel, title, out, extra=None):
     """Four panels (PANELS); lines: [(label, style, marker, {x: [results of each seed]}[, colour])]."""
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
     for ax, (ds, name, panel) in zip(axes, PANELS):
-        for label, style, marker, runs, *colour in lines:
-            ys = np.array([[metric(r, ds, name) for r in runs[v]] for v in x])
+        for label, style, marker, results, *colour in lines:
+            ys = np.array([[metric(r, ds, name) for r in results[v]] for v in x])
             if marker:
                 ax.errorbar(x, *mean_and_spread(ys), marker=marker, ls=style, color=(colour or ["k"])[0], capsize=3,
                             label=label)
@@ -263,7 +263,7 @@ def weights_applied(run_args):
 def score_histogram(run_dir, out, deltas=(-2, -1, 0)):
     """Alignment scores s_i of clean and injected pairs, with W(s) drawn over them for the run's own
     δ, κ and w_min, and for a few other δ at the run's κ and w_min."""
-    ckpt = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ckpt = runs.load_checkpoint(Path(run_dir) / "checkpoint.pt")
     run = ckpt["args"]
     kappa, w_min = run["kappa"], run["w_min"]
     weighted = weights_applied(run) == "W(s)"  # elsewhere W(s) is drawn as "what if"
@@ -340,8 +340,8 @@ def compare_curves(groups, out):
     colours = ("tab:grey", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
     if len(groups) > len(colours):
         raise ValueError(f"at most {len(colours)} groups, got {len(groups)}")
-    for (label, runs), colour in zip(groups.items(), colours):
-        for k, run in enumerate(runs):
+    for (label, folders), colour in zip(groups.items(), colours):
+        for k, run in enumerate(folders):
             log = [json.loads(x) for x in (Path(run) / "log.jsonl").read_text().splitlines()]
             ep = [r for r in log if r["kind"] == "epoch"]
             if not ep:
@@ -371,7 +371,7 @@ def soft_target_map(run_dir, out, per_class=6, lam=None, strategy=None):
     """T(j|i) of Soft-xID between instances sorted by class, computed from a run's memory banks by
     losses.py's functions: each row's positive on the diagonal, and the mass the soft targets move
     off it, which lands in the row's own class block where it finds faulty negatives."""
-    ckpt = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ckpt = runs.load_checkpoint(Path(run_dir) / "checkpoint.pt")
     run_args = ckpt["args"]
     lam = lam if lam is not None else (run_args["lam"] if run_args["mode"] in ("soft", "robust") and run_args["lam"] > 0 else 0.5)
     strategy = strategy or run_args["strategy"]
@@ -409,9 +409,9 @@ def soft_target_map(run_dir, out, per_class=6, lam=None, strategy=None):
     return share
 
 
-def toy_clip(root, rel, out, frames=12):
+def embedded_clip(root, rel, out, frames=12):
     """A frame strip over the log-mel spectrogram of the same seconds, wall hits marked on both."""
-    params = json.loads((Path(root) / "toy.json").read_text())
+    params = json.loads((Path(root) / "embedded.json").read_text())
     events = json.loads((Path(root) / "events.json").read_text())[rel]
     seconds, rate = params["seconds"], params["rate"]
     spec = data.ClipSpec(frames=frames, fps=frames / seconds, audio_seconds=seconds, sample_rate=rate)
@@ -442,7 +442,7 @@ def main(argv=None):
         s.add_argument("--epochs", type=int, default=24, help="pre-training epochs per point")
         s.add_argument("--warmup-epochs", type=int, default=3, help="plain-xID epochs first")
         s.add_argument("--runs", default="runs/sweeps", help="where the runs of the sweep live")
-        s.add_argument("--toy-root", default="data/toy", help="the embedded dataset")
+        s.add_argument("--embedded-root", default="data/embedded", help="the embedded dataset")
         s.add_argument("--workers", type=int, default=2, help="data-loading processes")
         s.add_argument("--eval-clips", type=int, default=3, help="clips per video in evaluation (protocol: 10; "
                        "3 keeps a sweep within 30 min on 2 CPU cores)")
@@ -474,11 +474,11 @@ def main(argv=None):
     m.add_argument("--lam", type=float, help="λ (default: the run's, or 0.5 for a run without soft targets)")
     m.add_argument("--strategy", choices=STRATEGIES, help="softening strategy (default: the run's)")
     m.add_argument("--out", default="figures/soft_targets", help="output path without extension")
-    t = sub.add_parser("toy-clip", help="frame strip + spectrogram of one embedded clip")
-    t.add_argument("--root", default="data/toy", help="the embedded dataset (generated if missing)")
-    t.add_argument("--clip", default="kinetics/train/triangle_diagonal/toy020001_000000_000003.mp4",
+    t = sub.add_parser("embedded-clip", help="frame strip + spectrogram of one embedded clip")
+    t.add_argument("--root", default="data/embedded", help="the embedded dataset (generated if missing)")
+    t.add_argument("--clip", default="kinetics/train/triangle_diagonal/emb020001_000000_000003.mp4",
                    help="clip path relative to --root")
-    t.add_argument("--out", default="figures/toy_clip", help="output path without extension")
+    t.add_argument("--out", default="figures/embedded_clip", help="output path without extension")
     args = p.parse_args(argv)
     if getattr(args, "quick", False):  # the quick grid as defaults: every flag given still wins
         sweeps[args.cmd].set_defaults(**QUICK_SETTINGS[args.cmd])
@@ -515,8 +515,8 @@ def main(argv=None):
         share = soft_target_map(args.run_dir, args.out, args.per_class, args.lam, args.strategy)
         print(f"of the target mass moved off the positives, {share:.0%} lands on candidates of the row's own class")
     else:
-        embedded_dataset.ensure_toy(args.root)
-        toy_clip(args.root, args.clip, args.out)
+        embedded_dataset.ensure(args.root)
+        embedded_clip(args.root, args.clip, args.out)
 
 
 if __name__ == "__main__":

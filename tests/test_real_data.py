@@ -19,11 +19,14 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
+import bench_decoding
+import bench_step
 import data
 import evaluate
 import gpu_check
 import plots
 import prepare
+import runs
 import train
 from test_pipeline import write_av
 
@@ -347,7 +350,7 @@ def test_two_processes_end_to_end_name_every_decode_error(download, tmp_path):
            "--data-root", str(root / "kinetics"), "--out", str(out), *FLAGS, "--epochs", "2", "--n0", "0.25",
            "--device", "cpu"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[rank 1] data error" in done.stderr
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
@@ -365,12 +368,15 @@ def test_two_processes_end_to_end_name_every_decode_error(download, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The run folder: never damaged by a refused command or a benchmark; each epoch logged once
 # ----------------------------------------------------------------------------------------------
-def test_bench_and_a_refused_resume_leave_the_run_folder_alone(download, tmp_path):
+def test_bench_and_a_refused_resume_leave_the_run_folder_alone(download, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run_train(download, out, "--epochs", "1", "--n0", "0.25", "--no-eval")
     before = tree(out)
-    train.main(["--data-root", str(download / "kinetics"), "--out", str(out), *FLAGS, "--bench", "--bench-steps", "1"])
-    assert tree(out) == before
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")                 # where train.py's default --out would go
+    bench = bench_step.main(["--data-root", str(download / "kinetics"), *FLAGS, "--steps", "1"])
+    assert set(bench["median"]) == set(bench_step.PARTS)
+    assert tree(out) == before and not any((tmp_path / "cwd").iterdir())
     with pytest.raises(SystemExit):                                # other injected pairs: refused
         run_train(download, out, "--epochs", "2", "--n0", "0.5", "--resume", "--no-eval")
     assert tree(out) == before
@@ -380,19 +386,19 @@ def test_an_epoch_is_logged_only_once_its_checkpoint_is_saved(download, tmp_path
     """Killed while saving epoch 2 (or in the middle of it): the log keeps no record of epoch 2, and
     the resumed run logs every epoch and every step once."""
     out = tmp_path / "run"
-    real, calls = train.atomic_save, []
+    real, calls = runs.save_checkpoint, []
 
     def dies_at_second_save(obj, path):
         calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt
         real(obj, path)
-    monkeypatch.setattr(train, "atomic_save", dies_at_second_save)
+    monkeypatch.setattr(runs, "save_checkpoint", dies_at_second_save)
     with pytest.raises(SystemExit):  # the Ctrl-C note and exit code 130: test_pipeline.py pins them
         run_train(download, out, "--epochs", "3", "--log-every", "1", "--no-eval")
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [1] and {r["epoch"] for r in log} == {1, 2}
-    monkeypatch.setattr(train, "atomic_save", real)
+    monkeypatch.setattr(runs, "save_checkpoint", real)
     with open(out / "log.jsonl", "a") as f:
         f.write('{"kind": "step", "epoch": 2, "st')                            # a line cut short by the kill
     log = run_train(download, out, "--epochs", "3", "--log-every", "1", "--no-eval", "--resume")
@@ -405,16 +411,16 @@ def test_an_epoch_saved_but_not_yet_logged_is_logged_on_resume(download, tmp_pat
     """Killed between saving epoch 2's checkpoint and writing its log record: the resumed run writes
     that record from the checkpoint, so the curves have every epoch."""
     out = tmp_path / "run"
-    real = train.RunLog.write
+    real = runs.RunLog.write
 
     def dies_logging_epoch_2(self, **record):
         if record["kind"] == "epoch" and record["epoch"] == 2:
             raise KeyboardInterrupt
         real(self, **record)
-    monkeypatch.setattr(train.RunLog, "write", dies_logging_epoch_2)
+    monkeypatch.setattr(runs.RunLog, "write", dies_logging_epoch_2)
     with pytest.raises(SystemExit):
         run_train(download, out, "--epochs", "3", "--no-eval")
-    monkeypatch.setattr(train.RunLog, "write", real)
+    monkeypatch.setattr(runs.RunLog, "write", real)
     log = run_train(download, out, "--epochs", "3", "--no-eval", "--resume")
     assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [1, 2, 3]
 
@@ -422,7 +428,6 @@ def test_an_epoch_saved_but_not_yet_logged_is_logged_on_resume(download, tmp_pat
 @pytest.mark.parametrize("flags, message", [
     (["--log-every", "0"], "--log-every must be >= 1"), (["--sample-rate", "100"], "--sample-rate must be >= 1000"),
     (["--n-mels", "500"], "--n-mels must be in \\[1, 321\\]"), (["--subset", "-3"], "--subset must be >= 2"),
-    (["--bench-steps", "0"], "--bench-steps must be >= 1"),
     (["--num-negatives", "16"], "--num-negatives 16 must be smaller than the dataset \\(16 usable videos\\)"),
     (["--classes", "EMPTY"], "names no class"),
     (["--val-csv", "VALCSV"], "--val-csv needs --csv"),
@@ -479,12 +484,12 @@ def test_error_bars_are_the_standard_error_over_seeds():
 
 
 # ----------------------------------------------------------------------------------------------
-# prepare: the download transcoded once to the training scale (data.py prepare, prepare.py)
+# prepare: the download transcoded once to the training scale (tools/prepare.py)
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def prepared(download, tmp_path_factory):
     dst = tmp_path_factory.mktemp("prepared")
-    data.main(["prepare", str(download), str(dst), "--short-side", "24", "--keyframe-interval", "8", "--workers", "2"])
+    prepare.main([str(download), str(dst), "--short-side", "24", "--keyframe-interval", "8", "--workers", "2"])
     return dst
 
 
@@ -585,10 +590,10 @@ def test_a_stopped_prepare_continues_and_never_leaves_half_a_file(download, tmp_
 def test_prepare_refuses_to_continue_at_another_scale(download, prepared, capsys):
     """A destination records its scale: other flags would mix two scales in one tree."""
     with pytest.raises(SystemExit):
-        data.main(["prepare", str(download), str(prepared), "--short-side", "32"])
+        prepare.main([str(download), str(prepared), "--short-side", "32"])
     assert "was prepared at" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        data.main(["prepare", str(download / "nothing"), str(prepared)])
+        prepare.main([str(download / "nothing"), str(prepared)])
     assert "is not a folder" in capsys.readouterr().err
 
 
@@ -600,9 +605,9 @@ def test_the_parallel_scan_finds_what_the_sequential_one_finds(download):
 
 
 def test_bench_compares_a_youtube_like_source_with_its_prepared_copy(tmp_path, capsys):
-    """`python data.py bench` at small settings: writes the source (long GOP), prepares it, prints
+    """`python tools/bench_decoding.py` at small settings: writes the source (long GOP), prepares it, prints
     clips/s per core before and after and the loader's rate against raw decoding."""
-    data.main(["bench", "--youtube-like", str(tmp_path), "--files", "2", "--seconds", "2.5", "--resolution", "96x64",
+    bench_decoding.main(["--youtube-like", str(tmp_path), "--files", "2", "--seconds", "2.5", "--resolution", "96x64",
                "--clips", "3", "--workers", "1"])
     said = capsys.readouterr().out
     assert re.search(r"source \(96x64, 30 fps, 2 files\)\s+\d", said) and "prepared / source, per core:" in said
@@ -612,7 +617,7 @@ def test_bench_compares_a_youtube_like_source_with_its_prepared_copy(tmp_path, c
 
 
 def test_the_gpu_check_runs_its_steps_on_the_cpu_at_small_settings(tmp_path, capsys):
-    """gpu_check.py --small: source -> prepare -> train.py --bench for the four modes -> a run stopped
+    """gpu_check.py --small: source -> prepare -> bench_step.py for the four modes -> a run stopped
     after one epoch and resumed; every target printed with ok or MISSED (the timings are the CPU's)."""
     result = gpu_check.main(["--small", "--root", str(tmp_path), "--files", "8", "--workers", "1"])
     said = capsys.readouterr().out

@@ -1,14 +1,14 @@
 """The CUDA path at the paper's scale, checked in one go: run it whenever a GPU is at hand.
 
-    python gpu_check.py            # on a GPU machine with 16 cores: 3.7 min on an H100
-    python gpu_check.py --small    # the same steps at toy settings, on any CPU (the tests run this)
+    python tools/gpu_check.py            # on a GPU machine with 16 cores
+    python tools/gpu_check.py --small    # the same steps at small settings, on any CPU (tested)
 
-1. writes a YouTube-like source (data.py bench's) and prepares it with `data.py prepare`;
-2. `train.py --bench` with R(2+1)D-18 + the AVID audio net at 8 x 112^2, batch 64, bf16, the
+1. writes a YouTube-like source (tools/bench_decoding.py's) and prepares it (tools/prepare.py);
+2. tools/bench_step.py with R(2+1)D-18 + the AVID audio net at 8 x 112^2, batch 64, bf16, the
    machine's cores as loader workers: data-wait fraction, clips/s, the split of a step, peak memory,
    for xid, weighted, soft (cycle) and robust. The timed steps stay inside one epoch (2,048 files are
-   32 batches): each epoch starts with the loader's queue empty, about one worker's batch of waiting
-   (~1 s on the H100 machine), about 17% of a 32-step epoch and 0.2% of a Kinetics one;
+   32 batches): each epoch starts with the loader's queue empty, about one worker's batch of
+   waiting, a large share of a 32-step epoch and a negligible one of a Kinetics epoch;
 3. a 2-epoch run on the prepared files, stopped after its first epoch and resumed (--resume).
 It ends with the targets, each marked ok or MISSED: data wait below 10%, robust's step at most
 1.10x xid's, the resumed run's epochs 1 and 2 in its log.
@@ -22,9 +22,12 @@ from pathlib import Path
 
 import torch
 
-import data
-import prepare
-import train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
+import bench_decoding  # noqa: E402
+import bench_step  # noqa: E402
+import data  # noqa: E402
+import prepare  # noqa: E402
+import train  # noqa: E402
 
 PAPER = ["--video-arch", "r2plus1d_18", "--audio-arch", "avid", "--frames", "8", "--fps", "16", "--crop", "112",
          "--audio-seconds", "2", "--sample-rate", "24000", "--batch-size", "64", "--amp", "bf16", "--num-negatives", "1024"]
@@ -35,7 +38,7 @@ MODES = {"xid": [], "weighted": [], "soft": ["--strategy", "cycle"], "robust": [
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true", help="toy settings that run on a CPU in a minute")
+    p.add_argument("--small", action="store_true", help="small settings that run on a CPU in a minute")
     p.add_argument("--root", default="data/gpu_check", help="where the source, its prepared copy and the run go")
     p.add_argument("--files", type=int, default=None, help="YouTube-like files (default 2048; --small: 16)")
     p.add_argument("--bench-steps", type=int, default=None,
@@ -50,14 +53,13 @@ def main(argv=None):
     if not args.small and not torch.cuda.is_available():
         p.error("no GPU here: run with --small to check the same steps on the CPU")
 
-    # 640x360 rather than 720p, 4 s rather than 10 (2,048 files of 10 s took 5 min to write on the H100
-    # machine's 16 cores, and prepare 90 s); data.py bench measures what prepare buys on 720p, and
-    # what the GPU reads is the prepared copy either way
+    # 640x360 rather than 720p, 4 s rather than 10, to write the source in minutes; what prepare
+    # buys on 720p is tools/bench_decoding.py's to measure, and the GPU reads the prepared copy
     print(f"== 1. a YouTube-like source of {files} files, prepared")
     resolution = (96, 64) if args.small else (640, 360)
     seconds = 3.0 if args.small else 4.0
-    source, prepared = root / f"source_{seconds:g}s", root / f"prepared_{seconds:g}s"  # not mixed with older checks' files
-    prepare.write_youtube_like(source, files, seconds, *resolution, workers=max(1, args.workers))
+    source, prepared = root / f"source_{seconds:g}s", root / f"prepared_{seconds:g}s"  # apart from other lengths' files
+    bench_decoding.write_youtube_like(source, files, seconds, *resolution, workers=max(1, args.workers))
     prepare.prepare(source, prepared, workers=max(1, args.workers))
 
     scale = SMALL if args.small else PAPER
@@ -65,14 +67,12 @@ def main(argv=None):
     per_epoch = files // (8 if args.small else 64)
     if steps + 5 > per_epoch:
         print(f"note: {steps} + 5 steps cross an epoch's start ({per_epoch} batches an epoch); its wait counts")
-    print(f"\n== 2. train.py --bench, {steps} steps per mode")
+    print(f"\n== 2. tools/bench_step.py, {steps} steps per mode")
     times, wait = {}, {}
     for mode, extra in MODES.items():
-        run = train.main([*common, "--mode", mode, *extra, "--bench", "--bench-steps", str(steps),
-                          "--out", str(root / "bench")])
-        times[mode], wait[mode] = run.bench["median"], run.bench["data_wait_of_total"]
-        del run  # its model, optimiser and banks would count in the next mode's peak memory
-        gc.collect()
+        bench = bench_step.main([*common, "--mode", mode, *extra, "--steps", str(steps)])
+        times[mode], wait[mode] = bench["median"], bench["data_wait_of_total"]
+        gc.collect()  # the mode's model, optimiser and banks would count in the next one's memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     step = {m: sum(t.values()) for m, t in times.items()}
@@ -94,7 +94,8 @@ def main(argv=None):
     checks = [(f"data wait below 10% of the time in every mode (worst {worst:.1%})", worst < 0.10),
               (f"robust step <= 1.10x xid's ({step['robust'] / step['xid']:.2f}x)", step["robust"] <= 1.10 * step["xid"]),
               (f"the resumed run logged epochs {epochs}", epochs == [1, 2])]
-    print("\n== targets" + (" (toy settings on this CPU: the timings say nothing of a GPU)" if args.small else ""))
+    print("\n== targets" + (" (small settings on this CPU: the timings say nothing of a GPU)"
+                             if args.small else ""))
     for what, ok in checks:
         print(f"  {'ok    ' if ok else 'MISSED'}  {what}")
     return {"step": step, "times": times, "wait": wait, "epochs": epochs, "checks": checks}

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -22,6 +21,7 @@ import evaluate
 import losses
 import model
 import plots
+import runs
 import train
 from data import ClipSpec, Video
 
@@ -33,7 +33,7 @@ SPEC = ClipSpec(frames=4, fps=4.0, size=24, audio_seconds=1.0, sample_rate=16000
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     """A tiny embedded dataset (10 classes x 5 clips + downstream sets), made once for the session."""
-    return embedded_dataset.make_toy(tmp_path_factory.mktemp("toy"), log=lambda *a: None, **TINY)
+    return embedded_dataset.make(tmp_path_factory.mktemp("toy"), log=lambda *a: None, **TINY)
 
 
 def write_av(path, fmt=None, vcodec="libx264", acodec="aac", size=(32, 32), fps=8, seconds=2.0, rate=16000,
@@ -73,8 +73,8 @@ def write_av(path, fmt=None, vcodec="libx264", acodec="aac", size=(32, 32), fps=
 # ----------------------------------------------------------------------------------------------
 def test_toy_is_deterministic(toy, tmp_path):
     """Same seed, same decoded frames and audio (a second generation, compared clip by clip)."""
-    again = embedded_dataset.make_toy(tmp_path / "again", log=lambda *a: None, **TINY)
-    for rel in ["kinetics/train/circle_horizontal/toy000000_000000_000002.mp4",
+    again = embedded_dataset.make(tmp_path / "again", log=lambda *a: None, **TINY)
+    for rel in ["kinetics/train/circle_horizontal/emb000000_000000_000002.mp4",
                 "ucf/videos/SquareVertical/v_SquareVertical_g01_c01.mp4"]:
         a = data.decode_clip(toy / rel, 0.25, SPEC)
         b = data.decode_clip(again / rel, 0.25, SPEC)
@@ -88,27 +88,27 @@ def test_remaking_the_toy_set_leaves_nothing_stale_and_spares_other_folders(tmp_
     old = tmp_path / "toy"
     (old / "kinetics" / "train" / "old_class").mkdir(parents=True)
     (old / "kinetics" / "train" / "old_class" / "x.mp4").write_bytes(b"old")
-    (old / "toy.json").write_text(json.dumps({"version": 0}))
+    (old / "embedded.json").write_text(json.dumps({"version": 0}))
     small = dict(TINY, per_class=2, downstream_per_class=2)
-    embedded_dataset.make_toy(old, log=lambda *a: None, **small)
+    embedded_dataset.make(old, log=lambda *a: None, **small)
     assert not (old / "kinetics" / "train" / "old_class").exists()
-    assert json.loads((old / "toy.json").read_text())["complete"] is True
+    assert json.loads((old / "embedded.json").read_text())["complete"] is True
     other = tmp_path / "mine"
     (other / "kinetics").mkdir(parents=True)
     (other / "kinetics" / "keep.mp4").write_bytes(b"user data")
-    with pytest.raises(ValueError, match="not empty and holds no toy.json"):
-        embedded_dataset.make_toy(other, log=lambda *a: None, **small)
+    with pytest.raises(ValueError, match="not empty and holds no embedded.json"):
+        embedded_dataset.make(other, log=lambda *a: None, **small)
     assert (other / "kinetics" / "keep.mp4").read_bytes() == b"user data"
 
 
 def test_toy_layout_and_split_files_parse(toy):
     """Kinetics folder layout and official CSV agree; UCF101 / HMDB51 split files parse (3 folds)."""
-    splits = embedded_dataset.toy_splits(toy)
+    splits = embedded_dataset.splits(toy)
     train, classes = splits["kinetics"]("train")
     assert len(classes) == 10 and len(train) == 10 * 4          # 80% of 5 per class
-    via_csv, csv_classes = data.kinetics_csv(toy / "kinetics" / "kinetics_toy.csv", toy / "kinetics", "train")
+    via_csv, csv_classes = data.kinetics_csv(toy / "kinetics" / "kinetics_embedded.csv", toy / "kinetics", "train")
     assert via_csv == train and csv_classes == classes
-    ids = [r["youtube_id"] for r in csv.DictReader(open(toy / "kinetics" / "kinetics_toy.csv"))]
+    ids = [r["youtube_id"] for r in csv.DictReader(open(toy / "kinetics" / "kinetics_embedded.csv"))]
     assert len(ids) == len(set(ids)) == 10 * 5
     assert [v.path for v in train] == sorted(v.path for v in train)
     for name, n_classes in [("ucf", 18), ("hmdb", 12)]:
@@ -132,7 +132,7 @@ def test_natural_faulty_positives_are_marked(toy):
 def test_clips_have_documented_shapes(toy):
     """Loader items: video uint8 (3, T, H, W), waveform (1, S); eval: n clips of each. BatchTransforms
     turns a batch into the model's inputs: float video, log-mel (1, F, S) at 100 frames/s."""
-    videos, _ = data.scan(embedded_dataset.toy_splits(toy)["kinetics"]("train")[0][:3], SPEC, log=lambda *a: None)
+    videos, _ = data.scan(embedded_dataset.splits(toy)["kinetics"]("train")[0][:3], SPEC, log=lambda *a: None)
     item = data.AVClips(videos, SPEC, train=True)[1]
     assert item["video"].shape == (3, 4, 24, 24) and item["video"].dtype == torch.uint8
     assert item["audio"].shape == (1, 16000) and item["audio"].dtype == torch.float32
@@ -162,7 +162,7 @@ def test_crop_by_ffmpeg_matches_crop_then_resize(toy):
     """decode_clip(box=...) lets FFmpeg scale while converting to RGB; it gives what cropping the
     stored frames and resizing them (torchvision, antialiased) gives, up to interpolation: far
     closer than the same crop taken 3 pixels off."""
-    rel = "kinetics/train/circle_horizontal/toy000002_000000_000002.mp4"
+    rel = "kinetics/train/circle_horizontal/emb000002_000000_000002.mp4"
     full, _ = data.decode_clip(toy / rel, 0.5, SPEC)                       # (T, 32, 32, 3) as stored
 
     def distance(frames, box):                                             # mean |difference|, of 255 levels
@@ -219,7 +219,7 @@ def test_injection_exact_count_no_self_pairs_seeded():
 
 def test_injected_item_carries_the_donor_audio(toy):
     """An injected instance keeps its own video and gets its donor's audio, and says so."""
-    videos, _ = data.scan(embedded_dataset.toy_splits(toy)["kinetics"]("val")[0][:4], SPEC, log=lambda *a: None)
+    videos, _ = data.scan(embedded_dataset.splits(toy)["kinetics"]("val")[0][:4], SPEC, log=lambda *a: None)
     src = torch.tensor([2, 1, 2, 3])
     own = data.AVClips(videos, SPEC, train=False, num_clips=1)
     swapped = data.AVClips(videos, SPEC, train=False, num_clips=1, audio_source=src)
@@ -231,7 +231,7 @@ def test_injected_item_carries_the_donor_audio(toy):
 def test_subset_class_list_and_balance(toy):
     """--classes keeps the named classes, relabelled 0..C-1 in sorted name order; --subset draws a
     class-balanced, seeded subset."""
-    videos, classes = embedded_dataset.toy_splits(toy)["kinetics"]("train")
+    videos, classes = embedded_dataset.splits(toy)["kinetics"]("train")
     sub, sub_classes = data.keep_classes(videos, classes, ["square_vertical", "circle_horizontal"])
     assert sub_classes == ["circle_horizontal", "square_vertical"] and len(sub) == 8
     named = {v.path: classes[v.label] for v in videos if classes[v.label] in sub_classes}
@@ -250,7 +250,7 @@ def test_subset_class_list_and_balance(toy):
 # ----------------------------------------------------------------------------------------------
 def test_scan_names_every_broken_file(toy, tmp_path):
     """Each kind of broken file gets its own reason; the cache is used and invalidated by a change."""
-    good = toy / "kinetics/train/circle_horizontal/toy000000_000000_000002.mp4"
+    good = toy / "kinetics/train/circle_horizontal/emb000000_000000_000002.mp4"
     files = {
         "zero.mp4": lambda p: p.write_bytes(b""),
         "truncated.mp4": lambda p: p.write_bytes(good.read_bytes()[: good.stat().st_size // 3]),
@@ -322,7 +322,7 @@ def test_low_fps_repeats_frames(tmp_path):
 def test_file_failing_after_scan_is_reported_not_replaced(toy, tmp_path):
     """A clip that breaks while loading comes back named in batch["errors"]; no other instance takes
     its place (its bank slot would be corrupted)."""
-    videos, _ = data.scan(embedded_dataset.toy_splits(toy)["kinetics"]("val")[0][:3], SPEC, log=lambda *a: None)
+    videos, _ = data.scan(embedded_dataset.splits(toy)["kinetics"]("val")[0][:3], SPEC, log=lambda *a: None)
     broken = tmp_path / "was_fine.mp4"
     broken.write_bytes(Path(videos[1].path).read_bytes())
     videos[1] = Video(str(broken), videos[1].label, videos[1].duration)
@@ -342,7 +342,7 @@ TRAIN_FLAGS = ["--frames", "4", "--fps", "4", "--crop", "16", "--n-mels", "32", 
 
 
 def run_train(toy, out, *flags):
-    train.main(["--toy-root", str(toy), "--out", str(out), *TRAIN_FLAGS, *flags])
+    train.main(["--embedded-root", str(toy), "--out", str(out), *TRAIN_FLAGS, *flags])
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
@@ -432,9 +432,8 @@ def test_the_ctrl_c_note_says_what_the_checkpoint_holds(epoch, saved, said):
     """The note after Ctrl-C counts the epochs the checkpoint holds, not the epoch that was running,
     and tells a run whose training had finished to evaluate rather than resume."""
     lines = []
-    run = SimpleNamespace(log=lines.append, out=Path("run"), world=1)
     with pytest.raises(SystemExit) as stop:
-        train.stopped_by_ctrl_c(run, epoch, saved, epochs=5)
+        runs.stopped_by_ctrl_c(lines.append, Path("run"), epoch, saved, epochs=5, world=1)
     assert stop.value.code == 130 and said in lines[0]
 
 
@@ -444,10 +443,10 @@ def test_two_processes_keep_identical_banks(toy, tmp_path, refresh):
     with either bank refresh."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "train.py", "--toy-root", str(toy), "--out", str(out), *TRAIN_FLAGS, "--epochs", "2", "--device", "cpu",
+           "train.py", "--embedded-root", str(toy), "--out", str(out), *TRAIN_FLAGS, "--epochs", "2", "--device", "cpu",
            "--bank-refresh", refresh]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     log = epochs_of([json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()])
     assert len(log) == 2 and all(r["bank_spread_across_ranks"] == 0.0 for r in log)
@@ -460,14 +459,14 @@ def test_training_names_and_counts_a_clip_that_fails(toy, tmp_path, monkeypatch,
     real = data.decode_clip
 
     def flaky(path, *args, **kwargs):
-        if "toy000001" in str(path):
+        if "emb000001" in str(path):
             raise data.ClipError(f"{path}: simulated decode failure")
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(data, "decode_clip", flaky)
     log = epochs_of(run_train(toy, tmp_path / "run", "--epochs", "2"))
     assert [r["data_errors"] for r in log] == [1, 1]
-    assert "toy000001" in capsys.readouterr().out
+    assert "emb000001" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -478,7 +477,7 @@ def test_training_names_and_counts_a_clip_that_fails(toy, tmp_path, monkeypatch,
 def test_argument_errors_name_the_flag(toy, tmp_path, capsys, flags, message):
     """An invalid value stops train.py with a message that names the flag and the rule."""
     with pytest.raises(SystemExit):
-        train.main(["--toy-root", str(toy), "--out", str(tmp_path / "x"), *TRAIN_FLAGS, *flags])
+        train.main(["--embedded-root", str(toy), "--out", str(tmp_path / "x"), *TRAIN_FLAGS, *flags])
     assert re.search(message, capsys.readouterr().err)
 
 
@@ -626,7 +625,7 @@ def test_sweep_skips_finished_points_and_draws(tmp_path):
 def test_a_point_evaluated_under_another_protocol_is_evaluated_again_not_trained(tmp_path, monkeypatch):
     """results.json records evaluate.py's protocol; when the sweep's differs (here a fine-tuning
     schedule from before), the point's checkpoint is evaluated again and nothing is trained."""
-    args = argparse.Namespace(epochs=3, eval_clips=2, workers=2, ft_repeats=2, toy_root="unused", warmup_epochs=1)
+    args = argparse.Namespace(epochs=3, eval_clips=2, workers=2, ft_repeats=2, embedded_root="unused", warmup_epochs=1)
     point = tmp_path / "n0_0_xid_seed0"
     point.mkdir()
     torch.save({"epoch": 2}, point / "checkpoint.pt")                       # all 3 epochs trained
@@ -644,9 +643,9 @@ def test_the_delta_sweep_trains_the_oracle_at_every_injected_n0(tmp_path, monkey
     """Figure 1's oracle: at each n₀ > 0, Weighted-xID with --oracle-weights w-min and zero, every
     seed; xID at n₀ = 0 as the reference; --no-oracle leaves the oracle out."""
     trained = []
-    monkeypatch.setattr(plots.embedded_dataset, "ensure_toy", lambda root: None)
+    monkeypatch.setattr(plots.embedded_dataset, "ensure", lambda root: None)
     monkeypatch.setattr(plots, "train_and_evaluate_point", lambda run_dir, flags, args: trained.append(flags) or {})
-    args = argparse.Namespace(runs=str(tmp_path), toy_root="unused", seeds=[0, 1, 2], deltas=[-1.0], n0=[0.5],
+    args = argparse.Namespace(runs=str(tmp_path), embedded_root="unused", seeds=[0, 1, 2], deltas=[-1.0], n0=[0.5],
                               oracle=True, epochs=3)
     table = plots.sweep("delta", args)
     oracle = [f for f in trained if "--oracle-weights" in f]
@@ -690,9 +689,8 @@ def test_oracle_weights_come_from_the_ground_truth(toy, tmp_path):
 def test_progress_in_a_log_is_whole_lines_at_intervals(capsys, monkeypatch):
     """Not on a terminal (CI, a log file): status lines with count and rate, no carriage returns."""
     import time
-    import progress
-    monkeypatch.setattr(progress, "LOG_EVERY", 0.02)
-    for _ in progress.progress(range(5), desc="testing", unit="thing"):
+    monkeypatch.setattr(runs, "LOG_EVERY", 0.02)
+    for _ in runs.progress(range(5), desc="testing", unit="thing"):
         time.sleep(0.03)
     err = capsys.readouterr().err
     assert "\r" not in err and err.endswith("\n")
@@ -703,18 +701,18 @@ def test_progress_in_a_log_is_whole_lines_at_intervals(capsys, monkeypatch):
 def test_scanning_broken_files_prints_no_ffmpeg_messages(toy, tmp_path):
     """FFmpeg's own log ("moov atom not found") stays quiet: the scan names the file and the reason.
     FFMPEG_LOG=1 lets it through, for debugging."""
-    good = toy / "kinetics/train/circle_horizontal/toy000000_000000_000002.mp4"
+    good = toy / "kinetics/train/circle_horizontal/emb000000_000000_000002.mp4"
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "truncated.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
     (tmp_path / "cls" / "fine.mp4").write_bytes(good.read_bytes())
     cmd = [sys.executable, "data.py", "scan", str(tmp_path)]
-    quiet = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120,
+    quiet = subprocess.run(cmd, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "FFMPEG_LOG": "0"})
     assert quiet.returncode == 0 and "1 usable, 1 broken" in quiet.stdout
     assert "moov" not in quiet.stdout + quiet.stderr
     assert "truncated.mp4\tcannot open / corrupt" in (tmp_path / "broken.txt").read_text()
     (tmp_path / ".scan-cache.json").unlink()                                  # probe again
-    loud = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120,
+    loud = subprocess.run(cmd, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "FFMPEG_LOG": "1"})
     assert "moov atom not found" in loud.stdout + loud.stderr
 
@@ -722,7 +720,7 @@ def test_scanning_broken_files_prints_no_ffmpeg_messages(toy, tmp_path):
 def test_a_sweep_says_which_point_of_how_many_and_when_it_ends(toy, tmp_path, capsys, monkeypatch):
     """Point i of n before each one that must be trained, and the time left from the points so far."""
     args = argparse.Namespace(epochs=3, eval_clips=2, seeds=[0], lams=[0.0, 0.5, 1.0], runs=str(tmp_path),
-                              toy_root=str(toy), workers=2, ft_repeats=1)
+                              embedded_root=str(toy), workers=2, ft_repeats=1)
     finished = {"evaluated_epoch": 3, "ucf": {}, "hmdb": {}, "protocol": plots.evaluate_protocol(tmp_path, args)}
     (tmp_path / "lambda" / "lam_0_seed0").mkdir(parents=True)
     (tmp_path / "lambda" / "lam_0_seed0" / "results.json").write_text(json.dumps(finished))
@@ -746,8 +744,9 @@ def test_bank_refresh_after_each_step_or_at_the_epochs_end(toy, tmp_path, monkey
     """--bank-refresh step updates the batch's slots right after its step (the paper's); epoch keeps
     every slot as it was until the epoch's last step, then applies the epoch's updates in order."""
     events = []
-    real_loss, real_update = train.loss_of, losses.MemoryBank.update
-    monkeypatch.setattr(train, "loss_of", lambda *a, **k: events.append("step") or real_loss(*a, **k))
+    real_loss, real_update = losses.RobustXIDLoss.forward, losses.MemoryBank.update
+    monkeypatch.setattr(losses.RobustXIDLoss, "forward",
+                        lambda *a, **k: events.append("step") or real_loss(*a, **k))
     monkeypatch.setattr(losses.MemoryBank, "update", lambda self, *a, **k: events.append(
         "fill" if k.get("momentum") == 0.0 else "update") or real_update(self, *a, **k))
     run_train(toy, tmp_path / "run", "--epochs", "2", "--bank-refresh", refresh, "--no-eval")
@@ -814,7 +813,7 @@ def test_the_bank_is_filled_slot_by_slot_before_the_first_step_unless_asked_for_
     """--bank-init embeddings: every slot (the ones the training loader's dropped last batch would
     miss too) holds the initial encoders' embedding, with its score s_i = v̄_i·ā_i; random: untouched."""
     for init in ("embeddings", "random"):
-        parser, args = train.get_args(["--toy-root", str(toy), "--out", str(tmp_path / init), *TRAIN_FLAGS,
+        parser, args = train.get_args(["--embedded-root", str(toy), "--out", str(tmp_path / init), *TRAIN_FLAGS,
                                        "--batch-size", "6", "--bank-init", init])   # 40 videos: 6 x 6 + 4
         run = train.set_up(parser, args)
         start = run.criterion.bank.v_bar.clone()

@@ -1,4 +1,4 @@
-"""Several processes (torchrun): one process per GPU, started by torchrun, and what they must agree on.
+"""Several processes (torchrun): one process per GPU, and what they must agree on.
 
     torchrun --nproc_per_node=8 train.py ...      # RANK, WORLD_SIZE, LOCAL_RANK set by torchrun
 
@@ -25,7 +25,8 @@ def setup(device_flag):
         device = torch.device("cuda" if device_flag == "auto" and torch.cuda.is_available()
                               else "cpu" if device_flag == "auto" else device_flag)
         return 0, 1, device
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ["LOCAL_RANK"])
     cuda = torch.cuda.is_available() and device_flag != "cpu"
     if cuda:
         torch.cuda.set_device(local)
@@ -40,7 +41,7 @@ def every_rank_has_data(has_data, device, world):
 
 
 def agreed_count(n, device, world):
-    """The smallest n over the ranks: loops that hold collectives run as many times on every rank."""
+    """The smallest n over the ranks: a loop that holds collectives runs as often on every rank."""
     if world > 1:
         t = torch.tensor([float(n)], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
@@ -49,16 +50,17 @@ def agreed_count(n, device, world):
 
 
 def shared_by_ranks(fn, rank, world):
-    """fn(probe_many) runs on rank 0; the files it probes are spread over every rank (each probes one
-    share, the results are gathered), and every rank returns what rank 0 returned (or raises what it
-    raised). With one process it is fn(None)."""
+    """fn(probe_many) runs on rank 0; the files it probes are spread over every rank (each probes
+    one share, the results are gathered), and every rank returns what rank 0 returned (or raises
+    what it raised). With one process it is fn(None)."""
     if world == 1:
         return fn(None)
 
     def probe_share(paths, need_audio, min_seconds):
         # the machine's cores are shared by the ranks on it
         cores = max(1, data.available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-        mine = data.probe_all(paths[rank::world], need_audio, min_seconds, quiet=rank != 0, workers=cores)
+        mine = data.probe_all(paths[rank::world], need_audio, min_seconds, quiet=rank != 0,
+                              workers=cores)
         shares = [None] * world
         dist.all_gather_object(shares, mine)
         return [shares[k % world][k // world] for k in range(len(paths))]

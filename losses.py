@@ -32,9 +32,9 @@ class MemoryBank(nn.Module):
     """Two banks v̄, ā with one slot per training instance, and the scores s_i = v̄_i·ā_i.
 
     Slots start as random unit vectors (train.py fills them with the initial encoders' embeddings
-    before the first step, unless --bank-init random). After each step the batch's slots move towards the new
-    embeddings: v̄_i <- normalize(m·v̄_i + (1-m)·v_i), likewise ā_i. The banks are buffers, never
-    parameters, so no gradient reaches them; `state_dict()` saves them for a checkpoint.
+    before the first step, unless --bank-init random). After each step the batch's slots move
+    towards the new embeddings: v̄_i <- normalize(m·v̄_i + (1-m)·v_i), likewise ā_i. The banks are
+    buffers, never parameters, so no gradient reaches them; `state_dict()` saves them.
     s is kept up to date slot by slot, so μ and σ over all N slots cost one pass over N floats,
     not over the (N, d) banks.
     """
@@ -47,8 +47,10 @@ class MemoryBank(nn.Module):
             raise ValueError(f"bank momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
         g = torch.Generator().manual_seed(seed)
-        self.register_buffer("v_bar", F.normalize(torch.randn(num_instances, dim, generator=g), dim=1))
-        self.register_buffer("a_bar", F.normalize(torch.randn(num_instances, dim, generator=g), dim=1))
+        v_bar = F.normalize(torch.randn(num_instances, dim, generator=g), dim=1)  # (N, d)
+        a_bar = F.normalize(torch.randn(num_instances, dim, generator=g), dim=1)  # (N, d)
+        self.register_buffer("v_bar", v_bar)
+        self.register_buffer("a_bar", a_bar)
         self.register_buffer("s", (self.v_bar * self.a_bar).sum(1))  # (N,)
 
     @property
@@ -58,7 +60,8 @@ class MemoryBank(nn.Module):
     def check_index(self, index):
         """Out-of-range indices are a bug upstream (a wrong dataset size), never wrapped around."""
         if index.numel() and (index.min() < 0 or index.max() >= self.num_instances):
-            raise IndexError(f"bank index out of range: got [{int(index.min())}, {int(index.max())}], "
+            raise IndexError(f"bank index out of range: got [{int(index.min())}, "
+                             f"{int(index.max())}], "
                              f"the bank has {self.num_instances} slots (one per training instance)")
 
     def score_stats(self):
@@ -104,11 +107,12 @@ def check_strategy(strategy):
 def check_num_negatives(K, num_instances):
     """K must leave room for the positive: 1 <= K <= N - 1."""
     if not 0 < K < num_instances:
-        raise ValueError(f"K (number of negatives) must be in [1, N-1] = [1, {num_instances - 1}], got {K}")
+        raise ValueError(f"K (number of negatives) must be in [1, N-1] = [1, {num_instances - 1}], "
+                         f"got {K}")
 
 
 def sample_negatives(num_instances, K, generator):
-    """K distinct slots drawn uniformly, shared by the whole batch (METHOD.md allows one shared set).
+    """K distinct slots drawn uniformly, shared by the whole batch (one shared set: METHOD.md).
     Drawn on the CPU from a seeded generator: every rank of a multi-GPU run draws the same set."""
     check_num_negatives(K, num_instances)
     return torch.randperm(num_instances, generator=generator)[:K]
@@ -126,7 +130,7 @@ def candidate_logits(x, y_pos, y_neg):
 
 
 def faulty_positive_weights(s, mu, sigma, delta=-2.0, kappa=0.5, w_min=0.25):
-    """W(s) = w_min + (1 - w_min) · sigmoid((s - (μ + δσ)) / (κσ))   (our reading of the sigmoid form).
+    """W(s) = w_min + (1 - w_min) · sigmoid((s - (μ + δσ)) / (κσ))   (our reading of its form).
 
     Mid-point μ + δσ, where W = (1 + w_min)/2; κ sets how sharp the step is; W lies in [w_min, 1].
     Low alignment s (audio unlike its own video) -> likely faulty positive -> low weight."""
@@ -142,28 +146,30 @@ def _masked_log_softmax(logits, mask):
 
 
 def _cycle_scores(x_pos, y_pos, x_neg, y_neg, lse_neg, tau_s, mask):
-    """S_x(j|i) ∝ P(y_j | x_i) · P(x_i | y_j): j is a target when the cycle x_i -> y_j -> x_i closes.
+    """S_x(j|i) ∝ P(y_j | x_i) · P(x_i | y_j): j is a target when the cycle x_i -> y_j -> x_i
+    closes.
 
     Both factors are over the candidates C_i: P(y_j | x_i) over the y's, P(x_i | y_j) over the x's
-    {x_k : k ∈ C_i} = {x_i} ∪ negatives. lse_neg[n] = log Σ_{m ∈ negatives} exp(y_n·x_m / τ_s) (K,) is
-    the negatives' part of that normaliser for a negative y_n; it is the same for every row."""
-    xy = candidate_logits(x_pos, y_pos, y_neg) / tau_s                 # x_i·y_j/τ_s           (B, 1+K)
-    log_forward = _masked_log_softmax(xy, mask)                         # log P(y_j | x_i)      (B, 1+K)
+    {x_k : k ∈ C_i} = {x_i} ∪ negatives. lse_neg[n] = log Σ_{m ∈ negatives} exp(y_n·x_m / τ_s),
+    (K,), is the negatives' part of that normaliser for a negative y_n; the same for every row."""
+    xy = candidate_logits(x_pos, y_pos, y_neg) / tau_s          # x_i·y_j/τ_s        (B, 1+K)
+    log_forward = _masked_log_softmax(xy, mask)                  # log P(y_j | x_i)   (B, 1+K)
 
     # j = i, the positive: x_i·y_i against y_i·x_k for the candidate x's
-    log_back_pos = _masked_log_softmax(candidate_logits(y_pos, x_pos, x_neg) / tau_s, mask)[:, :1]  # (B, 1)
+    yx = candidate_logits(y_pos, x_pos, x_neg) / tau_s          # y_i·x_k/τ_s        (B, 1+K)
+    log_back_pos = _masked_log_softmax(yx, mask)[:, :1]          # log P(x_i | y_i)   (B, 1)
 
-    # j = n, a negative: log P(x_i | y_n) = y_n·x_i/τ_s - log Σ_{k∈C_i} exp(y_n·x_k/τ_s), where the sum
-    # is the negatives' part (lse_neg) plus x_i's own term -- unless x_i is itself one of the
-    # negatives (then lse_neg counts it already, and its own term is exp(-inf) = 0)
-    own_term = xy[:, 1:]                                                # y_n·x_i/τ_s           (B, K)
+    # j = n, a negative: log P(x_i | y_n) = y_n·x_i/τ_s - log Σ_{k∈C_i} exp(y_n·x_k/τ_s), where
+    # the sum is the negatives' part (lse_neg) plus x_i's own term -- unless x_i is itself one of
+    # the negatives (then lse_neg counts it already, and its own term is exp(-inf) = 0)
+    own_term = xy[:, 1:]                                         # y_n·x_i/τ_s        (B, K)
     if mask is not None:
         own_term = own_term.masked_fill(mask.any(1, keepdim=True), float("-inf"))
-    log_z = torch.logaddexp(lse_neg[None, :], own_term)                 # (B, K)
-    log_back_neg = xy[:, 1:] - log_z                                    # log P(x_i | y_n)      (B, K)
+    log_z = torch.logaddexp(lse_neg[None, :], own_term)          # (B, K)
+    log_back_neg = xy[:, 1:] - log_z                             # log P(x_i | y_n)   (B, K)
 
-    log_back = torch.cat([log_back_pos, log_back_neg], dim=1)           # log P(x_i | y_j)      (B, 1+K)
-    return _masked_log_softmax(log_forward + log_back, mask).exp()      # renormalised over j
+    log_back = torch.cat([log_back_pos, log_back_neg], dim=1)    # log P(x_i | y_j)   (B, 1+K)
+    return _masked_log_softmax(log_forward + log_back, mask).exp()  # renormalised over j
 
 
 @torch.no_grad()
@@ -188,11 +194,12 @@ def softening_scores(strategy, v_pos, a_pos, v_neg, a_neg, tau_s=0.07, mask=None
         S_v = softmax_j(v_pos, v_pos, v_neg)                            # softmax_j(v̄_i·v̄_j / τ_s)
         S_a = softmax_j(a_pos, a_pos, a_neg)                            # softmax_j(ā_i·ā_j / τ_s)
     elif strategy == "cycle":      # the cycle v_i -> a_j -> v_i closes
-        av = a_neg @ v_neg.t() / tau_s                                  # av[n, m] = ā_n·v̄_m / τ_s  (K, K)
-        # back from a negative audio ā_n, normalised over the negatives' videos v̄_m: sum over m (dim 1);
-        # back from a negative video v̄_m, normalised over the negatives' audio ā_n: sum over n (dim 0)
-        S_v = _cycle_scores(v_pos, a_pos, v_neg, a_neg, av.logsumexp(1), tau_s, mask)  # ∝ P(ā_j|v̄_i)·P(v̄_i|ā_j)
-        S_a = _cycle_scores(a_pos, v_pos, a_neg, v_neg, av.logsumexp(0), tau_s, mask)  # ∝ P(v̄_j|ā_i)·P(ā_i|v̄_j)
+        av = a_neg @ v_neg.t() / tau_s                    # av[n, m] = ā_n·v̄_m / τ_s  (K, K)
+        # back from a negative audio ā_n, normalised over the negatives' videos v̄_m: sum over
+        # m (dim 1); back from a negative video v̄_m, over the negatives' audio ā_n: over n (dim 0)
+        # S_v ∝ P(ā_j|v̄_i)·P(v̄_i|ā_j), S_a ∝ P(v̄_j|ā_i)·P(ā_i|v̄_j)
+        S_v = _cycle_scores(v_pos, a_pos, v_neg, a_neg, av.logsumexp(1), tau_s, mask)
+        S_a = _cycle_scores(a_pos, v_pos, a_neg, v_neg, av.logsumexp(0), tau_s, mask)
     else:
         check_strategy(strategy)
     return S_v, S_a
@@ -242,7 +249,8 @@ class RobustXIDLoss(nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         check_strategy(strategy)  # here, not at the first soft step after the warm-up
-        for name, value, ok, rule in [("tau", tau, tau > 0, "> 0"), ("tau_s", tau_s, tau_s > 0, "> 0"),
+        for name, value, ok, rule in [("tau", tau, tau > 0, "> 0"),
+                                      ("tau_s", tau_s, tau_s > 0, "> 0"),
                                       ("kappa", kappa, kappa > 0, "> 0"),
                                       ("lam", lam, 0 <= lam <= 1, "in [0, 1]"),
                                       ("w_min", w_min, 0 <= w_min <= 1, "in [0, 1]")]:
@@ -251,30 +259,33 @@ class RobustXIDLoss(nn.Module):
         check_num_negatives(num_negatives, num_instances)
         self.bank = MemoryBank(num_instances, dim, bank_momentum, seed)
         self.mode, self.K, self.tau, self.tau_s = mode, num_negatives, tau, tau_s
-        self.delta, self.kappa, self.w_min, self.lam, self.strategy = delta, kappa, w_min, lam, strategy
+        self.delta, self.kappa, self.w_min = delta, kappa, w_min
+        self.lam, self.strategy = lam, strategy
         self.generator = torch.Generator().manual_seed(seed + 1)
-        self.oracle = None  # (faulty (N,) bool, weight): weights from the ground truth, see set_oracle
+        self.oracle = None  # (faulty (N,) bool, weight): the ground truth's weights (set_oracle)
 
     def set_oracle(self, faulty, weight):
         """Weighted-xID with the ground truth in place of W(s): w_i = weight (w_min, or 0) for the
         pairs known to be faulty (train.py passes the injected ones), 1 for all others. Not a method
-        anyone could train with: what a perfect detector of the *injected* pairs would reach with this
-        weighting (a detector that also down-weighted the natural faulty pairs could do better), which
-        tells a gap in detection from a gap in weighting. A run sets it again at every start
-        (it follows from the injection's seed), so it is not part of the state_dict."""
-        self.oracle = (torch.as_tensor(faulty, dtype=torch.bool, device=self.bank.s.device), float(weight))
+        anyone could train with: what a perfect detector of the *injected* pairs would reach with
+        this weighting (one that also down-weighted the natural faulty pairs could do better), which
+        tells a gap in detection from a gap in weighting. A run sets it again at every start (it
+        follows from the injection's seed), so it is not part of the state_dict."""
+        faulty = torch.as_tensor(faulty, dtype=torch.bool, device=self.bank.s.device)
+        self.oracle = (faulty, float(weight))
 
     def get_extra_state(self):  # the negatives' generator travels with the banks in a checkpoint
         return {"generator": self.generator.get_state()}
 
     def set_extra_state(self, state):
-        # a CPU generator takes only a CPU byte tensor; a checkpoint mapped to a GPU carries a GPU one
+        # a CPU generator takes only a CPU byte tensor; a checkpoint mapped to a GPU has a GPU one
         self.generator.set_state(state["generator"].to("cpu", torch.uint8))
 
     def forward(self, v, a, index, warmup=False, negatives=None):
         """v, a: (B, d) L2-normalised embeddings; index: (B,) bank slots of the batch.
         negatives (K,), optional: bank slots to use instead of a fresh draw (tests pass their own).
-        Returns (loss, diagnostics). Call `self.bank.update(index, v, a)` after the optimizer step."""
+        Returns (loss, diagnostics). Call `self.bank.update(index, v, a)` after the optimiser's
+        step."""
         bank = self.bank
         index = index.to(bank.v_bar.device)
         bank.check_index(index)
@@ -291,15 +302,15 @@ class RobustXIDLoss(nn.Module):
             mask = negatives[None, :] == index[:, None]                         # (B, K) own slot
             mask = mask if mask.any() else None
 
-            logits_v = candidate_logits(v, a_pos, a_neg) / self.tau             # v_i·ā_j/τ (B, 1+K)
-            logits_a = candidate_logits(a, v_pos, v_neg) / self.tau             # a_i·v̄_j/τ (B, 1+K)
+            logits_v = candidate_logits(v, a_pos, a_neg) / self.tau             # v_i·ā_j/τ (B,1+K)
+            logits_a = candidate_logits(a, v_pos, v_neg) / self.tau             # a_i·v̄_j/τ (B,1+K)
 
             with torch.no_grad():
                 mu, sigma = bank.score_stats()
                 s = bank.s[index]                                               # (B,)
                 if not weighted:
                     w = torch.ones_like(s)                                      # (B,)
-                elif self.oracle is not None:                                   # the ground truth's weights
+                elif self.oracle is not None:                                   # the ground truth
                     faulty, weight = self.oracle
                     w = torch.where(faulty.to(s.device)[index], weight, 1.0)
                 else:
@@ -311,13 +322,14 @@ class RobustXIDLoss(nn.Module):
                 else:
                     T_v = T_a = one_hot_targets(logits_v)                      # 1[j = i]
 
-            w_sum = torch.where(w.sum() > 0, w.sum(), 1.0)  # an oracle's 0 on a whole batch: no loss, not 0/0
-            loss_v = (w * soft_cross_entropy(logits_v, T_v, mask)).sum() / w_sum  # -log P(ā|v) terms
-            loss_a = (w * soft_cross_entropy(logits_a, T_a, mask)).sum() / w_sum  # -log P(v̄|a) terms
+            # an oracle's 0 on a whole batch: no loss, not 0/0
+            w_sum = torch.where(w.sum() > 0, w.sum(), 1.0)
+            loss_v = (w * soft_cross_entropy(logits_v, T_v, mask)).sum() / w_sum  # -log P(ā|v)
+            loss_a = (w * soft_cross_entropy(logits_a, T_a, mask)).sum() / w_sum  # -log P(v̄|a)
 
         diagnostics = {
             "loss_v2a": loss_v.detach(), "loss_a2v": loss_a.detach(),
-            "weights": w, "mean_weight": w.mean(), "lam": lam,                  # λ in effect this step
+            "weights": w, "mean_weight": w.mean(), "lam": lam,                  # λ applied
             "target_on_positive": 0.5 * (T_v[:, 0].mean() + T_a[:, 0].mean()),
             "negatives": negatives, "targets_v": T_v, "targets_a": T_a,
         }

@@ -45,6 +45,11 @@ class R2Plus1DEncoder(nn.Module):
         return self.body(x)
 
 
+def conv_bn_relu(c_in, c_out, kernel, stride):
+    return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True)]
+
+
 class SmallAudioEncoder(nn.Module):
     """Three stride-2 3x3 convs, 32-64-128 channels, global max pool over frequency and time."""
     dim = 128
@@ -53,7 +58,7 @@ class SmallAudioEncoder(nn.Module):
         super().__init__()
         layers, c = [], 1
         for c_out in (32, 64, 128):
-            layers += [nn.Conv2d(c, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            layers += conv_bn_relu(c, c_out, 3, 2)
             c = c_out
         self.body = nn.Sequential(*layers)
 
@@ -62,16 +67,16 @@ class SmallAudioEncoder(nn.Module):
 
 
 class AVIDAudioEncoder(nn.Module):
-    """AVID's audio net: 7x7 stride-2 stem, four blocks of two 3x3 convs (64-128-256-512), max pool."""
+    """AVID's audio net: a 7x7 stride-2 stem, four blocks of two 3x3 convs (64-128-256-512
+    channels), global max pool."""
     dim = 512
 
     def __init__(self):
         super().__init__()
         def block(c_in, c_out, stride):
-            return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                    nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-        self.body = nn.Sequential(nn.Conv2d(1, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                                  *block(64, 64, 1), *block(64, 128, 2), *block(128, 256, 2), *block(256, 512, 2))
+            return conv_bn_relu(c_in, c_out, 3, stride) + conv_bn_relu(c_out, c_out, 3, 1)
+        self.body = nn.Sequential(*conv_bn_relu(1, 64, 7, 2), *block(64, 64, 1), *block(64, 128, 2),
+                                  *block(128, 256, 2), *block(256, 512, 2))
 
     def forward(self, x):          # (B, 1, F, S) -> (B, 512)
         return self.body(x).amax(dim=(2, 3))
@@ -97,9 +102,11 @@ class AVModel(nn.Module):
     def __init__(self, video_arch="small", audio_arch="small", dim=128, centred_heads=True):
         super().__init__()
         if video_arch not in VIDEO_ENCODERS:
-            raise ValueError(f"--video-arch must be one of {list(VIDEO_ENCODERS)}, got {video_arch!r}")
+            raise ValueError(f"--video-arch must be one of {list(VIDEO_ENCODERS)}, "
+                             f"got {video_arch!r}")
         if audio_arch not in AUDIO_ENCODERS:
-            raise ValueError(f"--audio-arch must be one of {list(AUDIO_ENCODERS)}, got {audio_arch!r}")
+            raise ValueError(f"--audio-arch must be one of {list(AUDIO_ENCODERS)}, "
+                             f"got {audio_arch!r}")
         self.video_arch, self.audio_arch = video_arch, audio_arch
         self.video = VIDEO_ENCODERS[video_arch]()
         self.audio = AUDIO_ENCODERS[audio_arch]()
@@ -107,14 +114,15 @@ class AVModel(nn.Module):
         self.audio_head = projection_head(self.audio.dim, self.audio.dim, dim, centred_heads)
 
     def video_features(self, video):
-        """Features for evaluation, from the last layer's map (B, C, T', H', W'): "pooled" (B, C), the
-        global average, and "map" (B, C*16), pooled to 1x4x4 and flattened (the supplement's 4x4x512
-        map at paper scale)."""
+        """Features for evaluation, from the last layer's map (B, C, T', H', W'): "pooled" (B, C),
+        the global average, and "map" (B, C*16), pooled to 1x4x4 and flattened (the supplement's
+        4x4x512 map at paper scale)."""
         fmap = self.video.feature_map(video)
         return {"pooled": fmap.mean(dim=(2, 3, 4)),
                 "map": F.adaptive_avg_pool3d(fmap, (1, 4, 4)).flatten(1)}
 
     def forward(self, video, audio):
-        v = F.normalize(self.video_head(self.video.feature_map(video).mean(dim=(2, 3, 4))), dim=1)  # (B, 128)
-        a = F.normalize(self.audio_head(self.audio(audio)), dim=1)            # (B, 128)
+        pooled = self.video.feature_map(video).mean(dim=(2, 3, 4))          # (B, C)
+        v = F.normalize(self.video_head(pooled), dim=1)                     # (B, 128)
+        a = F.normalize(self.audio_head(self.audio(audio)), dim=1)          # (B, 128)
         return v, a

@@ -1,9 +1,11 @@
 """What a run writes, and what it prints.
 
 One folder per run (train.py's --out):
-    args.json       every flag                    injection.json  the injected faulty pairs (n₀)
-    log.jsonl       one record per logged step     broken.txt      files the scan left out, and why
-                    and per epoch                  checkpoint.pt   enough to resume (after every epoch)
+    args.json       every flag
+    log.jsonl       one record per logged step and per epoch
+    checkpoint.pt   enough to resume, written after every epoch
+    injection.json  the injected faulty pairs (n₀)
+    broken.txt      the files the scan left out, and why
     results.json    the end-of-run summary and evaluate.py's numbers (merged, never overwritten)
 Every file is written whole or not at all (a temporary file, then a rename), so a run killed at
 any moment leaves the previous version of each file.
@@ -26,7 +28,7 @@ LOG_EVERY = 10.0  # seconds between status lines when the output is not a termin
 # Files, written atomically
 # ----------------------------------------------------------------------------------------------
 def atomic_write(path, text):
-    """Write a text file so that a crash leaves the old version or the new one, never half of one."""
+    """Write a text file so that a crash leaves the old version or the new one, never half."""
     tmp = f"{path}.tmp{os.getpid()}"
     Path(tmp).write_text(text)
     os.replace(tmp, path)
@@ -127,7 +129,8 @@ def stopped_by_ctrl_c(log, out, epoch, saved, epochs, world):
     the shell's code for Ctrl-C. With several processes, leave without destructors, as
     distributed.end_processes explains (under torchrun, a rank waiting in a collective for one
     that has left may also end with the backend's error)."""
-    kept = ("epoch 1 is" if saved == 1 else f"epochs 1-{saved} are") + f" in {out / 'checkpoint.pt'}"
+    kept = ("epoch 1 is" if saved == 1 else f"epochs 1-{saved} are")
+    kept += f" in {out / 'checkpoint.pt'}"
     if saved == epochs:
         log(f"stopped (Ctrl-C) in the end-of-run summary: training had finished ({kept}); "
             f"`python evaluate.py {out}` evaluates it")
@@ -162,7 +165,8 @@ class _Lines:
 
 def progress(iterable=None, desc="", total=None, unit="it", disable=False, **kwargs):
     """tqdm(iterable, ...) with count, rate and ETA. Not on a terminal: nothing for the first
-    LOG_EVERY seconds (short steps stay quiet), then a line every LOG_EVERY seconds and at the end."""
+    LOG_EVERY seconds (short steps stay quiet), then a line every LOG_EVERY seconds and one at
+    the end."""
     if sys.stderr.isatty():
         return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable,
                     dynamic_ncols=True, **kwargs)

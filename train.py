@@ -53,7 +53,7 @@ def get_args(argv=None):
                    help="xid | weighted (faulty positives) | soft (faulty negatives) | robust")
     g.add_argument("--delta", type=float, default=-2.0,
                    help="δ: W(s) has its mid-point at μ + δσ; -2 down-weights only clear outliers")
-    g.add_argument("--kappa", type=float, default=0.5, help="κ > 0: W(s)'s sharpness (smaller: harder)")
+    g.add_argument("--kappa", type=float, default=0.5, help="κ > 0: W(s)'s sharpness")
     g.add_argument("--w-min", type=float, default=0.25, help="w_min in [0, 1]: the lowest weight")
     g.add_argument("--lam", type=float, default=0.5,
                    help="λ in [0, 1]: soft-target mixing; the supplement's best is 0.25-0.5")
@@ -82,8 +82,8 @@ def get_args(argv=None):
                         "--no-centred-heads: the paper's MLP")
     g.add_argument("--bank-refresh", choices=["step", "epoch"], default="epoch",
                    help="when the batch's slots take the new embeddings: after each step (the "
-                        "paper's; use it on Kinetics) or all at the epoch's end, so that every slot "
-                        "is of one age within an epoch (a small dataset's short epochs)")
+                        "paper's; use it on Kinetics) or all at the epoch's end, so that every "
+                        "slot is of one age within an epoch (a small dataset's short epochs)")
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=None, help="Kinetics as ROOT/<split>/<class>/<video>; "
                    "default: the embedded dataset in --embedded-root")

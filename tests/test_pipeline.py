@@ -31,9 +31,9 @@ SPEC = ClipSpec(frames=4, fps=4.0, size=24, audio_seconds=1.0, sample_rate=16000
 
 
 @pytest.fixture(scope="session")
-def toy(tmp_path_factory):
+def embedded(tmp_path_factory):
     """A tiny embedded dataset (10 classes x 5 clips + downstream sets), made once for the session."""
-    return embedded_dataset.make(tmp_path_factory.mktemp("toy"), log=lambda *a: None, **TINY)
+    return embedded_dataset.make(tmp_path_factory.mktemp("embedded"), log=lambda *a: None, **TINY)
 
 
 def write_av(path, fmt=None, vcodec="libx264", acodec="aac", size=(32, 32), fps=8, seconds=2.0, rate=16000,
@@ -71,21 +71,21 @@ def write_av(path, fmt=None, vcodec="libx264", acodec="aac", size=(32, 32), fps=
 # ----------------------------------------------------------------------------------------------
 # The embedded dataset
 # ----------------------------------------------------------------------------------------------
-def test_toy_is_deterministic(toy, tmp_path):
+def test_the_embedded_dataset_is_deterministic(embedded, tmp_path):
     """Same seed, same decoded frames and audio (a second generation, compared clip by clip)."""
     again = embedded_dataset.make(tmp_path / "again", log=lambda *a: None, **TINY)
     for rel in ["kinetics/train/circle_horizontal/emb000000_000000_000002.mp4",
                 "ucf/videos/SquareVertical/v_SquareVertical_g01_c01.mp4"]:
-        a = data.decode_clip(toy / rel, 0.25, SPEC)
+        a = data.decode_clip(embedded / rel, 0.25, SPEC)
         b = data.decode_clip(again / rel, 0.25, SPEC)
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    assert json.loads((toy / "events.json").read_text()) == json.loads((again / "events.json").read_text())
+    assert json.loads((embedded / "events.json").read_text()) == json.loads((again / "events.json").read_text())
 
 
-def test_remaking_the_toy_set_leaves_nothing_stale_and_spares_other_folders(tmp_path):
+def test_remaking_the_embedded_dataset_leaves_nothing_stale_and_spares_other_folders(tmp_path):
     """An older embedded set is replaced whole (old class folders would become extra classes); a
     non-empty folder that is not an embedded set is refused, never emptied."""
-    old = tmp_path / "toy"
+    old = tmp_path / "embedded"
     (old / "kinetics" / "train" / "old_class").mkdir(parents=True)
     (old / "kinetics" / "train" / "old_class" / "x.mp4").write_bytes(b"old")
     (old / "embedded.json").write_text(json.dumps({"version": 0}))
@@ -101,14 +101,14 @@ def test_remaking_the_toy_set_leaves_nothing_stale_and_spares_other_folders(tmp_
     assert (other / "kinetics" / "keep.mp4").read_bytes() == b"user data"
 
 
-def test_toy_layout_and_split_files_parse(toy):
+def test_embedded_layout_and_split_files_parse(embedded):
     """Kinetics folder layout and official CSV agree; UCF101 / HMDB51 split files parse (3 folds)."""
-    splits = embedded_dataset.splits(toy)
+    splits = embedded_dataset.splits(embedded)
     train, classes = splits["kinetics"]("train")
     assert len(classes) == 10 and len(train) == 10 * 4          # 80% of 5 per class
-    via_csv, csv_classes = data.kinetics_csv(toy / "kinetics" / "kinetics_embedded.csv", toy / "kinetics", "train")
+    via_csv, csv_classes = data.kinetics_csv(embedded / "kinetics" / "kinetics_embedded.csv", embedded / "kinetics", "train")
     assert via_csv == train and csv_classes == classes
-    ids = [r["youtube_id"] for r in csv.DictReader(open(toy / "kinetics" / "kinetics_embedded.csv"))]
+    ids = [r["youtube_id"] for r in csv.DictReader(open(embedded / "kinetics" / "kinetics_embedded.csv"))]
     assert len(ids) == len(set(ids)) == 10 * 5
     assert [v.path for v in train] == sorted(v.path for v in train)
     for name, n_classes in [("ucf", 18), ("hmdb", 12)]:
@@ -121,18 +121,18 @@ def test_toy_layout_and_split_files_parse(toy):
             assert {v.label for v in te} == set(range(n_classes))
 
 
-def test_natural_faulty_positives_are_marked(toy):
+def test_natural_faulty_positives_are_marked(embedded):
     """annotations.csv marks the clips whose audio is unrelated to the picture."""
-    rows = list(csv.DictReader(open(toy / "kinetics" / "annotations.csv")))
+    rows = list(csv.DictReader(open(embedded / "kinetics" / "annotations.csv")))
     faulty = [r for r in rows if r["faulty_positive"] == "1"]
     assert 0 < len(faulty) < len(rows) and all(r["audio"] in ("music", "voice-over") for r in faulty)
-    assert all((toy / r["path"]).exists() for r in rows)
+    assert all((embedded / r["path"]).exists() for r in rows)
 
 
-def test_clips_have_documented_shapes(toy):
+def test_clips_have_documented_shapes(embedded):
     """Loader items: video uint8 (3, T, H, W), waveform (1, S); eval: n clips of each. BatchTransforms
     turns a batch into the model's inputs: float video, log-mel (1, F, S) at 100 frames/s."""
-    videos, _ = data.scan(embedded_dataset.splits(toy)["kinetics"]("train")[0][:3], SPEC, log=lambda *a: None)
+    videos, _ = data.scan(embedded_dataset.splits(embedded)["kinetics"]("train")[0][:3], SPEC, log=lambda *a: None)
     item = data.AVClips(videos, SPEC, train=True)[1]
     assert item["video"].shape == (3, 4, 24, 24) and item["video"].dtype == torch.uint8
     assert item["audio"].shape == (1, 16000) and item["audio"].dtype == torch.float32
@@ -158,12 +158,12 @@ def test_batch_transforms_jitter_each_clip_and_normalise():
     assert torch.allclose(data.BatchTransforms(SPEC, train=False).video(batch[:2]), expected.expand(2, -1, -1, -1, -1))
 
 
-def test_crop_by_ffmpeg_matches_crop_then_resize(toy):
+def test_crop_by_ffmpeg_matches_crop_then_resize(embedded):
     """decode_clip(box=...) lets FFmpeg scale while converting to RGB; it gives what cropping the
     stored frames and resizing them (torchvision, antialiased) gives, up to interpolation: far
     closer than the same crop taken 3 pixels off."""
     rel = "kinetics/train/circle_horizontal/emb000002_000000_000002.mp4"
-    full, _ = data.decode_clip(toy / rel, 0.5, SPEC)                       # (T, 32, 32, 3) as stored
+    full, _ = data.decode_clip(embedded / rel, 0.5, SPEC)                       # (T, 32, 32, 3) as stored
 
     def distance(frames, box):                                             # mean |difference|, of 255 levels
         top, left, h, w = box
@@ -173,23 +173,23 @@ def test_crop_by_ffmpeg_matches_crop_then_resize(toy):
 
     for box, off in [((4, 6, 20, 16), (7, 9, 20, 16)), ((10, 3, 13, 27), (13, 5, 13, 27)),
                      ((2, 2, 28, 28), (0, 0, 28, 28)), ((0, 0, 32, 32), None)]:
-        small, _ = data.decode_clip(toy / rel, 0.5, SPEC, box=lambda h, w: box)
+        small, _ = data.decode_clip(embedded / rel, 0.5, SPEC, box=lambda h, w: box)
         assert small.shape == (4, 24, 24, 3)
         assert distance(small, box) < 10
         if off:
             assert distance(small, box) < distance(small, off) / 3
 
 
-def test_audio_events_line_up_with_visual_events(toy):
+def test_audio_events_line_up_with_visual_events(embedded):
     """The instance detail shared by both streams: a click in the audio when the shape hits a wall."""
-    rows = csv.DictReader(open(toy / "kinetics" / "annotations.csv"))
+    rows = csv.DictReader(open(embedded / "kinetics" / "annotations.csv"))
     rel = next(r["path"] for r in rows if r["audio"] == "events" and r["split"] == "train")
-    all_events = json.loads((toy / "events.json").read_text())
+    all_events = json.loads((embedded / "events.json").read_text())
     assert all(0 < e < TINY["seconds"] for evs in all_events.values() for e in evs)
     events = all_events[rel]
     assert events
     spec = ClipSpec(frames=16, fps=8.0, audio_seconds=2.0)
-    frames, wave = data.decode_clip(toy / rel, 0.0, spec)
+    frames, wave = data.decode_clip(embedded / rel, 0.0, spec)
     x = [np.nonzero(np.abs(f.astype(float) - np.median(f.reshape(-1, 3), 0)).sum(2) > 100)[1].mean() for f in frames]
     step = np.sign(np.diff(x))
     reversals = (np.nonzero(step[1:] != step[:-1])[0] + 1) / 8.0              # frame times of wall hits
@@ -217,9 +217,9 @@ def test_injection_exact_count_no_self_pairs_seeded():
             data.inject_faulty_positives(10, bad)
 
 
-def test_injected_item_carries_the_donor_audio(toy):
+def test_injected_item_carries_the_donor_audio(embedded):
     """An injected instance keeps its own video and gets its donor's audio, and says so."""
-    videos, _ = data.scan(embedded_dataset.splits(toy)["kinetics"]("val")[0][:4], SPEC, log=lambda *a: None)
+    videos, _ = data.scan(embedded_dataset.splits(embedded)["kinetics"]("val")[0][:4], SPEC, log=lambda *a: None)
     src = torch.tensor([2, 1, 2, 3])
     own = data.AVClips(videos, SPEC, train=False, num_clips=1)
     swapped = data.AVClips(videos, SPEC, train=False, num_clips=1, audio_source=src)
@@ -228,10 +228,10 @@ def test_injected_item_carries_the_donor_audio(toy):
     assert torch.equal(swapped[0]["audio"], own[2]["audio"])
 
 
-def test_subset_class_list_and_balance(toy):
+def test_subset_class_list_and_balance(embedded):
     """--classes keeps the named classes, relabelled 0..C-1 in sorted name order; --subset draws a
     class-balanced, seeded subset."""
-    videos, classes = embedded_dataset.splits(toy)["kinetics"]("train")
+    videos, classes = embedded_dataset.splits(embedded)["kinetics"]("train")
     sub, sub_classes = data.keep_classes(videos, classes, ["square_vertical", "circle_horizontal"])
     assert sub_classes == ["circle_horizontal", "square_vertical"] and len(sub) == 8
     named = {v.path: classes[v.label] for v in videos if classes[v.label] in sub_classes}
@@ -248,9 +248,9 @@ def test_subset_class_list_and_balance(toy):
 # ----------------------------------------------------------------------------------------------
 # Broken and unusual files
 # ----------------------------------------------------------------------------------------------
-def test_scan_names_every_broken_file(toy, tmp_path):
+def test_scan_names_every_broken_file(embedded, tmp_path):
     """Each kind of broken file gets its own reason; the cache is used and invalidated by a change."""
-    good = toy / "kinetics/train/circle_horizontal/emb000000_000000_000002.mp4"
+    good = embedded / "kinetics/train/circle_horizontal/emb000000_000000_000002.mp4"
     files = {
         "zero.mp4": lambda p: p.write_bytes(b""),
         "truncated.mp4": lambda p: p.write_bytes(good.read_bytes()[: good.stat().st_size // 3]),
@@ -319,10 +319,10 @@ def test_low_fps_repeats_frames(tmp_path):
     assert abs(means[0] - means[1]) < 2 and abs(means[2] - means[3]) < 2 and abs(means[1] - means[2]) > 5
 
 
-def test_file_failing_after_scan_is_reported_not_replaced(toy, tmp_path):
+def test_file_failing_after_scan_is_reported_not_replaced(embedded, tmp_path):
     """A clip that breaks while loading comes back named in batch["errors"]; no other instance takes
     its place (its bank slot would be corrupted)."""
-    videos, _ = data.scan(embedded_dataset.splits(toy)["kinetics"]("val")[0][:3], SPEC, log=lambda *a: None)
+    videos, _ = data.scan(embedded_dataset.splits(embedded)["kinetics"]("val")[0][:3], SPEC, log=lambda *a: None)
     broken = tmp_path / "was_fine.mp4"
     broken.write_bytes(Path(videos[1].path).read_bytes())
     videos[1] = Video(str(broken), videos[1].label, videos[1].duration)
@@ -341,8 +341,8 @@ TRAIN_FLAGS = ["--frames", "4", "--fps", "4", "--crop", "16", "--n-mels", "32", 
                "--num-negatives", "16", "--workers", "0", "--warmup-epochs", "1", "--no-eval"]
 
 
-def run_train(toy, out, *flags):
-    train.main(["--embedded-root", str(toy), "--out", str(out), *TRAIN_FLAGS, *flags])
+def run_train(embedded, out, *flags):
+    train.main(["--embedded-root", str(embedded), "--out", str(out), *TRAIN_FLAGS, *flags])
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
@@ -351,10 +351,10 @@ def epochs_of(log):
 
 
 @pytest.mark.parametrize("mode", ["xid", "weighted", "soft", "robust"])
-def test_train_every_mode_end_to_end(toy, tmp_path, mode):
+def test_train_every_mode_end_to_end(embedded, tmp_path, mode):
     """Two epochs (the first a warm-up) with injected faulty positives: finite losses, a checkpoint
     that holds banks and injection, and the epoch log a user reads."""
-    log = epochs_of(run_train(toy, tmp_path / mode, "--mode", mode, "--epochs", "2", "--n0", "0.25"))
+    log = epochs_of(run_train(embedded, tmp_path / mode, "--mode", mode, "--epochs", "2", "--n0", "0.25"))
     assert len(log) == 2 and log[0]["warmup"] and not log[1]["warmup"]
     for r in log:
         assert np.isfinite(r["loss"]) and r["data_errors"] == 0 and 0 <= r["data_wait_fraction"] <= 1
@@ -373,16 +373,16 @@ def test_train_every_mode_end_to_end(toy, tmp_path, mode):
 
 
 @pytest.mark.parametrize("refresh", ["step", "epoch"])
-def test_resume_gives_the_same_run(toy, tmp_path, refresh):
+def test_resume_gives_the_same_run(embedded, tmp_path, refresh):
     """Stopped after epoch 1 and resumed, a run ends with the same losses as one that never stopped
     (with either bank refresh); resuming with the other refresh is refused."""
     flags = ["--n0", "0.2", "--bank-refresh", refresh]
-    full = epochs_of(run_train(toy, tmp_path / "full", "--epochs", "3", *flags))
-    run_train(toy, tmp_path / "parts", "--epochs", "1", *flags)
+    full = epochs_of(run_train(embedded, tmp_path / "full", "--epochs", "3", *flags))
+    run_train(embedded, tmp_path / "parts", "--epochs", "1", *flags)
     other = "epoch" if refresh == "step" else "step"
     with pytest.raises(SystemExit):
-        run_train(toy, tmp_path / "parts", "--epochs", "3", "--n0", "0.2", "--bank-refresh", other, "--resume")
-    parts = epochs_of(run_train(toy, tmp_path / "parts", "--epochs", "3", *flags, "--resume"))
+        run_train(embedded, tmp_path / "parts", "--epochs", "3", "--n0", "0.2", "--bank-refresh", other, "--resume")
+    parts = epochs_of(run_train(embedded, tmp_path / "parts", "--epochs", "3", *flags, "--resume"))
     assert [r["epoch"] for r in parts] == [1, 2, 3]
     for a, b in zip(full, parts):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["mu"] == pytest.approx(b["mu"], rel=1e-6)
@@ -392,7 +392,7 @@ def test_resume_gives_the_same_run(toy, tmp_path, refresh):
 
 
 @pytest.mark.parametrize("stop_in", [1, 2])
-def test_ctrl_c_stops_with_a_note_and_the_run_resumes(toy, tmp_path, monkeypatch, capsys, stop_in):
+def test_ctrl_c_stops_with_a_note_and_the_run_resumes(embedded, tmp_path, monkeypatch, capsys, stop_in):
     """Ctrl-C exits with 130 and says what the checkpoint holds and how to go on, not a traceback:
     stopped in epoch 2, --resume finishes the run with every epoch logged once; stopped in epoch 1,
     there is nothing to resume and the same command starts over."""
@@ -405,7 +405,7 @@ def test_ctrl_c_stops_with_a_note_and_the_run_resumes(toy, tmp_path, monkeypatch
 
     monkeypatch.setattr(train, "train_one_epoch", interrupted)
     try:
-        run_train(toy, tmp_path / "run", "--epochs", "3")
+        run_train(embedded, tmp_path / "run", "--epochs", "3")
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C escaped train.main as a traceback")
     except SystemExit as stop:
@@ -416,11 +416,11 @@ def test_ctrl_c_stops_with_a_note_and_the_run_resumes(toy, tmp_path, monkeypatch
     monkeypatch.setattr(train, "train_one_epoch", real)
     if stop_in == 2:
         assert "stopped (Ctrl-C) in epoch 2: epoch 1 is in" in said and "--resume continues" in said
-        log = epochs_of(run_train(toy, tmp_path / "run", "--epochs", "3", "--resume"))
+        log = epochs_of(run_train(embedded, tmp_path / "run", "--epochs", "3", "--resume"))
     else:
         assert "stopped (Ctrl-C) in epoch 1: no epoch had finished" in said
         assert not (tmp_path / "run" / "checkpoint.pt").exists()
-        log = epochs_of(run_train(toy, tmp_path / "run", "--epochs", "3"))
+        log = epochs_of(run_train(embedded, tmp_path / "run", "--epochs", "3"))
     assert [r["epoch"] for r in log] == [1, 2, 3]
 
 
@@ -438,12 +438,12 @@ def test_the_ctrl_c_note_says_what_the_checkpoint_holds(epoch, saved, said):
 
 
 @pytest.mark.parametrize("refresh", ["step", "epoch"])
-def test_two_processes_keep_identical_banks(toy, tmp_path, refresh):
+def test_two_processes_keep_identical_banks(embedded, tmp_path, refresh):
     """torchrun with 2 CPU processes (gloo): the run completes and both ranks hold the same banks,
     with either bank refresh."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "train.py", "--embedded-root", str(toy), "--out", str(out), *TRAIN_FLAGS, "--epochs", "2", "--device", "cpu",
+           "train.py", "--embedded-root", str(embedded), "--out", str(out), *TRAIN_FLAGS, "--epochs", "2", "--device", "cpu",
            "--bank-refresh", refresh]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
@@ -453,7 +453,7 @@ def test_two_processes_keep_identical_banks(toy, tmp_path, refresh):
     assert (out / "checkpoint.pt").exists()
 
 
-def test_training_names_and_counts_a_clip_that_fails(toy, tmp_path, monkeypatch, capsys):
+def test_training_names_and_counts_a_clip_that_fails(embedded, tmp_path, monkeypatch, capsys):
     """A file that passed the scan but fails while training is named in the output, counted in the
     log, and its clip is left out of the step (the run goes on)."""
     real = data.decode_clip
@@ -464,7 +464,7 @@ def test_training_names_and_counts_a_clip_that_fails(toy, tmp_path, monkeypatch,
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(data, "decode_clip", flaky)
-    log = epochs_of(run_train(toy, tmp_path / "run", "--epochs", "2"))
+    log = epochs_of(run_train(embedded, tmp_path / "run", "--epochs", "2"))
     assert [r["data_errors"] for r in log] == [1, 1]
     assert "emb000001" in capsys.readouterr().out
 
@@ -474,10 +474,10 @@ def test_training_names_and_counts_a_clip_that_fails(toy, tmp_path, monkeypatch,
     (["--n0", "1.0"], "--n0 must be in \\[0, 1\\)"), (["--num-negatives", "40"], "--num-negatives 40 must be smaller"),
     (["--data-root", "/no/such/folder"], "--data-root /no/such/folder is not a folder"),
 ])
-def test_argument_errors_name_the_flag(toy, tmp_path, capsys, flags, message):
+def test_argument_errors_name_the_flag(embedded, tmp_path, capsys, flags, message):
     """An invalid value stops train.py with a message that names the flag and the rule."""
     with pytest.raises(SystemExit):
-        train.main(["--embedded-root", str(toy), "--out", str(tmp_path / "x"), *TRAIN_FLAGS, *flags])
+        train.main(["--embedded-root", str(embedded), "--out", str(tmp_path / "x"), *TRAIN_FLAGS, *flags])
     assert re.search(message, capsys.readouterr().err)
 
 
@@ -541,11 +541,11 @@ def test_detection_metrics_known_injected_set():
     assert evaluate.roc_auc([1, 1, 1], [True, False, False]) == 0.5  # ties count half
 
 
-def test_evaluate_end_to_end(toy, tmp_path):
+def test_evaluate_end_to_end(embedded, tmp_path):
     """A tiny run, evaluated: downstream tables, per-class R@1, the retrieval grid, detection, and
     results.json merged with what train.py wrote."""
     out = tmp_path / "run"
-    run_train(toy, out, "--epochs", "1", "--n0", "0.25")
+    run_train(embedded, out, "--epochs", "1", "--n0", "0.25")
     (out / "results.json").write_text(json.dumps({"kept": 1}))
     r = evaluate.main([str(out), "--clips", "2", "--ft-epochs", "1", "--workers", "0", "--queries", "3"])
     for name, classes in (("ucf", 18), ("hmdb", 12)):
@@ -560,13 +560,13 @@ def test_evaluate_end_to_end(toy, tmp_path):
     assert saved["kept"] == 1 and "per_class_R@1" in saved and "ucf" in saved
 
 
-def test_evaluate_errors_are_clear(toy, tmp_path):
+def test_evaluate_errors_are_clear(embedded, tmp_path):
     """evaluate.py names a missing checkpoint, one that does not fit its architecture, and a
     downstream set with no usable video."""
     with pytest.raises(SystemExit, match="no checkpoint at"):
         evaluate.main([str(tmp_path / "missing_run")])
     out = tmp_path / "run"
-    run_train(toy, out, "--epochs", "1")
+    run_train(embedded, out, "--epochs", "1")
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     ckpt["args"]["video_arch"] = "r2plus1d_18"                  # a checkpoint that does not fit its arch
     torch.save(ckpt, tmp_path / "other_arch.pt")
@@ -589,10 +589,10 @@ def test_evaluate_errors_are_clear(toy, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_run_figures_are_drawn(toy, tmp_path):
+def test_run_figures_are_drawn(embedded, tmp_path):
     """Figures 3-4, the score histogram and the training curves come from a run's files alone."""
     out = tmp_path / "run"
-    run_train(toy, out, "--epochs", "2", "--n0", "0.25")
+    run_train(embedded, out, "--epochs", "2", "--n0", "0.25")
     evaluate.main([str(out), "--clips", "2", "--ft-epochs", "1", "--workers", "0", "--queries", "2", "--skip", "ucf", "hmdb"])
     assert "protocol" not in json.loads((out / "results.json").read_text())  # it describes ucf/hmdb numbers: none made
     plots.main(["run", str(out), "--out", str(tmp_path / "figs")])
@@ -658,7 +658,26 @@ def test_the_delta_sweep_trains_the_oracle_at_every_injected_n0(tmp_path, monkey
     assert not [f for f in trained if "--oracle-weights" in f] and len(trained) == 9
 
 
-def test_oracle_weights_come_from_the_ground_truth(toy, tmp_path):
+def test_the_readmes_training_step_runs_as_written(embedded):
+    """The README's "training step" is real code: run as written (on the tiny dataset, one epoch,
+    K and the batch sized to it), it takes steps with a finite loss and moves the batch's bank
+    slots towards the new embeddings, v̄_i <- normalize(m v̄_i + (1 - m) v_i) with m = 0.5."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("## The training step", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    for old, new in (('"data/embedded/kinetics"', repr(str(embedded / "kinetics"))),
+                     ("range(20)", "range(1)"), ("num_negatives=240", "num_negatives=16"),
+                     ("batch_size=32", "batch_size=8")):
+        assert old in code, f"the README's step no longer has {old}: update this test with it"
+        code = code.replace(old, new)
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert torch.isfinite(ns["loss"])
+    index, v = ns["batch"]["index"], ns["v"].detach()
+    cos = (ns["criterion"].bank.v_bar[index] * v).sum(1)   # a random start vector would give ~0
+    assert (cos > 0.5).all()
+
+
+def test_oracle_weights_come_from_the_ground_truth(embedded, tmp_path):
     """--oracle-weights: the injected pairs of the batch get w_min (or 0), all others 1, whatever the
     scores say; without injection (or with xID) the flag is refused."""
     K = 8
@@ -676,8 +695,8 @@ def test_oracle_weights_come_from_the_ground_truth(toy, tmp_path):
     total, _ = loss(v, a, index)
     assert total.item() == 0.0                               # all weights 0: no loss, not 0/0
     with pytest.raises(SystemExit):
-        run_train(toy, tmp_path / "r", "--oracle-weights", "w-min", "--mode", "weighted")   # n0 = 0
-    run_train(toy, tmp_path / "o", "--oracle-weights", "zero", "--mode", "weighted", "--n0", "0.5", "--epochs", "2",
+        run_train(embedded, tmp_path / "r", "--oracle-weights", "w-min", "--mode", "weighted")   # n0 = 0
+    run_train(embedded, tmp_path / "o", "--oracle-weights", "zero", "--mode", "weighted", "--n0", "0.5", "--epochs", "2",
               "--warmup-epochs", "1", "--no-eval")
     log = [json.loads(x) for x in (tmp_path / "o" / "log.jsonl").read_text().splitlines() if '"epoch"' in x]
     assert log[0]["batch_mean_weight"] == 1.0 and 0.2 < log[1]["batch_mean_weight"] < 0.8  # half the pairs: 0
@@ -698,10 +717,10 @@ def test_progress_in_a_log_is_whole_lines_at_intervals(capsys, monkeypatch):
     assert len(lines) >= 2 and all(line.startswith("testing:") for line in lines) and "5/5" in lines[-1]
 
 
-def test_scanning_broken_files_prints_no_ffmpeg_messages(toy, tmp_path):
+def test_scanning_broken_files_prints_no_ffmpeg_messages(embedded, tmp_path):
     """FFmpeg's own log ("moov atom not found") stays quiet: the scan names the file and the reason.
     FFMPEG_LOG=1 lets it through, for debugging."""
-    good = toy / "kinetics/train/circle_horizontal/emb000000_000000_000002.mp4"
+    good = embedded / "kinetics/train/circle_horizontal/emb000000_000000_000002.mp4"
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "truncated.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
     (tmp_path / "cls" / "fine.mp4").write_bytes(good.read_bytes())
@@ -717,10 +736,10 @@ def test_scanning_broken_files_prints_no_ffmpeg_messages(toy, tmp_path):
     assert "moov atom not found" in loud.stdout + loud.stderr
 
 
-def test_a_sweep_says_which_point_of_how_many_and_when_it_ends(toy, tmp_path, capsys, monkeypatch):
+def test_a_sweep_says_which_point_of_how_many_and_when_it_ends(embedded, tmp_path, capsys, monkeypatch):
     """Point i of n before each one that must be trained, and the time left from the points so far."""
     args = argparse.Namespace(epochs=3, eval_clips=2, seeds=[0], lams=[0.0, 0.5, 1.0], runs=str(tmp_path),
-                              embedded_root=str(toy), workers=2, ft_repeats=1)
+                              embedded_root=str(embedded), workers=2, ft_repeats=1)
     finished = {"evaluated_epoch": 3, "ucf": {}, "hmdb": {}, "protocol": plots.evaluate_protocol(tmp_path, args)}
     (tmp_path / "lambda" / "lam_0_seed0").mkdir(parents=True)
     (tmp_path / "lambda" / "lam_0_seed0" / "results.json").write_text(json.dumps(finished))
@@ -731,16 +750,16 @@ def test_a_sweep_says_which_point_of_how_many_and_when_it_ends(toy, tmp_path, ca
     assert "point 2/3 (lam_0.5_seed0), 2 to go" in out and "point 3/3 (lam_1_seed0), 1 to go, about" in out
 
 
-def test_a_short_run_in_a_log_has_no_progress_bars(toy, tmp_path, capsys):
+def test_a_short_run_in_a_log_has_no_progress_bars(embedded, tmp_path, capsys):
     """Output that is not a terminal gets the epoch lines only, not a redrawn bar per step (a bar
     line comes only after 10 s, at that pace)."""
-    run_train(toy, tmp_path / "run", "--epochs", "2")
+    run_train(embedded, tmp_path / "run", "--epochs", "2")
     said = capsys.readouterr()
     assert "step/s" not in said.out + said.err and said.out.count("epoch ") >= 2
 
 
 @pytest.mark.parametrize("refresh", ["step", "epoch"])
-def test_bank_refresh_after_each_step_or_at_the_epochs_end(toy, tmp_path, monkeypatch, refresh):
+def test_bank_refresh_after_each_step_or_at_the_epochs_end(embedded, tmp_path, monkeypatch, refresh):
     """--bank-refresh step updates the batch's slots right after its step (the paper's); epoch keeps
     every slot as it was until the epoch's last step, then applies the epoch's updates in order."""
     events = []
@@ -749,7 +768,7 @@ def test_bank_refresh_after_each_step_or_at_the_epochs_end(toy, tmp_path, monkey
                         lambda *a, **k: events.append("step") or real_loss(*a, **k))
     monkeypatch.setattr(losses.MemoryBank, "update", lambda self, *a, **k: events.append(
         "fill" if k.get("momentum") == 0.0 else "update") or real_update(self, *a, **k))
-    run_train(toy, tmp_path / "run", "--epochs", "2", "--bank-refresh", refresh, "--no-eval")
+    run_train(embedded, tmp_path / "run", "--epochs", "2", "--bank-refresh", refresh, "--no-eval")
     steps = 5                                                               # 40 videos, batch 8: 5 per epoch
     expected = ["step", "update"] * steps * 2 if refresh == "step" else (["step"] * steps + ["update"]) * 2
     assert events == ["fill"] * steps + expected    # the bank is filled first; epoch: one update of all its slots
@@ -809,11 +828,11 @@ def test_centred_heads_spread_a_random_encoders_embeddings():
     assert min(mean_cosine(False)) > 0.5 and max(mean_cosine(True)) < 0.2
 
 
-def test_the_bank_is_filled_slot_by_slot_before_the_first_step_unless_asked_for_random(toy, tmp_path, capsys):
+def test_the_bank_is_filled_slot_by_slot_before_the_first_step_unless_asked_for_random(embedded, tmp_path, capsys):
     """--bank-init embeddings: every slot (the ones the training loader's dropped last batch would
     miss too) holds the initial encoders' embedding, with its score s_i = v̄_i·ā_i; random: untouched."""
     for init in ("embeddings", "random"):
-        parser, args = train.get_args(["--embedded-root", str(toy), "--out", str(tmp_path / init), *TRAIN_FLAGS,
+        parser, args = train.get_args(["--embedded-root", str(embedded), "--out", str(tmp_path / init), *TRAIN_FLAGS,
                                        "--batch-size", "6", "--bank-init", init])   # 40 videos: 6 x 6 + 4
         run = train.set_up(parser, args)
         start = run.criterion.bank.v_bar.clone()
@@ -825,7 +844,7 @@ def test_the_bank_is_filled_slot_by_slot_before_the_first_step_unless_asked_for_
         assert torch.allclose(bank.s, (bank.v_bar * bank.a_bar).sum(1))
     capsys.readouterr()
     for init in ("random", "embeddings"):   # train.main fills only when asked
-        run_train(toy, tmp_path / f"r_{init}", "--bank-init", init, "--epochs", "1")
+        run_train(embedded, tmp_path / f"r_{init}", "--bank-init", init, "--epochs", "1")
         assert ("memory bank filled" in capsys.readouterr().out) == (init == "embeddings")
 
 

@@ -276,8 +276,8 @@ class AVClips(Dataset):
 class BatchTransforms(torch.nn.Module):
     """The half of the pipeline that runs on a whole batch, on the model's device: colour jitter per
     clip (train), scaling and normalisation, and the waveform's log-mel spectrogram (mel_spectrogram).
-    One batched STFT on the GPU is nearly free; per clip in a loader worker it
-    cost as much as a third of the decoding."""
+    One batched STFT on the model's device costs little; per clip in a loader worker it would
+    compete with the decoding."""
 
     def __init__(self, spec=ClipSpec(), train=True):
         super().__init__()
@@ -452,7 +452,7 @@ def balanced_subset(videos, num_classes, num_videos, seed=0):
 
 
 def stored_as(path):
-    """The file a split list names, or its prepared copy (`python data.py prepare` writes v_x.avi as
+    """The file a split list names, or its prepared copy (`tools/prepare.py` writes v_x.avi as
     v_x.mp4); as named when neither exists, for the scan to report it missing."""
     path = Path(path)
     prepared = path.with_suffix(".mp4")

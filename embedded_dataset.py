@@ -12,7 +12,7 @@ audio has a click and a decaying tone:
 - two downstream sets, ucf/ (shape x direction, 18 classes, UCF101's split files) and hmdb/
   (shape x speed, 12 classes, HMDB51's split files), with any colour and any pitch.
 
-    python embedded_dataset.py --root data/embedded      # write it (about 30 s on 2 cores); train.py does on first use
+    python embedded_dataset.py       # write it to data/embedded (train.py does on first use)
 
 Nothing in data.py depends on this file; this file uses data.py's listings, as any dataset would.
 """
@@ -153,8 +153,8 @@ def make(root="data/embedded", seed=0, per_class=60, downstream_per_class=30, fa
     marker = root / "embedded.json"
     if root.is_dir() and any(root.iterdir()) and not marker.exists():
         raise ValueError(f"embedded_dataset.py: {root} is not empty and holds no embedded.json (not an embedded dataset); "
-                         f"give an empty or new --root")
-    # what an earlier version wrote goes first (its classes may have other names); the marker says
+                         f"give an empty or new --embedded-root")
+    # what another VERSION wrote goes first (its classes may have other names); the marker says
     # "incomplete" until the last file is written, so an interrupted run is made again
     for generated in ("kinetics", "ucf", "hmdb"):
         shutil.rmtree(root / generated, ignore_errors=True)
@@ -290,7 +290,7 @@ def natural_faulty_flags(videos):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="data/embedded", help="output folder")
+    p.add_argument("--embedded-root", default="data/embedded", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="same seed, same clips")
     p.add_argument("--per-class", type=int, default=60, help="pre-training clips per class (80%% train, 20%% val)")
     p.add_argument("--downstream-per-class", type=int, default=30, help="clips per class of the UCF/HMDB stand-ins")
@@ -304,7 +304,7 @@ def main():
     if args.size % 2:
         p.error("--size must be even (H.264 with 4:2:0 chroma)")
     try:
-        make(args.root, args.seed, args.per_class, args.downstream_per_class, args.faulty_share,
+        make(args.embedded_root, args.seed, args.per_class, args.downstream_per_class, args.faulty_share,
                  args.size, args.fps, args.seconds, args.rate)
     except ValueError as e:
         p.error(str(e))

@@ -427,6 +427,9 @@ def load_run(path, device):
                          f"or its checkpoint.pt)")
     ckpt = runs.load_checkpoint(ckpt_path)
     run_args = ckpt["args"]
+    if "embedded_root" not in run_args:
+        raise SystemExit(f"evaluate.py: {ckpt_path} was written by a train.py older than this one "
+                         f"(its flags lack --embedded-root); train it again with this code")
     model = AVModel(run_args["video_arch"], run_args["audio_arch"], centred_heads=run_args["centred_heads"])
     try:
         model.load_state_dict(ckpt["model"])
@@ -459,7 +462,7 @@ def parser():
     p.add_argument("--ft-lr", type=float, default=1e-3, help="fine-tuning learning rate (Adam), the start of --ft-schedule")
     p.add_argument("--ft-schedule", choices=["cosine", "constant"], default="cosine",
                    help="fine-tuning learning rate over the steps: cosine decays it to 0, which cut the spread of one "
-                        "fine-tuning between evaluation seeds 3-6x on the embedded sets")
+                        "fine-tuning between evaluation seeds (RESULTS.md)")
     p.add_argument("--ft-batch-size", type=int, default=16, help="fine-tuning clips per step")
     p.add_argument("--queries", type=int, default=8, help="query videos in the top-4 retrieval grid")
     p.add_argument("--skip", nargs="*", default=[], choices=["ucf", "hmdb", "pretrain"], help="parts to skip")

@@ -445,7 +445,7 @@ def main(argv=None):
         s.add_argument("--embedded-root", default="data/embedded", help="the embedded dataset")
         s.add_argument("--workers", type=int, default=2, help="data-loading processes")
         s.add_argument("--eval-clips", type=int, default=3, help="clips per video in evaluation (protocol: 10; "
-                       "3 keeps a sweep within 30 min on 2 CPU cores)")
+                       "3 keeps a sweep's evaluation short on 2 CPU cores)")
         s.add_argument("--ft-repeats", type=int, default=2, help="fine-tunings averaged per point (evaluate.py "
                        "--ft-repeats): one has a standard deviation of 0.01-0.05 between evaluation seeds here")
         s.add_argument("--out", default=f"figures/fig{1 if kind == 'delta' else 2}_{kind}_sweep")
@@ -475,9 +475,10 @@ def main(argv=None):
     m.add_argument("--strategy", choices=STRATEGIES, help="softening strategy (default: the run's)")
     m.add_argument("--out", default="figures/soft_targets", help="output path without extension")
     t = sub.add_parser("embedded-clip", help="frame strip + spectrogram of one embedded clip")
-    t.add_argument("--root", default="data/embedded", help="the embedded dataset (generated if missing)")
+    t.add_argument("--embedded-root", default="data/embedded",
+                   help="the embedded dataset (written if missing)")
     t.add_argument("--clip", default="kinetics/train/triangle_diagonal/emb020001_000000_000003.mp4",
-                   help="clip path relative to --root")
+                   help="clip path relative to --embedded-root")
     t.add_argument("--out", default="figures/embedded_clip", help="output path without extension")
     args = p.parse_args(argv)
     if getattr(args, "quick", False):  # the quick grid as defaults: every flag given still wins
@@ -515,8 +516,8 @@ def main(argv=None):
         share = soft_target_map(args.run_dir, args.out, args.per_class, args.lam, args.strategy)
         print(f"of the target mass moved off the positives, {share:.0%} lands on candidates of the row's own class")
     else:
-        embedded_dataset.ensure(args.root)
-        embedded_clip(args.root, args.clip, args.out)
+        embedded_dataset.ensure(args.embedded_root)
+        embedded_clip(args.embedded_root, args.clip, args.out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ SPEC = ClipSpec(frames=4, fps=4.0, size=24, audio_seconds=1.0, sample_rate=16000
 
 @pytest.fixture(scope="session")
 def embedded(tmp_path_factory):
-    """A tiny embedded dataset (10 classes x 5 clips + downstream sets), made once for the session."""
+    """A tiny embedded dataset (10 classes x 5 clips + downstream sets), made once per test run."""
     return embedded_dataset.make(tmp_path_factory.mktemp("embedded"), log=lambda *a: None, **TINY)
 
 
@@ -665,6 +665,7 @@ def test_the_readmes_training_step_runs_as_written(embedded):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     code = readme.split("## The training step", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     for old, new in (('"data/embedded/kinetics"', repr(str(embedded / "kinetics"))),
+                     ('"data/embedded"', repr(str(embedded))),
                      ("range(20)", "range(1)"), ("num_negatives=240", "num_negatives=16"),
                      ("batch_size=32", "batch_size=8")):
         assert old in code, f"the README's step no longer has {old}: update this test with it"
@@ -849,7 +850,7 @@ def test_the_bank_is_filled_slot_by_slot_before_the_first_step_unless_asked_for_
 
 
 def test_a_sweep_refuses_a_point_trained_with_another_recipe(tmp_path):
-    """A runs folder from before the start changed (plain heads, random bank) is not mixed into a
+    """A runs folder trained with another start (plain heads, random bank) is not mixed into a
     figure of the current recipe: the sweep stops and names the folder."""
     point = tmp_path / "n0_0.5_xid_seed0"
     point.mkdir()

@@ -57,7 +57,8 @@ def bench(run, args, steps):
         with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             v, a = run.ddp(video, audio)
         done()
-        loss, _ = run.criterion(v, a, index)
+        loss, diag = run.criterion(v, a, index)
+        train.stop_if_not_finite(loss, diag, f"bench step {n}")
         done()
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
@@ -103,6 +104,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--steps", type=int, default=30, help="steps timed, after 5 untimed ones")
     own, rest = p.parse_known_args(argv)
+    if {"-h", "--help"} & set(rest):  # this tool's own words first, then train.py's flags
+        print(__doc__ + "\n--steps N   steps timed, after 5 untimed ones (default 30)\n")
     if own.steps < 1:
         p.error(f"--steps must be >= 1, got {own.steps}")
     with tempfile.TemporaryDirectory() as out:  # train.py's checks want a run folder; none is written

@@ -10,7 +10,7 @@
    32 batches): each epoch starts with the loader's queue empty, about one worker's batch of
    waiting, a large share of a 32-step epoch and a negligible one of a Kinetics epoch;
 3. a 2-epoch run on the prepared files, stopped after its first epoch and resumed (--resume).
-It ends with the targets, each marked ok or MISSED: data wait below 10%, robust's step at most
+It ends with three checks, each marked ok or MISSED: data wait below 10%, robust's step at most
 1.10x xid's, the resumed run's epochs 1 and 2 in its log.
 """
 import argparse
@@ -94,7 +94,7 @@ def main(argv=None):
     checks = [(f"data wait below 10% of the time in every mode (worst {worst:.1%})", worst < 0.10),
               (f"robust step <= 1.10x xid's ({step['robust'] / step['xid']:.2f}x)", step["robust"] <= 1.10 * step["xid"]),
               (f"the resumed run logged epochs {epochs}", epochs == [1, 2])]
-    print("\n== targets" + (" (small settings on this CPU: the timings say nothing of a GPU)"
+    print("\n== checks" + (" (small settings on this CPU: the timings say nothing of a GPU)"
                              if args.small else ""))
     for what, ok in checks:
         print(f"  {'ok    ' if ok else 'MISSED'}  {what}")

@@ -2,7 +2,7 @@
 
 A Kinetics download is YouTube's encodes: mostly 720p (some 1080p), 25-30 fps, a keyframe every few
 seconds. A training clip of 8 frames from such a file first decodes every frame since the last
-keyframe at full resolution: about half a second of one core per clip, where one GPU trains on
+keyframe at full resolution: a quarter of a second of one core per clip or more, where one GPU trains on
 the order of a thousand clips a second. So every serious video codebase transcodes the download
 once to the scale it trains at. `prepare` does that with PyAV (FFmpeg inside; nothing to install):
 

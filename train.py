@@ -7,7 +7,8 @@ Feature Learning via Non-Parametric Instance Discrimination", CVPR 2018 (the mem
 
     python train.py                               # Robust-xID on the embedded dataset (CPU, ~2 min)
     python train.py --mode weighted --n0 0.3      # 30% injected faulty positives, down-weighted
-    torchrun --nproc_per_node=8 train.py @configs/paper.txt --data-root /data/k400_128 --out runs/k400
+    torchrun --nproc_per_node=8 train.py @configs/paper.txt --data-root /data/k400_128 \\
+        --out runs/k400
 
 The story: set up (processes, data, injected faulty positives, model, loss and banks, optimiser),
 fill the memory banks, then per epoch: for each batch forward, loss, backward, step, bank update;

@@ -1,4 +1,4 @@
-"""The embedded dataset: a small synthetic audio-visual world written to disk as ordinary video files.
+"""The embedded dataset: a small synthetic audio-visual world written to disk as plain video files.
 
 It stands in for Kinetics, UCF101 and HMDB51 on a machine that has none of them, so that
 `python train.py` runs the whole method, through the same loading code (`data.py`) that reads the
@@ -34,16 +34,17 @@ from runs import atomic_write, progress
 # ----------------------------------------------------------------------------------------------
 # The world: bouncing shapes that click when they hit a wall
 # ----------------------------------------------------------------------------------------------
-PALETTE = {"red": (225, 50, 45), "green": (50, 200, 70), "blue": (60, 100, 235), "yellow": (235, 215, 50),
-           "magenta": (215, 60, 205), "cyan": (50, 205, 215), "white": (235, 235, 235)}
-# Pre-training classes: picture (shape, direction of motion) and sound (pitch, timbre) together. The
-# colour is drawn per clip, a nuisance as in real video, so matching sound to picture needs the shape
-# and the motion (and, for the instance, the timing of the wall hits).
+PALETTE = {"red": (225, 50, 45), "green": (50, 200, 70), "blue": (60, 100, 235),
+           "yellow": (235, 215, 50), "magenta": (215, 60, 205), "cyan": (50, 205, 215),
+           "white": (235, 235, 235)}
+# Pre-training classes: picture (shape, direction of motion) and sound (pitch, timbre) together.
+# The colour is drawn per clip, a nuisance as in real video, so matching sound to picture needs the
+# shape and the motion (and, for the instance, the timing of the wall hits).
 KINETICS_CLASSES = [("circle", "horizontal", 262, "sine"), ("square", "vertical", 330, "square"),
-                ("triangle", "diagonal", 392, "saw"), ("diamond", "horizontal", 440, "square"),
-                ("cross", "vertical", 523, "sine"), ("ring", "diagonal", 587, "saw"),
-                ("circle", "vertical", 659, "saw"), ("square", "diagonal", 698, "sine"),
-                ("triangle", "vertical", 784, "square"), ("ring", "horizontal", 880, "sine")]
+                    ("triangle", "diagonal", 392, "saw"), ("diamond", "horizontal", 440, "square"),
+                    ("cross", "vertical", 523, "sine"), ("ring", "diagonal", 587, "saw"),
+                    ("circle", "vertical", 659, "saw"), ("square", "diagonal", 698, "sine"),
+                    ("triangle", "vertical", 784, "square"), ("ring", "horizontal", 880, "sine")]
 # Downstream classes need what pre-training should teach (shape, motion, its timing) with colour and
 # sound made irrelevant: every shape x direction (UCF, 18 classes) and shape x speed (HMDB, 12), any
 # colour, any pitch. Many classes and few labelled videos per class, as in UCF101 and HMDB51, so
@@ -58,9 +59,11 @@ SPEEDS = {"normal": (35.0, 80.0), "slow": (20.0, 35.0), "fast": (80.0, 120.0)}  
 def _shape_mask(shape, dx, dy, r):
     d = np.hypot(dx, dy)
     return {"circle": d <= r, "ring": (d <= r) & (d >= 0.55 * r),
-            "square": np.maximum(abs(dx), abs(dy)) <= 0.85 * r, "diamond": abs(dx) + abs(dy) <= 1.15 * r,
+            "square": np.maximum(abs(dx), abs(dy)) <= 0.85 * r,
+            "diamond": abs(dx) + abs(dy) <= 1.15 * r,
             "triangle": (abs(dy) <= 0.8 * r) & (abs(dx) <= 0.6 * (dy + 0.8 * r)),
-            "cross": ((abs(dx) <= r / 3) & (abs(dy) <= r)) | ((abs(dy) <= r / 3) & (abs(dx) <= r))}[shape]
+            "cross": ((abs(dx) <= r / 3) & (abs(dy) <= r))
+                     | ((abs(dy) <= r / 3) & (abs(dx) <= r))}[shape]
 
 
 def _bounce(u0, speed, length, t):
@@ -80,7 +83,8 @@ def _tone(pitch, timbre, t):
     return sum(np.sin(h * phase) / h for h in harmonics) * 0.7
 
 
-def _render_clip(rng, shape, colour, motion, speed_range, pitch, timbre, audio_kind, size, fps, seconds, rate):
+def _render_clip(rng, shape, colour, motion, speed_range, pitch, timbre, audio_kind, size, fps,
+                 seconds, rate):
     """Frames (T, H, W, 3) and waveform of one instance, and its event times (the wall hits)."""
     t_video = np.arange(int(seconds * fps)) / fps
     r = 0.22 * size
@@ -90,7 +94,8 @@ def _render_clip(rng, shape, colour, motion, speed_range, pitch, timbre, audio_k
     pos, events = [], []
     for moving in axes:
         if moving:
-            p, e = _bounce(rng.uniform(0, 2 * length), speed * rng.uniform(0.8, 1.2), length, t_video)
+            p, e = _bounce(rng.uniform(0, 2 * length), speed * rng.uniform(0.8, 1.2), length,
+                           t_video)
             pos.append(r + 1 + p)
             events.append(e)
         else:
@@ -145,15 +150,16 @@ def write_av_file(path, frames, wave, fps, rate):
 
 
 def make(root="data/embedded", seed=0, per_class=60, downstream_per_class=30, faulty_share=0.1,
-             size=64, fps=16, seconds=3.0, rate=16000, log=print):
-    """Write the embedded dataset under root: kinetics/{train,val}/<class>/<id>.mp4 (+ the official-style
-    CSV and annotations.csv marking natural faulty positives), ucf/ and hmdb/ with split files.
-    Every clip is drawn from one generator seeded with `seed`, in a fixed order: same seed, same data."""
+         size=64, fps=16, seconds=3.0, rate=16000, log=print):
+    """Write the embedded dataset under root: kinetics/{train,val}/<class>/<id>.mp4 (+ the
+    official-style CSV and annotations.csv marking natural faulty positives), ucf/ and hmdb/ with
+    split files. Every clip is drawn from one generator seeded with `seed`, in a fixed order: same
+    seed, same data."""
     root, t0 = Path(root), time.time()
     marker = root / "embedded.json"
     if root.is_dir() and any(root.iterdir()) and not marker.exists():
-        raise ValueError(f"embedded_dataset.py: {root} is not empty and holds no embedded.json (not an embedded dataset); "
-                         f"give an empty or new --embedded-root")
+        raise ValueError(f"embedded_dataset.py: {root} is not empty and holds no embedded.json "
+                         f"(not an embedded dataset); give an empty or new --embedded-root")
     # what another VERSION wrote goes first (its classes may have other names); the marker says
     # "incomplete" until the last file is written, so an interrupted run is made again
     for generated in ("kinetics", "ucf", "hmdb"):
@@ -162,15 +168,16 @@ def make(root="data/embedded", seed=0, per_class=60, downstream_per_class=30, fa
     atomic_write(marker, json.dumps({"version": VERSION, "complete": False}))
     rng = np.random.default_rng(seed)
     events_of, pending = {}, []
-    total = len(KINETICS_CLASSES) * per_class + (len(UCF_CLASSES) + len(HMDB_CLASSES)) * downstream_per_class
+    total = (len(KINETICS_CLASSES) * per_class
+             + (len(UCF_CLASSES) + len(HMDB_CLASSES)) * downstream_per_class)
     # clips are drawn here, one after the other from the one generator (so the seed fixes the data);
-    # encoding them, half of the work, is shared out to processes (deterministic: constant quantiser)
+    # encoding them, half of the work, goes to processes (deterministic: constant quantiser)
     workers = max(1, len(os.sched_getaffinity(0)))
-    with ProcessPoolExecutor(workers) as pool, progress(total=total, desc="writing the embedded dataset",
-                                                        unit="clip") as bar:
+    with ProcessPoolExecutor(workers) as pool, progress(
+            total=total, desc="writing the embedded dataset", unit="clip") as bar:
         def clip(rel, shape, colour, motion, speed, pitch, timbre, audio_kind="events"):
-            frames, wave, events = _render_clip(rng, shape, colour, motion, SPEEDS[speed], pitch, timbre,
-                                                audio_kind, size, fps, seconds, rate)
+            frames, wave, events = _render_clip(rng, shape, colour, motion, SPEEDS[speed], pitch,
+                                                timbre, audio_kind, size, fps, seconds, rate)
             pending.append(pool.submit(write_av_file, root / rel, frames, wave, fps, rate))
             events_of[rel] = [round(float(e), 4) for e in events]
             while len(pending) > 4 * workers or (pending and pending[0].done()):  # bounded memory
@@ -184,8 +191,9 @@ def make(root="data/embedded", seed=0, per_class=60, downstream_per_class=30, fa
             job.result()
             bar.update()
     atomic_write(root / "events.json", json.dumps(events_of))
-    params = dict(version=VERSION, complete=True, seed=seed, per_class=per_class, downstream_per_class=downstream_per_class,
-                  faulty_share=faulty_share, size=size, fps=fps, seconds=seconds, rate=rate)
+    params = dict(version=VERSION, complete=True, seed=seed, per_class=per_class,
+                  downstream_per_class=downstream_per_class, faulty_share=faulty_share, size=size,
+                  fps=fps, seconds=seconds, rate=rate)
     atomic_write(marker, json.dumps(params, indent=1))  # written last: marks a complete set
     log(f"wrote the embedded dataset to {root} in {time.time() - t0:.1f}s "
         f"({len(events_of)} clips, {size}px, {fps} fps, {rate} Hz)")
@@ -200,13 +208,15 @@ def _write_pretraining_set(root, clip, rng, per_class, faulty_share, seconds):
         name = f"{shape}_{motion}"
         for k in range(per_class):
             split = "train" if k < int(0.8 * per_class) else "val"
-            kind = "events" if rng.random() >= faulty_share else str(rng.choice(["music", "voice-over"]))
+            kind = ("events" if rng.random() >= faulty_share
+                    else str(rng.choice(["music", "voice-over"])))
             yid = f"emb{c:02d}{k:04d}"  # unique over the dataset, as YouTube ids are
             rel = f"kinetics/{split}/{name}/{yid}_000000_{int(seconds):06d}.mp4"
             clip(rel, shape, str(rng.choice(list(PALETTE))), motion, "normal", pitch, timbre, kind)
             annotations.append({"path": rel, "split": split, "label": name, "audio": kind,
                                 "faulty_positive": int(kind != "events")})
-            csv_rows.append({"label": name, "youtube_id": yid, "time_start": 0, "time_end": int(seconds), "split": split})
+            csv_rows.append({"label": name, "youtube_id": yid, "time_start": 0,
+                             "time_end": int(seconds), "split": split})
     for fname, rows in [("annotations.csv", annotations), ("kinetics_embedded.csv", csv_rows)]:
         with open(root / "kinetics" / fname, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -226,7 +236,8 @@ def _write_ucf_stand_in(root, clip, rng, per_class):
                  float(rng.uniform(200, 900)), str(rng.choice(["sine", "square", "saw"])))
             for fold in (1, 2, 3):
                 test = group % 3 == fold - 1
-                lists[fold][test].append(rel if test else f"{rel} {UCF_CLASSES.index((shape, motion)) + 1}")
+                lists[fold][test].append(rel if test else
+                                         f"{rel} {UCF_CLASSES.index((shape, motion)) + 1}")
     splits = root / "ucf" / "ucfTrainTestlist"
     splits.mkdir(parents=True, exist_ok=True)
     (splits / "classInd.txt").write_text("".join(f"{i + 1} {s.capitalize()}{m.capitalize()}\n"
@@ -237,7 +248,8 @@ def _write_ucf_stand_in(root, clip, rng, per_class):
 
 
 def _write_hmdb_stand_in(root, clip, rng, per_class, seed):
-    """Shape x speed, any direction, colour and pitch; 70/30 per class and fold, HMDB51's split files."""
+    """Shape x speed, any direction, colour and pitch; 70/30 per class and fold,
+    HMDB51's split files."""
     splits = root / "hmdb" / "testTrainMulti_7030_splits"
     splits.mkdir(parents=True, exist_ok=True)
     for shape, speed in HMDB_CLASSES:
@@ -248,7 +260,8 @@ def _write_hmdb_stand_in(root, clip, rng, per_class, seed):
                  str(rng.choice(["horizontal", "vertical", "diagonal"])), speed,
                  float(rng.uniform(200, 900)), str(rng.choice(["sine", "square", "saw"])))
         for fold in (1, 2, 3):
-            test = set(np.random.default_rng(seed * 10 + fold).permutation(len(names))[: round(0.3 * len(names))])
+            test = set(np.random.default_rng(seed * 10 + fold).permutation(len(names))
+                       [: round(0.3 * len(names))])
             (splits / f"{name}_test_split{fold}.txt").write_text(
                 "".join(f"{n} {2 if k in test else 1}\n" for k, n in enumerate(names)))
 
@@ -260,7 +273,8 @@ def ensure(root="data/embedded", log=print):
     made = json.loads(marker.read_text()) if marker.exists() else {}
     if made.get("version") == VERSION and made.get("complete"):
         return Path(root)
-    log(f"generating the embedded dataset in {root} ({'first use' if not made else 'it was incomplete or older'})")
+    log(f"generating the embedded dataset in {root} "
+        f"({'first use' if not made else 'it was incomplete or older'})")
     return make(root, log=log)
 
 
@@ -269,8 +283,11 @@ def splits(root):
     "ucf": f(split, fold=1), "hmdb": f(split, fold=1)}, each returning (videos, classes)."""
     root = Path(root)
     return {"kinetics": lambda split: kinetics_folder(root / "kinetics", split),
-            "ucf": lambda split, fold=1: ucf101(root / "ucf" / "videos", root / "ucf" / "ucfTrainTestlist", fold, split),
-            "hmdb": lambda split, fold=1: hmdb51(root / "hmdb" / "videos", root / "hmdb" / "testTrainMulti_7030_splits", fold, split)}
+            "ucf": lambda split, fold=1: ucf101(root / "ucf" / "videos",
+                                                root / "ucf" / "ucfTrainTestlist", fold, split),
+            "hmdb": lambda split, fold=1: hmdb51(root / "hmdb" / "videos",
+                                                 root / "hmdb" / "testTrainMulti_7030_splits",
+                                                 fold, split)}
 
 # ----------------------------------------------------------------------------------------------
 # The ground truth the dataset marks
@@ -284,18 +301,23 @@ def natural_faulty_flags(videos):
     if not ann.exists():
         return None
     with open(ann, newline="") as f:
-        marked = {str(ann.parent.parent / r["path"]) for r in csv.DictReader(f) if r["faulty_positive"] == "1"}
+        marked = {str(ann.parent.parent / r["path"]) for r in csv.DictReader(f)
+                  if r["faulty_positive"] == "1"}
     return np.array([v.path in marked for v in videos])
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--embedded-root", default="data/embedded", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="same seed, same clips")
-    p.add_argument("--per-class", type=int, default=60, help="pre-training clips per class (80%% train, 20%% val)")
-    p.add_argument("--downstream-per-class", type=int, default=30, help="clips per class of the UCF/HMDB stand-ins")
+    p.add_argument("--per-class", type=int, default=60,
+                   help="pre-training clips per class (80%% train, 20%% val)")
+    p.add_argument("--downstream-per-class", type=int, default=30,
+                   help="clips per class of the UCF/HMDB stand-ins")
     p.add_argument("--faulty-share", type=float, default=0.1,
-                   help="share of pre-training clips with unrelated audio (natural faulty positives)")
+                   help="share of pre-training clips with unrelated audio "
+                        "(natural faulty positives)")
     p.add_argument("--size", type=int, default=64, help="frame width and height in pixels (even)")
     p.add_argument("--fps", type=int, default=16, help="frames per second")
     p.add_argument("--seconds", type=float, default=3.0, help="clip length")
@@ -304,8 +326,8 @@ def main():
     if args.size % 2:
         p.error("--size must be even (H.264 with 4:2:0 chroma)")
     try:
-        make(args.embedded_root, args.seed, args.per_class, args.downstream_per_class, args.faulty_share,
-                 args.size, args.fps, args.seconds, args.rate)
+        make(args.embedded_root, args.seed, args.per_class, args.downstream_per_class,
+             args.faulty_share, args.size, args.fps, args.seconds, args.rate)
     except ValueError as e:
         p.error(str(e))
 

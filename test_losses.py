@@ -54,7 +54,7 @@ def ref_loss(crit, v, a, index, negatives):
     lam = crit.lam if crit.mode in ("soft", "robust") else 0.0
     total, total_w = 0.0, 0.0
     for b, i in enumerate(index.tolist()):
-        C = [i] + [n for n in negatives.tolist() if n != i]  # a drawn negative equal to i is no negative
+        C = [i] + [n for n in negatives.tolist() if n != i]  # i drawn as a negative is no negative
         S_v, S_a = ref_softening(crit.strategy, i, C, v_bar, a_bar, crit.tau_s)
         lv = torch.stack([(v[b].double() * a_bar[j]).sum() / crit.tau for j in C])
         la = torch.stack([(a[b].double() * v_bar[j]).sum() / crit.tau for j in C])
@@ -93,7 +93,7 @@ def batch(B=6, d=16, seed=1):
 
 N, D, K = 40, 16, 12
 INDEX = torch.tensor([3, 7, 11, 20, 25, 39])
-NEGATIVES = torch.tensor([0, 7, 5, 9, 25, 14, 30, 31, 2, 17, 33, 36])  # 7 and 25 are batch rows: masked
+NEGATIVES = torch.tensor([0, 7, 5, 9, 25, 14, 30, 31, 2, 17, 33, 36])  # 7, 25: batch rows, masked
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,18 +102,22 @@ NEGATIVES = torch.tensor([0, 7, 5, 9, 25, 14, 30, 31, 2, 17, 33, 36])  # 7 and 2
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("tau_s", [0.07, 0.5])
 def test_softening_scores_match_loop(strategy, tau_s):
-    """S_v(j|i), S_a(j|i) of each strategy (METHOD.md, Soft-xID) equal the loop, masked own slot included."""
+    """S_v(j|i), S_a(j|i) of each strategy (METHOD.md, Soft-xID) equal the loop,
+    masked own slot included."""
     crit = RobustXIDLoss(N, D, num_negatives=K)
     structured_bank(crit)
     vb, ab = crit.bank.v_bar, crit.bank.a_bar
     mask = NEGATIVES[None, :] == INDEX[:, None]
-    S_v, S_a = softening_scores(strategy, vb[INDEX], ab[INDEX], vb[NEGATIVES], ab[NEGATIVES], tau_s, mask)
+    S_v, S_a = softening_scores(strategy, vb[INDEX], ab[INDEX], vb[NEGATIVES], ab[NEGATIVES],
+                                tau_s, mask)
     for b, i in enumerate(INDEX.tolist()):
         keep = [0] + [1 + k for k, n in enumerate(NEGATIVES.tolist()) if n != i]
         C = [i] + [n for n in NEGATIVES.tolist() if n != i]
         ref_v, ref_a = ref_softening(strategy, i, C, vb.double(), ab.double(), tau_s)
-        torch.testing.assert_close(S_v[b, keep].double(), torch.tensor(ref_v, dtype=torch.float64), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(S_a[b, keep].double(), torch.tensor(ref_a, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(S_v[b, keep].double(), torch.tensor(ref_v, dtype=torch.float64),
+                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(S_a[b, keep].double(), torch.tensor(ref_a, dtype=torch.float64),
+                                   rtol=1e-4, atol=1e-6)
         dropped = [c for c in range(1 + K) if c not in keep]
         assert (S_v[b, dropped] == 0).all() and (S_a[b, dropped] == 0).all()
 
@@ -151,7 +155,7 @@ def test_lambda_zero_is_xid():
 
 
 def test_w_min_one_is_xid():
-    """W(s) = w_min + (1-w_min)·sigmoid(·): at w_min = 1 every weight is 1 and Weighted-xID is xID."""
+    """W(s) = w_min + (1-w_min)·sigmoid(·): at w_min = 1 every weight is 1, Weighted-xID is xID."""
     loss, diag = loss_of(mode="weighted", w_min=1.0)
     assert torch.equal(diag["weights"], torch.ones(len(INDEX)))
     torch.testing.assert_close(loss, loss_of(mode="xid")[0])
@@ -188,7 +192,8 @@ def test_lambda_one_is_pure_S(strategy):
     structured_bank(crit)
     vb, ab = crit.bank.v_bar, crit.bank.a_bar
     mask = NEGATIVES[None, :] == INDEX[:, None]
-    S_v, S_a = softening_scores(strategy, vb[INDEX], ab[INDEX], vb[NEGATIVES], ab[NEGATIVES], crit.tau_s, mask)
+    S_v, S_a = softening_scores(strategy, vb[INDEX], ab[INDEX], vb[NEGATIVES], ab[NEGATIVES],
+                                crit.tau_s, mask)
     v, a = batch()
     _, diag = crit(v, a, INDEX, negatives=NEGATIVES)
     torch.testing.assert_close(diag["targets_v"], S_v)
@@ -202,15 +207,18 @@ def test_weight_function_shape():
     """W(μ + δσ) = (1 + w_min)/2; W is monotone, inside [w_min, 1], and sharper as κ shrinks."""
     mu, sigma, delta, w_min = torch.tensor(0.3), torch.tensor(0.1), -2.0, 0.25
     mid = mu + delta * sigma
-    assert torch.isclose(faulty_positive_weights(mid, mu, sigma, delta, 0.5, w_min), torch.tensor((1 + w_min) / 2))
+    assert torch.isclose(faulty_positive_weights(mid, mu, sigma, delta, 0.5, w_min),
+                         torch.tensor((1 + w_min) / 2))
     s = torch.linspace(-1, 1, 2001)
     w = faulty_positive_weights(s, mu, sigma, delta, 0.5, w_min)
     assert (w.diff() >= 0).all() and w.min() >= w_min and w.max() <= 1
     assert w[0] < w_min + 1e-3 and w[-1] > 1 - 1e-3
     above, below = mid + 0.5 * sigma, mid - 0.5 * sigma
     for k_sharp, k_soft in [(0.1, 0.5), (0.5, 2.0)]:
-        assert faulty_positive_weights(above, mu, sigma, delta, k_sharp, w_min) > faulty_positive_weights(above, mu, sigma, delta, k_soft, w_min)
-        assert faulty_positive_weights(below, mu, sigma, delta, k_sharp, w_min) < faulty_positive_weights(below, mu, sigma, delta, k_soft, w_min)
+        assert (faulty_positive_weights(above, mu, sigma, delta, k_sharp, w_min)
+                > faulty_positive_weights(above, mu, sigma, delta, k_soft, w_min))
+        assert (faulty_positive_weights(below, mu, sigma, delta, k_sharp, w_min)
+                < faulty_positive_weights(below, mu, sigma, delta, k_soft, w_min))
 
 
 def test_weights_come_from_bank_scores():
@@ -228,22 +236,22 @@ def test_weights_come_from_bank_scores():
 # Targets, gradients, banks
 # ----------------------------------------------------------------------------------------------
 def test_soft_targets_mix_the_one_hot_and_S():
-    """T(j|i) = (1 - λ)·1[j = i] + λ·S(j|i), the positive in column 0: worked by hand for one row."""
+    """T(j|i) = (1 - λ)·1[j = i] + λ·S(j|i), the positive in column 0: one row worked by hand."""
     S = torch.tensor([[0.5, 0.3, 0.2]])
     torch.testing.assert_close(soft_targets(S, 0.4), torch.tensor([[0.6 + 0.2, 0.12, 0.08]]))
-    torch.testing.assert_close(soft_targets(S, 0.0), torch.tensor([[1.0, 0.0, 0.0]]))   # xID's targets
-    torch.testing.assert_close(soft_targets(S, 1.0), S)                                 # S alone
+    torch.testing.assert_close(soft_targets(S, 0.0), torch.tensor([[1.0, 0.0, 0.0]]))  # xID
+    torch.testing.assert_close(soft_targets(S, 1.0), S)                                # S alone
 
 
 def test_soft_cross_entropy_by_hand():
-    """-Σ_j T(j|i) log P(j|i) with P = softmax of the row; a masked candidate (the row's own instance
-    drawn as a negative) has P = 0 and T = 0, and costs nothing."""
-    logits = torch.tensor([[math.log(2.0), 0.0, 0.0]])                       # P = (1/2, 1/4, 1/4)
+    """-Σ_j T(j|i) log P(j|i) with P = softmax of the row; a masked candidate (the row's own
+    instance drawn as a negative) has P = 0 and T = 0, and costs nothing."""
+    logits = torch.tensor([[math.log(2.0), 0.0, 0.0]])                   # P = (1/2, 1/4, 1/4)
     T = torch.tensor([[0.5, 0.5, 0.0]])
     expected = -(0.5 * math.log(0.5) + 0.5 * math.log(0.25))
     torch.testing.assert_close(soft_cross_entropy(logits, T), torch.tensor([expected]))
-    mask = torch.tensor([[False, True]])                                         # the last candidate is out
-    expected_masked = -(0.5 * math.log(2 / 3) + 0.5 * math.log(1 / 3))         # P = (2/3, 1/3, 0)
+    mask = torch.tensor([[False, True]])                                 # the last candidate is out
+    expected_masked = -(0.5 * math.log(2 / 3) + 0.5 * math.log(1 / 3))   # P = (2/3, 1/3, 0)
     torch.testing.assert_close(soft_cross_entropy(logits, T, mask), torch.tensor([expected_masked]))
 
 
@@ -281,12 +289,15 @@ def test_bank_update_momentum_unit_norm_only_batch_slots():
     before_v, before_a = bank.v_bar.clone(), bank.a_bar.clone()
     v, a = batch(B=len(INDEX), d=D)
     bank.update(INDEX, v, a)
-    torch.testing.assert_close(bank.v_bar[INDEX], F.normalize(0.5 * before_v[INDEX] + 0.5 * v.detach(), dim=1))
-    torch.testing.assert_close(bank.a_bar[INDEX], F.normalize(0.5 * before_a[INDEX] + 0.5 * a.detach(), dim=1))
+    torch.testing.assert_close(bank.v_bar[INDEX],
+                               F.normalize(0.5 * before_v[INDEX] + 0.5 * v.detach(), dim=1))
+    torch.testing.assert_close(bank.a_bar[INDEX],
+                               F.normalize(0.5 * before_a[INDEX] + 0.5 * a.detach(), dim=1))
     torch.testing.assert_close(bank.v_bar.norm(dim=1), torch.ones(N))
     others = torch.ones(N, dtype=torch.bool)
     others[INDEX] = False
-    assert torch.equal(bank.v_bar[others], before_v[others]) and torch.equal(bank.a_bar[others], before_a[others])
+    assert (torch.equal(bank.v_bar[others], before_v[others])
+            and torch.equal(bank.a_bar[others], before_a[others]))
     torch.testing.assert_close(bank.s, (bank.v_bar * bank.a_bar).sum(1))
 
 
@@ -303,7 +314,7 @@ def test_bank_rejects_out_of_range_index():
 
 
 def test_negatives_are_distinct_and_reproducible_from_state():
-    """K distinct slots per draw; the generator is in state_dict, so a restored loss draws the same."""
+    """K distinct slots per draw; the generator is in state_dict: a restored loss draws the same."""
     g = torch.Generator().manual_seed(0)
     neg = sample_negatives(N, K, g)
     assert len(set(neg.tolist())) == K and neg.min() >= 0 and neg.max() < N
@@ -333,7 +344,8 @@ def test_invalid_hyperparameters_are_named(kwargs, flag):
 def roc_auc(score, positive):
     """P(score of a random positive > score of a random negative), ties counted half."""
     p, n = score[positive], score[~positive]
-    return float((p[:, None] > n[None, :]).float().mean() + 0.5 * (p[:, None] == n[None, :]).float().mean())
+    return float((p[:, None] > n[None, :]).float().mean()
+                 + 0.5 * (p[:, None] == n[None, :]).float().mean())
 
 
 def test_weights_find_mismatched_pairs():
@@ -351,7 +363,8 @@ def test_weights_find_mismatched_pairs():
     for _ in range(10):                                     # ten "epochs" of noisy views
         for idx in torch.randperm(n, generator=g).split(32):
             v = F.normalize(z[idx] + 1.5 * torch.randn(len(idx), d, generator=g), dim=1)
-            a = F.normalize(z[audio_source[idx]] + 1.5 * torch.randn(len(idx), d, generator=g), dim=1)
+            a = F.normalize(z[audio_source[idx]] + 1.5 * torch.randn(len(idx), d, generator=g),
+                            dim=1)
             bank.update(idx, v, a)
     mu, sigma = bank.score_stats()
     w = faulty_positive_weights(bank.s, mu, sigma)

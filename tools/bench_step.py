@@ -108,7 +108,7 @@ def main(argv=None):
         print(__doc__ + "\n--steps N   steps timed, after 5 untimed ones (default 30)\n")
     if own.steps < 1:
         p.error(f"--steps must be >= 1, got {own.steps}")
-    with tempfile.TemporaryDirectory() as out:  # train.py's checks want a run folder; none is written
+    with tempfile.TemporaryDirectory() as out:  # train.py's checks want a run folder (left empty)
         parser, args = train.get_args(["--out", out, "--no-eval", *rest])
         run = train.set_up(parser, args, write=False)
         return report(bench(run, args, own.steps), run, args)

@@ -5,10 +5,10 @@
 
 1. writes a YouTube-like source (tools/bench_decoding.py's) and prepares it (tools/prepare.py);
 2. tools/bench_step.py with R(2+1)D-18 + the AVID audio net at 8 x 112^2, batch 64, bf16, the
-   machine's cores as loader workers: data-wait fraction, clips/s, the split of a step, peak memory,
-   for xid, weighted, soft (cycle) and robust. The timed steps stay inside one epoch (2,048 files are
-   32 batches): each epoch starts with the loader's queue empty, about one worker's batch of
-   waiting, a large share of a 32-step epoch and a negligible one of a Kinetics epoch;
+   machine's cores as loader workers: data-wait fraction, clips/s, the split of a step, peak
+   memory, for xid, weighted, soft (cycle) and robust. The timed steps stay inside one epoch (2,048
+   files are 32 batches): each epoch starts with the loader's queue empty, about one worker's batch
+   of waiting, a large share of a 32-step epoch and a negligible one of a Kinetics epoch;
 3. a 2-epoch run on the prepared files, stopped after its first epoch and resumed (--resume).
 It ends with three checks, each marked ok or MISSED: data wait below 10%, robust's step at most
 1.10x xid's, the resumed run's epochs 1 and 2 in its log.
@@ -29,27 +29,36 @@ import data  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
 
-PAPER = ["--video-arch", "r2plus1d_18", "--audio-arch", "avid", "--frames", "8", "--fps", "16", "--crop", "112",
-         "--audio-seconds", "2", "--sample-rate", "24000", "--batch-size", "64", "--amp", "bf16", "--num-negatives", "1024"]
-SMALL = ["--frames", "4", "--fps", "8", "--crop", "32", "--audio-seconds", "1", "--sample-rate", "16000",
-         "--batch-size", "8", "--amp", "off", "--num-negatives", "4"]
-MODES = {"xid": [], "weighted": [], "soft": ["--strategy", "cycle"], "robust": ["--strategy", "cycle"]}
+PAPER = ["--video-arch", "r2plus1d_18", "--audio-arch", "avid", "--frames", "8", "--fps", "16",
+         "--crop", "112", "--audio-seconds", "2", "--sample-rate", "24000", "--batch-size", "64",
+         "--amp", "bf16", "--num-negatives", "1024"]
+SMALL = ["--frames", "4", "--fps", "8", "--crop", "32", "--audio-seconds", "1",
+         "--sample-rate", "16000", "--batch-size", "8", "--amp", "off", "--num-negatives", "4"]
+MODES = {"xid": [], "weighted": [], "soft": ["--strategy", "cycle"],
+         "robust": ["--strategy", "cycle"]}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true", help="small settings that run on a CPU in a minute")
-    p.add_argument("--root", default="data/gpu_check", help="where the source, its prepared copy and the run go")
-    p.add_argument("--files", type=int, default=None, help="YouTube-like files (default 2048; --small: 16)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true",
+                   help="small settings that run on a CPU in a minute")
+    p.add_argument("--root", default="data/gpu_check",
+                   help="where the source, its prepared copy and the run go")
+    p.add_argument("--files", type=int, default=None,
+                   help="YouTube-like files (default 2048; --small: 16)")
     p.add_argument("--bench-steps", type=int, default=None,
-                   help="steps timed per mode, after 5 warm-up steps (default 25: within one epoch; --small: 2)")
-    p.add_argument("--workers", type=int, default=data.available_cores(), help="loader workers (default: all cores)")
+                   help="steps timed per mode, after 5 warm-up steps "
+                        "(default 25: within one epoch; --small: 2)")
+    p.add_argument("--workers", type=int, default=data.available_cores(),
+                   help="loader workers (default: all cores)")
     args = p.parse_args(argv)
     files = args.files or (16 if args.small else 2048)  # 32 batches of 64 an epoch, K = 1024 < N
     steps = args.bench_steps or (2 if args.small else 25)
     root = Path(args.root)
     if files < 8:
-        p.error(f"--files {files}: at least 8 (one batch of --small, and more videos than negatives)")
+        p.error(f"--files {files}: at least 8 (one batch of --small, "
+                "and more videos than negatives)")
     if not args.small and not torch.cuda.is_available():
         p.error("no GPU here: run with --small to check the same steps on the CPU")
 
@@ -58,15 +67,18 @@ def main(argv=None):
     print(f"== 1. a YouTube-like source of {files} files, prepared")
     resolution = (96, 64) if args.small else (640, 360)
     seconds = 3.0 if args.small else 4.0
-    source, prepared = root / f"source_{seconds:g}s", root / f"prepared_{seconds:g}s"  # apart from other lengths' files
-    bench_decoding.write_youtube_like(source, files, seconds, *resolution, workers=max(1, args.workers))
+    # a folder per length, apart from other lengths' files
+    source, prepared = root / f"source_{seconds:g}s", root / f"prepared_{seconds:g}s"
+    bench_decoding.write_youtube_like(source, files, seconds, *resolution,
+                                      workers=max(1, args.workers))
     prepare.prepare(source, prepared, workers=max(1, args.workers))
 
     scale = SMALL if args.small else PAPER
     common = ["--data-root", str(prepared), "--workers", str(args.workers), *scale]
     per_epoch = files // (8 if args.small else 64)
     if steps + 5 > per_epoch:
-        print(f"note: {steps} + 5 steps cross an epoch's start ({per_epoch} batches an epoch); its wait counts")
+        print(f"note: {steps} + 5 steps cross an epoch's start ({per_epoch} batches an epoch); "
+              "its wait counts")
     print(f"\n== 2. tools/bench_step.py, {steps} steps per mode")
     times, wait = {}, {}
     for mode, extra in MODES.items():
@@ -92,7 +104,8 @@ def main(argv=None):
 
     worst = max(wait.values())
     checks = [(f"data wait below 10% of the time in every mode (worst {worst:.1%})", worst < 0.10),
-              (f"robust step <= 1.10x xid's ({step['robust'] / step['xid']:.2f}x)", step["robust"] <= 1.10 * step["xid"]),
+              (f"robust step <= 1.10x xid's ({step['robust'] / step['xid']:.2f}x)",
+               step["robust"] <= 1.10 * step["xid"]),
               (f"the resumed run logged epochs {epochs}", epochs == [1, 2])]
     print("\n== checks" + (" (small settings on this CPU: the timings say nothing of a GPU)"
                              if args.small else ""))

@@ -2,12 +2,13 @@
 
 A Kinetics download is YouTube's encodes: mostly 720p (some 1080p), 25-30 fps, a keyframe every few
 seconds. A training clip of 8 frames from such a file first decodes every frame since the last
-keyframe at full resolution: a quarter of a second of one core per clip or more, where one GPU trains on
-the order of a thousand clips a second. So every serious video codebase transcodes the download
-once to the scale it trains at. `prepare` does that with PyAV (FFmpeg inside; nothing to install):
+keyframe at full resolution: a quarter of a second of one core per clip or more, where one GPU
+trains on the order of a thousand clips a second. So every serious video codebase transcodes the
+download once to the scale it trains at. `prepare` does that with PyAV (FFmpeg inside; nothing to
+install):
 
-    python tools/prepare.py SRC DST     # Kinetics tree / UCF101 / HMDB51 folder -> the same layout in DST
-    python tools/bench_decoding.py      # a YouTube-like source vs its prepared copy: clips/s per core
+    python tools/prepare.py SRC DST  # Kinetics tree / UCF101 / HMDB51 folder -> same layout in DST
+    python tools/bench_decoding.py   # a YouTube-like source vs its prepared copy: clips/s per core
 
 What changes in a prepared file, and why the method does not notice:
 - the short side becomes 128 px (the aspect is kept; a smaller picture is not enlarged). Training
@@ -61,7 +62,7 @@ class Scale:
 # One file
 # ----------------------------------------------------------------------------------------------
 def scaled_size(width, height, short_side):
-    """(width, height) with the short side at short_side (never enlarged), both even (H.264's 4:2:0)."""
+    """(width, height): the short side at short_side (never enlarged), both even (H.264's 4:2:0)."""
     f = min(1.0, short_side / min(width, height))
     return max(2, round(width * f / 2) * 2), max(2, round(height * f / 2) * 2)
 
@@ -70,8 +71,8 @@ def _video_graph(stream, width, height, fps):
     """FFmpeg's own filters: fps (the frame shown at each 1/fps tick) -> scale (area) -> yuv420p."""
     graph = av.filter.Graph()
     graph.link_nodes(graph.add_buffer(template=stream), graph.add("fps", f"fps={fps}"),
-                     graph.add("scale", f"w={width}:h={height}:flags=area"), graph.add("format", "yuv420p"),
-                     graph.add("buffersink")).configure()
+                     graph.add("scale", f"w={width}:h={height}:flags=area"),
+                     graph.add("format", "yuv420p"), graph.add("buffersink")).configure()
     return graph
 
 
@@ -89,7 +90,7 @@ class _Audio:
     def push(self, frame):
         kind = None if frame is None else (frame.format.name, frame.layout.name, frame.sample_rate)
         packets = []
-        if self.resampler is not None and kind != self.kind:  # a new run (or the end): flush the old one
+        if self.resampler is not None and kind != self.kind:  # a new run, or the end: flush the old
             packets += self._encode(self.resampler.resample(None))
             self.resampler = None
         if frame is None:
@@ -102,14 +103,16 @@ class _Audio:
             self.source_end = frame.time + frame.samples / frame.sample_rate
         if self.resampler is None:
             self.kind = kind
-            self.resampler = av.AudioResampler(format="fltp", layout=self._layout(), rate=self.scale.sample_rate)
+            self.resampler = av.AudioResampler(format="fltp", layout=self._layout(),
+                                               rate=self.scale.sample_rate)
         return packets + self._encode(self.resampler.resample(frame))
 
     def _layout(self):
         return "mono" if self.scale.channels == 1 else "stereo"
 
     def _silence(self, seconds):
-        samples = np.zeros((self.scale.channels, round(seconds * self.scale.sample_rate)), np.float32)
+        samples = np.zeros((self.scale.channels, round(seconds * self.scale.sample_rate)),
+                           np.float32)
         frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=self._layout())
         frame.sample_rate = self.scale.sample_rate
         return frame
@@ -133,14 +136,16 @@ def transcode(src, dst, scale=Scale()):
         with av.open(str(src)) as inp, av.open(str(tmp), "w", format="mp4") as out:
             v_in = inp.streams.video[0]
             a_in = inp.streams.audio[0] if inp.streams.audio else None
-            width, height = scaled_size(v_in.codec_context.width, v_in.codec_context.height, scale.short_side)
+            width, height = scaled_size(v_in.codec_context.width, v_in.codec_context.height,
+                                        scale.short_side)
             graph = _video_graph(v_in, width, height, scale.fps)
             v_out = out.add_stream("libx264", rate=Fraction(scale.fps).limit_denominator(1001))
             v_out.width, v_out.height, v_out.pix_fmt = width, height, "yuv420p"
             v_out.codec_context.gop_size = scale.keyframe_interval
             # one thread each: prepare runs one file per process, in parallel over the cores
-            v_out.codec_context.options = {"crf": str(scale.crf), "preset": "veryfast", "threads": "1",
-                                           "keyint_min": str(scale.keyframe_interval), "sc_threshold": "0"}
+            v_out.codec_context.options = {
+                "crf": str(scale.crf), "preset": "veryfast", "threads": "1",
+                "keyint_min": str(scale.keyframe_interval), "sc_threshold": "0"}
             audio = None
             if a_in is not None:
                 a_out = out.add_stream("aac", rate=scale.sample_rate)
@@ -159,15 +164,17 @@ def transcode(src, dst, scale=Scale()):
                     f.pict_type = PictureType.NONE  # the source's keyframes do not force ours
                     packets += v_out.encode(f)
 
-            last = 0.0  # where the decoded streams end: a file cut off mid-data ends early without an error
+            last = 0.0  # where decoded streams end: a file cut off mid-data ends early, no error
             for packet in inp.demux(*[s for s in (v_in, a_in) if s is not None]):
                 for frame in packet.decode():
                     last = max(last, frame.time or 0.0)
                     out.mux(video_packets(frame) if packet.stream is v_in else audio.push(frame))
-            declared = (float(((v_in.start_time or 0) + v_in.duration) * v_in.time_base) if v_in.duration
-                        else (inp.duration or 0) / av.time_base)  # Matroska declares only the file's
+            declared = (float(((v_in.start_time or 0) + v_in.duration) * v_in.time_base)
+                        if v_in.duration  # Matroska declares only the file's duration
+                        else (inp.duration or 0) / av.time_base)
             if declared and last < declared - 1.0:
-                raise RuntimeError(f"truncated: its streams end at {last:.1f}s of the {declared:.1f}s it declares")
+                raise RuntimeError(f"truncated: its streams end at {last:.1f}s of the "
+                                   f"{declared:.1f}s it declares")
             out.mux(video_packets(None) + list(v_out.encode(None)))
             if audio is not None:
                 out.mux(audio.push(None))
@@ -195,7 +202,8 @@ def _walk(src):
             continue
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files += [Path(folder) / n for n in names if not n.startswith(".") and n not in (SETTINGS_FILE, FAILED_FILE)]
+        files += [Path(folder) / n for n in names
+                  if not n.startswith(".") and n not in (SETTINGS_FILE, FAILED_FILE)]
     return sorted(files)
 
 
@@ -218,7 +226,8 @@ def plan(src, dst, only=None):
             by_out.setdefault((dst / rel).with_suffix(".mp4"), []).append(p)
     clashes = []
     for out, sources in by_out.items():
-        *others, chosen = sorted(sources, key=lambda f: (f.suffix.lower() in VIDEO_EXTENSIONS, f.name))
+        *others, chosen = sorted(sources,
+                                 key=lambda f: (f.suffix.lower() in VIDEO_EXTENSIONS, f.name))
         videos.append((chosen, out))
         clashes += [(o, chosen) for o in others]
     return sorted(videos), metadata, clashes
@@ -228,7 +237,7 @@ def _prepare_one(job):
     """(source, destination, scale) -> (None or the reason it cannot be prepared, has audio);
     run in a worker process."""
     src, dst, scale = job
-    _, reason = probe(src, need_audio=False)  # the scan's reasons: missing, zero bytes, corrupt, ...
+    _, reason = probe(src, need_audio=False)  # the scan's reasons: missing, zero bytes, corrupt...
     if reason:
         return reason, False
     try:
@@ -247,15 +256,15 @@ def check_scale(scale):
             v.codec_context.options = {"crf": str(scale.crf)}
             a = out.add_stream("aac", rate=scale.sample_rate)
             a.layout = "mono" if scale.channels == 1 else "stereo"
-            out.mux(v.encode(av.VideoFrame.from_ndarray(np.zeros((scale.short_side, 2 * scale.short_side, 3), np.uint8),
-                                                        format="rgb24")))
-            frame = av.AudioFrame.from_ndarray(np.zeros((scale.channels, 1024), np.float32), format="fltp",
-                                               layout=a.layout.name)
+            out.mux(v.encode(av.VideoFrame.from_ndarray(
+                np.zeros((scale.short_side, 2 * scale.short_side, 3), np.uint8), format="rgb24")))
+            frame = av.AudioFrame.from_ndarray(np.zeros((scale.channels, 1024), np.float32),
+                                               format="fltp", layout=a.layout.name)
             frame.sample_rate = scale.sample_rate
             out.mux(a.encode(frame))
     except (av.FFmpegError, ValueError) as e:
-        raise ValueError(f"prepare: the encoders refuse {asdict(scale)}: {e} (AAC takes 8000, 11025, 12000, "
-                         f"16000, 22050, 24000, 32000, 44100, 48000, ... Hz)") from e
+        raise ValueError(f"prepare: the encoders refuse {asdict(scale)}: {e} (AAC takes 8000, "
+                         f"11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, ... Hz)") from e
 
 
 def prepare(src, dst, scale=Scale(), workers=None, only=None, log=print):
@@ -277,8 +286,8 @@ def prepare(src, dst, scale=Scale(), workers=None, only=None, log=print):
         raise ValueError(f"prepare: another prepare is writing to {dst}") from None
     settings = dst / SETTINGS_FILE
     if settings.exists() and json.loads(settings.read_text()) != asdict(scale):
-        raise ValueError(f"prepare: {dst} was prepared at {json.loads(settings.read_text())}, not at "
-                         f"{asdict(scale)}: give the same flags to continue it, or another DST")
+        raise ValueError(f"prepare: {dst} was prepared at {json.loads(settings.read_text())}, not "
+                         f"at {asdict(scale)}: give the same flags to continue it, or another DST")
     settings.write_text(json.dumps(asdict(scale)))
     for stale in dst.rglob(".*.tmp*"):  # left by a prepare that was killed outright
         stale.unlink()
@@ -294,44 +303,56 @@ def prepare(src, dst, scale=Scale(), workers=None, only=None, log=print):
     prepared = no_audio = 0
     start, workers = time.perf_counter(), workers or data.available_cores()
     jobs = [(s, d, scale) for s, d in todo]
-    crashed = lambda job: ("cannot transcode: FFmpeg crashed on it (the worker process died)", False)
-    for (s, d, _), (reason, has_audio) in progress(in_processes(_prepare_one, jobs, workers, crashed),
-                                                   total=len(jobs), desc="prepare", unit="file"):
+    crashed = lambda job: ("cannot transcode: FFmpeg crashed on it "
+                           "(the worker process died)", False)
+    for (s, d, _), (reason, has_audio) in progress(
+            in_processes(_prepare_one, jobs, workers, crashed),
+            total=len(jobs), desc="prepare", unit="file"):
         if reason is None:
             prepared += 1
             no_audio += not has_audio
-        elif s.suffix.lower() not in VIDEO_EXTENSIONS:  # not a video after all: copied as it is, so the
-            d = dst / s.relative_to(src)                 # scan of DST names it as the scan of SRC did
+        elif s.suffix.lower() not in VIDEO_EXTENSIONS:  # not a video after all: copied as is,
+            d = dst / s.relative_to(src)                 # so the scan of DST names it as SRC's did
             shutil.copy2(s, d)
             failed.append((str(s), f"{reason} (copied as it is)"))
         else:
             failed.append((str(s), reason))
     seconds = time.perf_counter() - start
     (dst / FAILED_FILE).write_text("".join(f"{p}\t{r}\n" for p, r in sorted(failed)))
-    log(f"prepare: {prepared} transcoded in {seconds:.0f} s ({workers} processes), {no_audio} of them without "
-        f"audio (kept: UCF101 and HMDB51 need none), {len(failed)} not prepared" +
+    log(f"prepare: {prepared} transcoded in {seconds:.0f} s ({workers} processes), {no_audio} of "
+        f"them without audio (kept: UCF101 and HMDB51 need none), {len(failed)} not prepared" +
         (f", listed in {dst / FAILED_FILE}:" if failed else "") +
-        "".join(f"\n  {p}: {r}" for p, r in sorted(failed)[:10]) + ("\n  ..." if len(failed) > 10 else ""))
+        "".join(f"\n  {p}: {r}" for p, r in sorted(failed)[:10]) +
+        ("\n  ..." if len(failed) > 10 else ""))
     lock.close()
     return {"prepared": prepared, "skipped": len(videos) - len(todo), "failed": sorted(failed),
             "no_audio": no_audio, "seconds": seconds}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="a Kinetics tree (SRC/<split>/<class>/...), or a UCF101 / HMDB51 folder")
-    p.add_argument("dst", help="where the prepared copy goes (same layout); a stopped prepare continues")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src",
+                   help="a Kinetics tree (SRC/<split>/<class>/...), or a UCF101 / HMDB51 folder")
+    p.add_argument("dst",
+                   help="where the prepared copy goes (same layout); a stopped prepare continues")
     d = Scale()
-    p.add_argument("--short-side", type=int, default=d.short_side, help="pixels of the short side (not enlarged)")
+    p.add_argument("--short-side", type=int, default=d.short_side,
+                   help="pixels of the short side (not enlarged)")
     p.add_argument("--fps", type=float, default=d.fps, help="frame rate (the paper's clips: 16)")
-    p.add_argument("--keyframe-interval", type=int, default=d.keyframe_interval, help="frames between keyframes")
-    p.add_argument("--sample-rate", type=int, default=d.sample_rate, help="audio rate in Hz (the paper's: 24000)")
-    p.add_argument("--channels", type=int, choices=[1, 2], default=d.channels, help="audio channels")
-    p.add_argument("--crf", type=int, default=d.crf, help="x264 quality, 0-51: lower is better and bigger")
+    p.add_argument("--keyframe-interval", type=int, default=d.keyframe_interval,
+                   help="frames between keyframes")
+    p.add_argument("--sample-rate", type=int, default=d.sample_rate,
+                   help="audio rate in Hz (the paper's: 24000)")
+    p.add_argument("--channels", type=int, choices=[1, 2], default=d.channels,
+                   help="audio channels")
+    p.add_argument("--crf", type=int, default=d.crf,
+                   help="x264 quality, 0-51: lower is better and bigger")
     p.add_argument("--workers", type=int, default=None,
                    help="files transcoded at once (default: this process's cores)")
     args = p.parse_args(argv)
-    scale = Scale(args.short_side, args.fps, args.keyframe_interval, args.sample_rate, args.channels, args.crf)
+    scale = Scale(args.short_side, args.fps, args.keyframe_interval, args.sample_rate,
+                  args.channels, args.crf)
     for flag, ok in (("--short-side", args.short_side >= 2), ("--fps", args.fps > 0),
                      ("--keyframe-interval", args.keyframe_interval >= 1),
                      ("--sample-rate", args.sample_rate >= 8000), ("--crf", 0 <= args.crf <= 51),

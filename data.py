@@ -1,19 +1,18 @@
-"""Reading audio-visual data: Kinetics / UCF101 / HMDB51 listings, a scan that names every broken file,
-PyAV clip decoding, the dataset and its batch transforms, and the injected faulty positives (n₀).
+"""Reading audio-visual data: Kinetics / UCF101 / HMDB51 listings, a scan that names every broken
+file, PyAV clip decoding, the dataset and its batch transforms, the injected faulty positives (n₀).
 
-    files on disk -> listing -> scan -> AVClips[i] = {video uint8 (3,T,H,W), audio waveform (1,S), index,
-      label, faulty}  (loader workers: decode, crop, flip)  -> batch -> BatchTransforms on the model's
-      device: colour jitter, normalisation, log-mel -> video float (B,3,T,H,W), audio (B,1,F,S)
+    files on disk -> listing -> scan -> AVClips[i] = {video uint8 (3,T,H,W),
+      audio waveform (1,S), index, label, faulty}  (loader workers: decode, crop, flip)
+      -> batch -> BatchTransforms on the model's device: colour jitter, normalisation, log-mel
+      -> video float (B,3,T,H,W), audio (B,1,F,S)
 
 Injection lives here, not in train.py or losses.py: it decides which file each instance's audio is
 read from (AVClips' audio_source), so it is a property of the data a run is served, like its
 listing; the loss never knows. train.py, evaluate.py and plots.py all read it from here.
 
-Command line:
-    python data.py scan ROOT     # sort every video under ROOT into usable / broken, with a reason
-(tools/prepare.py transcodes a download once to the scale training reads.)
+On the command line, tools/scan.py sorts every video of a folder into usable / broken (with a
+reason), and tools/prepare.py transcodes a download once to the scale training reads.
 """
-import argparse
 import csv
 import json
 import os
@@ -36,15 +35,15 @@ from runs import atomic_write, progress
 
 # FFmpeg's own messages ("moov atom not found", "Error parsing Opus packet header", ...) would come
 # between the project's lines, pages of them on a real download; the project names the file and the
-# reason instead. torchvision switches them on when it is imported, so they are switched off after it.
-# FFMPEG_LOG=1 lets them through, for debugging a file.
+# reason instead. torchvision switches them on when it is imported, so they are switched off after
+# it. FFMPEG_LOG=1 lets them through, for debugging a file.
 av.logging.set_level(av.logging.WARNING if os.environ.get("FFMPEG_LOG") == "1" else None)
 
 # Extensions of the video files real downloads come in (compared in lower case). A file in a class
-# folder with another extension is not skipped in silence: the scan opens it, and uses it or names it.
-VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".mpg", ".mpeg", ".3gp", ".flv", ".wmv",
-                    ".ogv", ".ts", ".mts", ".m2ts")
-METADATA_EXTENSIONS = (".txt", ".csv", ".json", ".md")  # split files, annotations, the scan's own outputs
+# folder with another extension is not skipped silently: the scan opens it, and uses it or names it.
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".mpg", ".mpeg", ".3gp",
+                    ".flv", ".wmv", ".ogv", ".ts", ".mts", ".m2ts")
+METADATA_EXTENSIONS = (".txt", ".csv", ".json", ".md")  # split lists, annotations, scan outputs
 
 
 @dataclass(frozen=True, order=True)
@@ -56,7 +55,7 @@ class Video:
 
 @dataclass(frozen=True)
 class ClipSpec:
-    """What one training clip is. Paper scale: 8 frames at 16 fps, 112 px, 2 s of audio at 24 kHz."""
+    """What a training clip is. Paper scale: 8 frames at 16 fps, 112 px, 2 s of audio at 24 kHz."""
     frames: int = 8
     fps: float = 8.0
     size: int = 32
@@ -96,8 +95,8 @@ def _origin(container):
 
 
 def _decode_frames(container, start, num_frames, fps, box=None, size=None):
-    """num_frames RGB frames (T, H, W, 3) at times start + k/fps: for each, the last frame shown at that
-    time, so a file with a lower fps repeats frames and a higher one drops them.
+    """num_frames RGB frames (T, H, W, 3) at times start + k/fps: for each, the last frame shown at
+    that time, so a file with a lower fps repeats frames and a higher one drops them.
     box(height, width) -> (top, left, h, w): that region comes back resized to size x size; without
     box, the frames as stored."""
     stream = container.streams.video[0]
@@ -114,7 +113,7 @@ def _decode_frames(container, start, num_frames, fps, box=None, size=None):
         shown = frame
     if shown is None and not picked:
         raise ClipError(f"no video frame at {start:.2f}s")
-    picked += [shown] * (num_frames - len(picked))  # the stream ended inside the window: hold the last
+    picked += [shown] * (num_frames - len(picked))  # stream ended inside the window: hold the last
     distinct = list({id(f): f for f in picked}.values())  # each distinct frame is converted once
     if box is None:
         rgb = {id(f): f.to_ndarray(format="rgb24") for f in distinct}
@@ -122,27 +121,29 @@ def _decode_frames(container, start, num_frames, fps, box=None, size=None):
     height, width = picked[0].height, picked[0].width
     top, left, h, w = box(height, width)
     if min(h, w) > 2 * size:
-        # a large source (a 720p download): FFmpeg scales the whole frame while converting YUV to RGB,
-        # so that the box lands on size x size, then it is cut out; converting all of it at full size
-        # would cost more than the decoding
+        # a large source (a 720p download): FFmpeg scales the whole frame while converting YUV to
+        # RGB, so that the box lands on size x size, then it is cut out; converting all of it at
+        # full size would cost more than the decoding
         full_h, full_w = max(size, round(height * size / h)), max(size, round(width * size / w))
-        top, left = min(round(top * size / h), full_h - size), min(round(left * size / w), full_w - size)
-        rgb = {id(f): f.to_ndarray(format="rgb24", width=full_w, height=full_h, interpolation="AREA")
-               [top:top + size, left:left + size] for f in distinct}
+        top, left = (min(round(top * size / h), full_h - size),
+                     min(round(left * size / w), full_w - size))
+        rgb = {id(f): f.to_ndarray(format="rgb24", width=full_w, height=full_h,
+                                   interpolation="AREA")[top:top + size, left:left + size]
+               for f in distinct}
         return np.stack([rgb[id(f)] for f in picked])
     # a prepared file (short side 128 for 112-px crops): convert at stored size, cut the box out and
-    # resize only it (torchvision, uint8): scaling the whole frame up so the box lands on 112 px
-    # cost a fifth of the clip
+    # resize only it (torchvision, uint8), which is cheaper than scaling up the whole frame
     rgb = {id(f): f.to_ndarray(format="rgb24")[top:top + h, left:left + w] for f in distinct}
-    boxes = torch.from_numpy(np.stack([rgb[id(f)] for f in picked])).permute(0, 3, 1, 2)   # (T, 3, h, w)
+    boxes = torch.from_numpy(
+        np.stack([rgb[id(f)] for f in picked])).permute(0, 3, 1, 2)  # (T, 3, h, w)
     return v2.functional.resize(boxes, [size, size], antialias=True).permute(0, 2, 3, 1).numpy()
 
 
 def _decode_audio(container, start, seconds, rate):
-    """Mono float waveform (rate·seconds,) from start, resampled by FFmpeg (any rate, any channels).
-    The window's frames are joined first and resampled in one call: per-frame calls cost more than
-    decoding them. A stream may change its channels or rate mid-file (broadcast recordings do), so
-    each run of frames with one format is joined and resampled on its own."""
+    """Mono float waveform (rate·seconds,) from start, resampled by FFmpeg (any rate, any
+    channels). The window's frames are joined first and resampled in one call: per-frame calls cost
+    more than decoding them. A stream may change its channels or rate mid-file (broadcast recordings
+    do), so each run of frames with one format is joined and resampled on its own."""
     stream = container.streams.audio[0]
     t0 = _origin(container) + start
     container.seek(int(max(t0, 0) / stream.time_base), stream=stream, backward=True)
@@ -176,13 +177,14 @@ def _mono_at(rate, kind, arrays):
     frame = av.AudioFrame.from_ndarray(joined, format=fmt, layout=layout)
     frame.sample_rate = in_rate
     resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-    return np.concatenate([f.to_ndarray().reshape(-1) for f in resampler.resample(frame) + resampler.resample(None)])
+    return np.concatenate([f.to_ndarray().reshape(-1)
+                           for f in resampler.resample(frame) + resampler.resample(None)])
 
 
 def decode_clip(path, video_start, spec, audio_path=None, audio_start=None, box=None):
-    """Decode one clip: frames (T, H, W, 3) uint8 (or, with box, that region at spec.size x spec.size)
-    and waveform (S,) float32, or None without audio. The audio may come from another file (an injected
-    faulty positive)."""
+    """Decode one clip: frames (T, H, W, 3) uint8 (or, with box, that region at spec.size x
+    spec.size) and waveform (S,) float32, or None without audio. The audio may come from another
+    file (an injected faulty positive)."""
     path, audio_path = str(path), str(audio_path or path)
     audio_start = video_start if audio_start is None else audio_start
     try:
@@ -194,11 +196,12 @@ def decode_clip(path, video_start, spec, audio_path=None, audio_start=None, box=
                 return frames, _decode_audio(c, audio_start, spec.audio_seconds, spec.sample_rate)
         with av.open(audio_path) as c:
             return frames, _decode_audio(c, audio_start, spec.audio_seconds, spec.sample_rate)
-    except Exception as e:  # noqa: BLE001 -- FFmpeg errors, a missing stream, audio whose layout changes
-        # mid-file (frames that no longer concatenate), ...: all are this file's fault, so the clip is
-        # reported with the file's name and left out; it is never replaced by another video.
+    except Exception as e:  # noqa: BLE001 -- FFmpeg errors, a missing stream, audio whose layout
+        # changes mid-file (frames that no longer concatenate), ...: all are this file's fault, so
+        # the clip is reported with the file's name and left out, never replaced by another video.
         what = "" if isinstance(e, ClipError) else f"{type(e).__name__}: "
-        raise ClipError(f"{path if audio_path == path else f'{path} (audio {audio_path})'}: {what}{e}") from e
+        raise ClipError(f"{path if audio_path == path else f'{path} (audio {audio_path})'}: "
+                        f"{what}{e}") from e
 
 
 def centre_box(height, width):
@@ -215,11 +218,12 @@ class AVClips(Dataset):
     {video uint8 (3, T, size, size), audio waveform (1, S), index, label, faulty}.
 
     train=True: one random clip, random resized crop, horizontal flip, volume jitter.
-    train=False: `num_clips` uniformly spaced clips, centre crop (video (n, 3, T, H, W), audio (n, 1, S)).
+    train=False: `num_clips` uniformly spaced clips, centre crop (video (n, 3, T, H, W),
+    audio (n, 1, S)).
     Colour jitter, normalisation and the log-mel spectrogram are done on whole batches by
     BatchTransforms, where the model runs: the workers only decode, which is the loader's floor.
-    audio_source[i] = j gives instance i the audio of video j (faulty-positive injection).
-    A clip that fails to decode comes back as {"index", "error"}; collate_clips drops and reports it.
+    audio_source[i] = j gives instance i the audio of video j (faulty-positive injection). A clip
+    that fails to decode comes back as {"index", "error"}; collate_clips drops and reports it.
     """
 
     def __init__(self, videos, spec=ClipSpec(), train=True, num_clips=1, audio_source=None):
@@ -239,20 +243,22 @@ class AVClips(Dataset):
         if not self.train:
             return centre_box(height, width)
         # torchvision draws the box (area 40-100% of the frame, aspect 3/4-4/3); FFmpeg applies it
-        return RandomResizedCrop.get_params(torch.empty(1, height, width), [0.4, 1.0], [3 / 4, 4 / 3])
+        return RandomResizedCrop.get_params(torch.empty(1, height, width),
+                                            [0.4, 1.0], [3 / 4, 4 / 3])
 
     def audio_start(self, video_start, audio_duration):
-        """The audio window is centred on the video window (the same moment), clipped to its file."""
+        """The audio window is centred on the video window (same moment), clipped to its file."""
         a_start = video_start + (self.spec.video_seconds - self.spec.audio_seconds) / 2
         return min(max(a_start, 0.0), max(audio_duration - self.spec.audio_seconds, 0.0))
 
     def _clip(self, video, audio_video, start):
         spec = self.spec
-        frames, wave = decode_clip(video.path, start, spec, audio_video.path, self.audio_start(start, audio_video.duration),
-                                   box=self._box)
+        frames, wave = decode_clip(video.path, start, spec, audio_video.path,
+                                   self.audio_start(start, audio_video.duration), box=self._box)
         if self.train and random.random() < 0.5:
             frames = frames[:, :, ::-1]                                           # horizontal flip
-        video_t = torch.from_numpy(np.ascontiguousarray(frames.transpose(3, 0, 1, 2)))  # (3, T, H, W) uint8
+        video_t = torch.from_numpy(
+            np.ascontiguousarray(frames.transpose(3, 0, 1, 2)))  # (3, T, H, W) uint8
         if wave is None:
             return video_t, None
         if self.train:
@@ -274,10 +280,10 @@ class AVClips(Dataset):
 
 
 class BatchTransforms(torch.nn.Module):
-    """The half of the pipeline that runs on a whole batch, on the model's device: colour jitter per
-    clip (train), scaling and normalisation, and the waveform's log-mel spectrogram (mel_spectrogram).
-    One batched STFT on the model's device costs little; per clip in a loader worker it would
-    compete with the decoding."""
+    """The half of the pipeline that runs on a whole batch, on the model's device: colour jitter
+    per clip (train), scaling and normalisation, and the waveform's log-mel spectrogram
+    (mel_spectrogram). One batched STFT on the model's device costs little; per clip in a loader
+    worker it would compete with the decoding."""
 
     def __init__(self, spec=ClipSpec(), train=True):
         super().__init__()
@@ -289,7 +295,8 @@ class BatchTransforms(torch.nn.Module):
         """uint8 (..., 3, T, H, W) -> float (..., 3, T, H, W), normalised."""
         if self.train_mode:  # torchvision's jitter draws one setting per call: call it per clip
             flat = x.flatten(0, -5)
-            x = torch.stack([self.jitter(c.transpose(0, 1)).transpose(0, 1) for c in flat]).view(x.shape)
+            x = torch.stack([self.jitter(c.transpose(0, 1)).transpose(0, 1)
+                             for c in flat]).view(x.shape)
         return (x.float() / 255.0 - 0.45) / 0.225
 
     def audio(self, wave):
@@ -299,9 +306,9 @@ class BatchTransforms(torch.nn.Module):
 
 
 def mel_spectrogram(sample_rate, n_mels):
-    """The audio encoder's input: 40 ms windows, 100 frames per second (AVID's log spectrogram rate)."""
-    return torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=sample_rate // 25, hop_length=sample_rate // 100,
-                                                n_mels=n_mels)
+    """The audio encoder's input: 40 ms windows, 100 frames/s (AVID's log spectrogram rate)."""
+    return torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=sample_rate // 25,
+                                                hop_length=sample_rate // 100, n_mels=n_mels)
 
 
 def max_n_mels(sample_rate):
@@ -332,14 +339,15 @@ def injected_mask(pairs, num_instances):
 
 
 def inject_faulty_positives(num_instances, n0, seed=0):
-    """A seeded fraction n₀ of instances gets the audio of another, random instance (never its own).
-    Returns (audio_source (N,), injected pairs [(instance, audio donor), ...]), fixed for the run."""
+    """A seeded fraction n₀ of instances gets the audio of another random instance (never its own).
+    Returns (audio_source (N,), injected pairs [(instance, audio donor)]), fixed for the run."""
     if not 0.0 <= n0 < 1.0:
         raise ValueError(f"--n0 must be in [0, 1), got {n0}")
     g = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(num_instances, generator=g)[: int(round(n0 * num_instances))].sort().values
+    chosen = (torch.randperm(num_instances, generator=g)[: int(round(n0 * num_instances))]
+              .sort().values)
     donors = torch.randint(num_instances - 1, (len(chosen),), generator=g)
-    donors = donors + (donors >= chosen).long()       # skip the instance itself: never its own audio
+    donors = donors + (donors >= chosen).long()  # skip the instance itself: never its own audio
     audio_source = torch.arange(num_instances)
     audio_source[chosen] = donors
     return audio_source, list(zip(chosen.tolist(), donors.tolist()))
@@ -349,24 +357,25 @@ def inject_faulty_positives(num_instances, n0, seed=0):
 # Listings of real datasets (sorted, so bank slots are the same on every machine)
 # ----------------------------------------------------------------------------------------------
 def video_files(folder, recursive=False):
-    """Every file under folder that may be a video, sorted: hidden files and metadata (split lists,
-    CSVs, JSON) are not; a file with an unknown extension is, so that the scan uses it or names it."""
+    """Every file under folder that may be a video, sorted: hidden files and metadata (split
+    lists, CSVs, JSON) are not; a file with an unknown extension is, so that the scan uses it or
+    names it."""
     files = Path(folder).rglob("*") if recursive else Path(folder).iterdir()
     return sorted(f for f in files if f.is_file() and not f.name.startswith(".")
                   and f.suffix.lower() not in METADATA_EXTENSIONS)
 
 
 def _align_classes(found, classes, where, log):
-    """The class list of a split: its own sorted folders / labels, or, given `classes` (the training
-    split's), that list, so that label c means the same class in every split. Classes of this split
-    that the list lacks are left out, and said so."""
+    """The class list of a split: its own sorted folders / labels, or, given `classes` (the
+    training split's), that list, so that label c means the same class in every split. Classes of
+    this split that the list lacks are left out, and said so."""
     found = sorted(set(found))
     if classes is None:
         return found
     extra = [c for c in found if c not in classes]
     if extra:
-        log(f"{where}: {len(extra)} class(es) not among the {len(classes)} training classes, left out: "
-            f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+        log(f"{where}: {len(extra)} class(es) not among the {len(classes)} training classes, "
+            f"left out: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
     return list(classes)
 
 
@@ -374,7 +383,8 @@ def kinetics_folder(root, split, classes=None, log=print):
     """root/<split>/<class>/<video> -> (videos, classes). With `classes`, labels index that list."""
     base = Path(root) / split
     if not base.is_dir():
-        raise SplitNotFound(f"no folder {base}: expected Kinetics laid out as ROOT/<split>/<class>/<video>")
+        raise SplitNotFound(f"no folder {base}: expected Kinetics laid out as "
+                            "ROOT/<split>/<class>/<video>")
     found = [p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
     classes = _align_classes(found, classes, str(base), log)
     videos = [Video(str(f), label) for label, c in enumerate(classes) if (base / c).is_dir()
@@ -382,7 +392,8 @@ def kinetics_folder(root, split, classes=None, log=print):
     stray = [p for p in base.iterdir() if p.is_file() and not p.name.startswith(".")] + \
             [p for c in classes if (base / c).is_dir() for p in (base / c).iterdir() if p.is_dir()]
     if stray:  # outside the layout: not videos of a class, but not left out in silence either
-        log(f"{base}: {len(stray)} item(s) outside ROOT/<split>/<class>/<video> ignored, e.g. {stray[0]}")
+        log(f"{base}: {len(stray)} item(s) outside ROOT/<split>/<class>/<video> ignored, "
+            f"e.g. {stray[0]}")
     return videos, classes
 
 
@@ -395,23 +406,23 @@ def check_csv_columns(csv_path):
         found = csv.DictReader(f).fieldnames or []
     missing = [c for c in CSV_COLUMNS if c not in found]
     if missing:
-        raise ValueError(f"{csv_path}: no column {', '.join(missing)} (a Kinetics CSV has the columns "
-                         f"{', '.join(CSV_COLUMNS)}; found {', '.join(found) or 'none'})")
+        raise ValueError(f"{csv_path}: no column {', '.join(missing)} (a Kinetics CSV has the "
+                         f"columns {', '.join(CSV_COLUMNS)}; found {', '.join(found) or 'none'})")
 
 
 def kinetics_csv(csv_path, root, split, classes=None, log=print):
     """The official CSV (label, youtube_id, time_start, time_end, split) with clips stored as
     root/<split>/<label>/<youtube_id>_<start:06d>_<end:06d>.<ext> (the common downloaders' naming;
-    any video container).
-    Rows whose file is missing are kept: the scan reports them. With `classes`, labels index that list."""
+    any video container). Rows whose file is missing are kept: the scan reports them. With
+    `classes`, labels index that list."""
     check_csv_columns(csv_path)
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
         rows = [r for r in csv.DictReader(f) if r["split"] == split]
     if not rows:
-        raise SplitNotFound(f"{csv_path}: no row with split == {split!r} (Kinetics ships one CSV per split: "
-                            f"give the one that has it)")
+        raise SplitNotFound(f"{csv_path}: no row with split == {split!r} (Kinetics ships one CSV "
+                            f"per split: give the one that has it)")
     classes = _align_classes([r["label"] for r in rows], classes, f"{csv_path} [{split}]", log)
-    stored = {}  # downloaders keep whatever container YouTube served (.mp4, .mkv, .webm): match by name
+    stored = {}  # downloaders keep the container YouTube served (.mp4, .mkv, .webm): match by name
 
     def path_of(row):
         folder = Path(root) / split / row["label"]
@@ -419,9 +430,11 @@ def kinetics_csv(csv_path, root, split, classes=None, log=print):
             files = sorted(video_files(folder) if folder.is_dir() else [],
                            key=lambda f: (f.suffix.lower() in VIDEO_EXTENSIONS, f.name))
             stored[folder] = {f.stem: f for f in files}
-        stem = f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}"
-        return str(stored[folder].get(stem, folder / f"{stem}.mp4"))  # absent: the scan names it missing
-    videos = sorted(Video(path_of(r), classes.index(r["label"])) for r in rows if r["label"] in classes)
+        stem = (f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_"
+                f"{int(float(row['time_end'])):06d}")
+        return str(stored[folder].get(stem, folder / f"{stem}.mp4"))  # absent: the scan names it
+    videos = sorted(Video(path_of(r), classes.index(r["label"]))
+                    for r in rows if r["label"] in classes)
     return videos, classes
 
 
@@ -431,7 +444,8 @@ def keep_classes(videos, classes, class_names):
     if missing:
         raise ValueError(f"--classes names classes not in the dataset: {missing}")
     keep = sorted(set(class_names))
-    return [replace(v, label=keep.index(classes[v.label])) for v in videos if classes[v.label] in keep], keep
+    return [replace(v, label=keep.index(classes[v.label]))
+            for v in videos if classes[v.label] in keep], keep
 
 
 def balanced_subset(videos, num_classes, num_videos, seed=0):
@@ -460,17 +474,19 @@ def stored_as(path):
 
 
 def ucf101(root, splits_dir, fold=1, split="train"):
-    """UCF101: classInd.txt ("1 ApplyEyeMakeup"), trainlist0F.txt ("Class/v_x.avi 1"), testlist0F.txt."""
+    """UCF101: classInd.txt ("1 ApplyEyeMakeup"), trainlist0F.txt ("Class/v_x.avi 1"),
+    testlist0F.txt."""
     splits_dir = Path(splits_dir)
     with open(splits_dir / "classInd.txt") as f:
         classes = [line.split()[1] for line in f if line.strip()]
     with open(splits_dir / f"{split}list0{fold}.txt") as f:
         rels = [line.split()[0] for line in f if line.strip()]
-    return sorted(Video(stored_as(Path(root) / r), classes.index(r.split("/")[0])) for r in rels), classes
+    return sorted(Video(stored_as(Path(root) / r), classes.index(r.split("/")[0]))
+                  for r in rels), classes
 
 
 def hmdb51(root, splits_dir, fold=1, split="train"):
-    """HMDB51: <class>_test_split<F>.txt with lines "video.avi 1|2|0" (1 train, 2 test, 0 unused)."""
+    """HMDB51: <class>_test_split<F>.txt, lines "video.avi 1|2|0" (1 train, 2 test, 0 unused)."""
     wanted = {"train": "1", "test": "2"}[split]
     files = sorted(Path(splits_dir).glob(f"*_test_split{fold}.txt"))
     if not files:
@@ -480,12 +496,13 @@ def hmdb51(root, splits_dir, fold=1, split="train"):
     for label, f in enumerate(files):
         for line in f.read_text().splitlines():
             if line.strip() and line.split()[1] == wanted:
-                videos.append(Video(stored_as(Path(root) / classes[label] / line.split()[0]), label))
+                videos.append(
+                    Video(stored_as(Path(root) / classes[label] / line.split()[0]), label))
     return sorted(videos), classes
 
 
-def pretraining_split(root, split, spec, csv_path=None, class_names=None, subset=None, seed=0, classes=None,
-                      probe_many=None, log=print):
+def pretraining_split(root, split, spec, csv_path=None, class_names=None, subset=None, seed=0,
+                      classes=None, probe_many=None, log=print):
     """Kinetics-style listing (folder or CSV) -> named classes -> scan -> class-balanced subset.
     Returns (usable videos, classes, broken [(path, reason)]); the scan is cached beside the data.
     `classes` (the training split's list) makes another split's labels mean the same classes.
@@ -497,8 +514,8 @@ def pretraining_split(root, split, spec, csv_path=None, class_names=None, subset
         videos, classes = kinetics_folder(root, split, classes, log)
     if class_names:
         videos, classes = keep_classes(videos, classes, class_names)
-    usable, broken = scan(videos, spec, root / f".scan-cache-{split}.json", name=f"{root} [{split}]",
-                          probe_many=probe_many, log=log)
+    usable, broken = scan(videos, spec, root / f".scan-cache-{split}.json",
+                          name=f"{root} [{split}]", probe_many=probe_many, log=log)
     if subset:
         usable = balanced_subset(usable, len(classes), subset, seed)
     return usable, classes, broken
@@ -511,7 +528,7 @@ def probe(path, need_audio=True, min_seconds=0.0):
     """(duration, None) for a usable file, (0, reason) for a broken one."""
     duration, reason = _probe(path, need_audio, min_seconds)
     suffix = Path(path).suffix.lower()
-    if reason and suffix not in VIDEO_EXTENSIONS and Path(path).exists():  # say why it was tried at all
+    if reason and suffix not in VIDEO_EXTENSIONS and Path(path).exists():  # say why it was tried
         reason += f" (and {suffix or 'no extension'} is not a known video extension)"
     return duration, reason
 
@@ -529,16 +546,16 @@ def _probe(path, need_audio, min_seconds):
             if need_audio and not c.streams.audio:
                 return 0.0, "no audio stream"
             streams = [c.streams.video[0]] + ([c.streams.audio[0]] if need_audio else [])
-            duration = min(float(s.duration * s.time_base) if s.duration else (c.duration or 0) / av.time_base
-                           for s in streams)
+            duration = min(float(s.duration * s.time_base) if s.duration
+                           else (c.duration or 0) / av.time_base for s in streams)
             if duration <= 0:
                 return 0.0, "unknown duration"
-            for s in streams:  # one packet decoded per stream: catches corrupt data the header hides
+            for s in streams:  # decode one packet per stream: catches corrupt data the header hides
                 next(c.decode(s))
                 c.seek(0)
     except StopIteration:
         return 0.0, "corrupt: a stream has no decodable frame"
-    except Exception as e:  # noqa: BLE001 -- whatever FFmpeg or PyAV raise on this file is its reason
+    except Exception as e:  # noqa: BLE001 -- what FFmpeg or PyAV raise on this file is its reason
         return 0.0, f"cannot open / corrupt: {type(e).__name__}"
     if duration < min_seconds:
         return duration, f"too short: {duration:.2f}s < {min_seconds:.2f}s"
@@ -570,7 +587,7 @@ def in_processes(fn, items, workers, crashed=None):
                         break
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for job in done:
-                        result = job.result()  # a dead worker raises here, with the item still pending
+                        result = job.result()  # a dead worker raises here, its item still pending
                         yield pending.pop(job), result
             except BrokenProcessPool:
                 lost = list(pending.values())
@@ -585,39 +602,43 @@ def in_processes(fn, items, workers, crashed=None):
 
 
 def probe_all(paths, need_audio, min_seconds, quiet=False, workers=None):
-    """probe() for each path, over `workers` processes (default: this machine's cores; the default of
-    scan's `probe_many`). Opening a file is mostly FFmpeg's work, so the processes scale with the
+    """probe() for each path, over `workers` processes (default: this machine's cores; the default
+    of scan's `probe_many`). Opening a file is mostly FFmpeg's work, so the processes scale with the
     cores: 240k Kinetics files take about an hour on one core."""
-    workers = min(workers or available_cores(), max(1, len(paths) // 8))  # a pool costs ~0.1 s to start
+    workers = min(workers or available_cores(), max(1, len(paths) // 8))  # a pool is slow to start
     bar = dict(total=len(paths), desc="scan", unit="file", disable=quiet)
     one = partial(probe, need_audio=need_audio, min_seconds=min_seconds)
     if workers == 1:
         return [one(p) for p in progress(paths, **bar)]
-    found = dict(progress(in_processes(one, paths, workers, crashed=lambda p: (0.0, "cannot open / corrupt: "
-                                                                                 "FFmpeg crashed on it")), **bar))
+    found = dict(progress(in_processes(one, paths, workers, crashed=lambda p: (
+        0.0, "cannot open / corrupt: FFmpeg crashed on it")), **bar))
     return [found[p] for p in paths]
 
 
 def scan(videos, spec=ClipSpec(), cache_path=None, name="dataset", probe_many=None, log=print):
-    """Probe every video once (cached by path, size and mtime) -> (usable videos with durations, broken
-    [(path, reason)]). Prints a summary with counts per reason; no usable file is an error.
-    probe_many(paths, need_audio, min_seconds) -> [(duration, reason)] probes the files the cache does
-    not know (default: probe_all; train.py spreads them over the processes of a multi-GPU run)."""
+    """Probe every video once (cached by path, size and mtime) -> (usable videos with durations,
+    broken [(path, reason)]). Prints a summary with counts per reason; no usable file is an error.
+    probe_many(paths, need_audio, min_seconds) -> [(duration, reason)] probes the files the cache
+    does not know (default: probe_all; train.py spreads them over a multi-GPU run's processes)."""
     cache = {}
     if cache_path and Path(cache_path).exists():
         try:
             cache = json.loads(Path(cache_path).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            log(f"scan: the cache {cache_path} is unreadable; scanning again (it will be rewritten)")
-    key_of = lambda p: (f"{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}:{spec.need_audio}:{spec.shortest_file_seconds}"
+            log(f"scan: the cache {cache_path} is unreadable; scanning again "
+                "(it will be rewritten)")
+    key_of = lambda p: (f"{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}:"
+                        f"{spec.need_audio}:{spec.shortest_file_seconds}"
                         if os.path.exists(p) else "missing")
     keys = {v.path: key_of(v.path) for v in videos}
     todo = [v.path for v in videos if cache.get(v.path, {}).get("key") != keys[v.path]]
-    probed = dict(zip(todo, (probe_many or probe_all)(todo, spec.need_audio, spec.shortest_file_seconds)))
+    probed = dict(zip(todo, (probe_many or probe_all)(todo, spec.need_audio,
+                                                      spec.shortest_file_seconds)))
     usable, broken, fresh = [], [], {}
     for v in videos:
         key = keys[v.path]
-        duration, reason = probed[v.path] if v.path in probed else (cache[v.path]["duration"], cache[v.path]["reason"])
+        duration, reason = (probed[v.path] if v.path in probed
+                            else (cache[v.path]["duration"], cache[v.path]["reason"]))
         fresh[v.path] = {"key": key, "duration": duration, "reason": reason}
         if reason:
             broken.append((v.path, reason))
@@ -635,34 +656,3 @@ def scan(videos, spec=ClipSpec(), cache_path=None, name="dataset", probe_many=No
         raise FileNotFoundError(f"no usable video in {name}: {len(broken)} files, all broken "
                                 f"(first: {broken[0] if broken else 'no files at all'})")
     return usable, broken
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("scan", help="sort the videos under ROOT into usable and broken")
-    s.add_argument("root")
-    s.add_argument("--no-audio", action="store_true", help="do not require an audio stream")
-    s.add_argument("--min-seconds", type=float, default=ClipSpec().shortest_file_seconds, help="shortest usable file")
-    s.add_argument("--broken-list", default=None, help="where to write the broken files (default ROOT/broken.txt)")
-    s.add_argument("--workers", type=int, default=None, help="processes opening files (default: this process's cores)")
-    args = p.parse_args(argv)
-    if args.cmd == "scan":
-        root = Path(args.root)
-        if not root.is_dir():
-            p.error(f"{root} is not a folder")
-        videos = [Video(str(f)) for f in video_files(root, recursive=True)]
-        spec = ClipSpec(need_audio=not args.no_audio, frames=1, fps=1 / max(args.min_seconds, 1e-3),
-                        audio_seconds=max(args.min_seconds, 1e-3))
-        _, broken = scan(videos, spec, root / ".scan-cache.json", name=str(root),
-                         probe_many=partial(probe_all, workers=args.workers))
-        out = Path(args.broken_list or root / "broken.txt")
-        out.write_text("".join(f"{path}\t{reason}\n" for path, reason in broken))
-        print(f"broken files listed in {out}")
-
-
-if __name__ == "__main__":
-    main()

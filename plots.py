@@ -1,11 +1,11 @@
-"""Figures, each drawn from files of runs (results.json, log.jsonl, checkpoint.pt), saved as PNG + PDF.
+"""Figures drawn from files of runs (results.json, log.jsonl, checkpoint.pt), saved as PNG + PDF.
 
-    python plots.py delta        # Figure 1: δ sweep of Weighted-xID, one line per n₀ (trains what is missing)
-    python plots.py lambda       # Figure 2: λ sweep of Soft-xID with cycle targets (trains what is missing)
-    python plots.py run RUN_DIR  # Figures 3-4, the score histogram with W(s), training curves of one run
-    python plots.py curves "A=RUN,RUN" "B=RUN"   # per-epoch loss and detection AUC of groups of runs
-    python plots.py targets RUN_DIR   # the soft targets T(j|i) between instances sorted by class
-    python plots.py embedded-clip     # a frame strip and spectrogram of an embedded clip
+  python plots.py delta        # Figure 1: δ sweep of Weighted-xID, one line per n₀
+  python plots.py lambda       # Figure 2: λ sweep of Soft-xID with cycle targets
+  python plots.py run RUN_DIR  # Figures 3-4, score histogram with W(s), training curves of one run
+  python plots.py curves "A=RUN,RUN" "B=RUN"  # per-epoch loss and detection AUC of groups of runs
+  python plots.py targets RUN_DIR   # the soft targets T(j|i) between instances sorted by class
+  python plots.py embedded-clip     # a frame strip and spectrogram of an embedded clip
 
 A sweep trains and evaluates every grid point that has no complete results.json yet (an interrupted
 sweep resumes where it stopped), then draws mean ± standard error (ddof 1) over seeds.
@@ -29,14 +29,15 @@ import runs  # noqa: E402
 import train  # noqa: E402
 from losses import STRATEGIES, faulty_positive_weights, soft_targets, softening_scores  # noqa: E402
 
-PANELS = [("ucf", "finetune_video_top1", "UCF fine-tune (video top-1)"), ("ucf", "R@5", "UCF retrieval R@5"),
-          ("hmdb", "finetune_video_top1", "HMDB fine-tune (video top-1)"), ("hmdb", "R@5", "HMDB retrieval R@5")]
+PANELS = [("ucf", "finetune_video_top1", "UCF fine-tune (video top-1)"),
+          ("ucf", "R@5", "UCF retrieval R@5"),
+          ("hmdb", "finetune_video_top1", "HMDB fine-tune (video top-1)"),
+          ("hmdb", "R@5", "HMDB retrieval R@5")]
 QUICK_SETTINGS = {
-    "delta": dict(seeds=[0, 1], epochs=12, eval_clips=2, ft_repeats=1, deltas=[-1.0], n0=[0.5], oracle=False,
-                  runs="runs/sweeps_quick",
-                  out="figures/quick/fig1_delta_sweep"),
-    "lambda": dict(seeds=[0, 1], epochs=12, eval_clips=2, ft_repeats=1, lams=[0.0, 0.5, 1.0], runs="runs/sweeps_quick",
-                   out="figures/quick/fig2_lambda_sweep")}
+    "delta": dict(seeds=[0, 1], epochs=12, eval_clips=2, ft_repeats=1, deltas=[-1.0], n0=[0.5],
+                  oracle=False, runs="runs/sweeps_quick", out="figures/quick/fig1_delta_sweep"),
+    "lambda": dict(seeds=[0, 1], epochs=12, eval_clips=2, ft_repeats=1, lams=[0.0, 0.5, 1.0],
+                   runs="runs/sweeps_quick", out="figures/quick/fig2_lambda_sweep")}
 QUICK = {"delta": "xID and Weighted-xID (δ = -1) at n₀ = 0.5, xID at n₀ = 0, 2 seeds, 12 epochs",
          "lambda": "λ ∈ {0, 0.5, 1}, 2 seeds, 12 epochs"}
 QUICK_TITLE = " (--quick: a trial of the sweep, not a finding)"
@@ -60,7 +61,7 @@ def metric(results, dataset, name):
     return r["retrieval"][name] if name.startswith("R@") else r[name]
 
 
-RECIPE = {"centred_heads": True, "bank_init": "embeddings", "bank_refresh": "step"}  # the sweeps' start
+RECIPE = {"centred_heads": True, "bank_init": "embeddings", "bank_refresh": "step"}  # sweeps' start
 
 
 def finished_results(run_dir, args):
@@ -72,8 +73,8 @@ def finished_results(run_dir, args):
         was = json.loads(saved.read_text())
         old = {k: was.get(k) for k in RECIPE}
         if old != RECIPE:
-            raise SystemExit(f"{run_dir} was trained with {old}, the sweeps now use {RECIPE}: delete it, or give "
-                             f"another --runs")
+            raise SystemExit(f"{run_dir} was trained with {old}, the sweeps now use {RECIPE}: "
+                             f"delete it, or give another --runs")
     res = run_dir / "results.json"
     if res.exists():
         r = json.loads(res.read_text())
@@ -84,12 +85,12 @@ def finished_results(run_dir, args):
 
 
 def evaluate_flags(run_dir, args):
-    return [str(run_dir), "--skip", "pretrain", "--workers", str(args.workers), "--clips", str(args.eval_clips),
-            "--ft-repeats", str(getattr(args, "ft_repeats", 1))]
+    return [str(run_dir), "--skip", "pretrain", "--workers", str(args.workers),
+            "--clips", str(args.eval_clips), "--ft-repeats", str(getattr(args, "ft_repeats", 1))]
 
 
 def evaluate_protocol(run_dir, args):
-    """The protocol evaluate.py records for this sweep's flags (evaluate.py's own defaults included)."""
+    """The protocol evaluate.py records for this sweep's flags, evaluate.py's defaults included."""
     return evaluate.protocol(evaluate.parser().parse_args(evaluate_flags(run_dir, args)))
 
 
@@ -98,9 +99,10 @@ def train_and_evaluate_point(run_dir, train_flags, args):
     done_results = finished_results(run_dir, args)
     if done_results:
         return done_results
-    # the figures' recipe: the paper's per-step bank refresh (train.py's quick start refreshes per epoch)
-    common = ["--embedded-root", args.embedded_root, "--out", str(run_dir), "--epochs", str(args.epochs), "--no-eval",
-              "--warmup-epochs", str(args.warmup_epochs), "--workers", str(args.workers), "--bank-refresh", "step"]
+    # the figures' recipe: the paper's per-step bank refresh (train.py's quick start: per epoch)
+    common = ["--embedded-root", args.embedded_root, "--out", str(run_dir),
+              "--epochs", str(args.epochs), "--no-eval", "--warmup-epochs", str(args.warmup_epochs),
+              "--workers", str(args.workers), "--bank-refresh", "step"]
     ckpt = run_dir / "checkpoint.pt"
     done = runs.load_checkpoint(ckpt)["epoch"] + 1 if ckpt.exists() else 0
     if done < args.epochs:
@@ -115,9 +117,10 @@ def sweep(kind, args):
     embedded_dataset.ensure(args.embedded_root)
     points = []  # (key, run folder, train.py flags)
     if kind == "delta":
-        # xID at every n₀, and at n₀ = 0 as the reference without injection
-        # and, with --oracle, Weighted-xID with the ground truth's weights (injected pairs at w_min, and at 0)
-        grid = [(n0, d) for n0 in args.n0 for d in args.deltas] + [(n0, "xid") for n0 in sorted({0.0, *args.n0})]
+        # xID at every n₀, and at n₀ = 0 as the reference without injection and, with --oracle,
+        # Weighted-xID with the ground truth's weights (injected pairs at w_min, and at 0)
+        grid = ([(n0, d) for n0 in args.n0 for d in args.deltas]
+                + [(n0, "xid") for n0 in sorted({0.0, *args.n0})])
         grid += [(n0, o) for n0 in args.n0 if n0 > 0 for o in ORACLES] if args.oracle else []
         for seed in args.seeds:
             for n0, d in grid:
@@ -125,11 +128,13 @@ def sweep(kind, args):
                          ["--mode", "weighted", "--oracle-weights", d] if d in ORACLES else
                          ["--mode", "weighted", "--delta", str(d)])
                 name = f"n0_{n0:g}_{d if isinstance(d, str) else f'delta_{d:g}'}_seed{seed}"
-                points.append(((n0, d, seed), root / name, flags + ["--n0", str(n0), "--seed", str(seed)]))
+                points.append(((n0, d, seed), root / name,
+                               flags + ["--n0", str(n0), "--seed", str(seed)]))
     else:
         for seed in args.seeds:
             for lam in args.lams:
-                flags = ["--mode", "soft", "--strategy", "cycle", "--lam", str(lam), "--seed", str(seed)]
+                flags = ["--mode", "soft", "--strategy", "cycle", "--lam", str(lam),
+                         "--seed", str(seed)]
                 points.append(((lam, seed), root / f"lam_{lam:g}_seed{seed}", flags))
     to_train = [run_dir for _, run_dir, _ in points if not finished_results(run_dir, args)]
     print(f"sweep {kind}: {len(points)} points, {len(points) - len(to_train)} already done, "
@@ -138,9 +143,10 @@ def sweep(kind, args):
     for k, (key, run_dir, flags) in enumerate(points):
         if run_dir in to_train:
             left = len(to_train) - trained
-            eta = (f", about {(time.perf_counter() - t0) / trained * left / 60:.0f} min left for the sweep"
-                   if trained else "")
-            print(f"sweep {kind}: point {k + 1}/{len(points)} ({run_dir.name}), {left} to go{eta}", flush=True)
+            eta = (f", about {(time.perf_counter() - t0) / trained * left / 60:.0f} min left for "
+                   f"the sweep" if trained else "")
+            print(f"sweep {kind}: point {k + 1}/{len(points)} ({run_dir.name}), {left} to go{eta}",
+                  flush=True)
         table[key] = train_and_evaluate_point(run_dir, flags, args)
         trained += run_dir in to_train
     print(f"sweep {kind}: done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
@@ -157,22 +163,23 @@ def mean_and_spread(ys):
 
 
 def draw_sweep(x, lines, xlabel, title, out, extra=None):
-    """Four panels (PANELS); lines: [(label, style, marker, {x: [results of each seed]}[, colour])]."""
+    """Four PANELS; lines: [(label, style, marker, {x: [results of each seed]}[, colour])]."""
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
     for ax, (ds, name, panel) in zip(axes, PANELS):
         for label, style, marker, results, *colour in lines:
             ys = np.array([[metric(r, ds, name) for r in results[v]] for v in x])
             if marker:
-                ax.errorbar(x, *mean_and_spread(ys), marker=marker, ls=style, color=(colour or ["k"])[0], capsize=3,
-                            label=label)
+                ax.errorbar(x, *mean_and_spread(ys), marker=marker, ls=style,
+                            color=(colour or ["k"])[0], capsize=3, label=label)
             else:  # a baseline that does not depend on x
-                ax.axhline(ys.mean(), ls=style, color=(colour or ["0.6"])[0], lw=1.5, alpha=0.7, label=label)
+                ax.axhline(ys.mean(), ls=style, color=(colour or ["0.6"])[0], lw=1.5, alpha=0.7,
+                           label=label)
         if extra:
             extra(ax)
         ax.set_xlabel(xlabel)
         ax.set_title(panel, fontsize=10)
     axes[0].set_ylabel("accuracy / recall")
-    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: never over data
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # never over data
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save(fig, out)
@@ -186,31 +193,36 @@ ORACLE_STYLES = ("-.", (0, (1, 1)))  # w-min, zero
 def draw_delta(table, args, out):
     lines = []
     for k, n0 in enumerate(args.n0):
-        colour = COLOURS[k % len(COLOURS)]  # one colour per n₀: its Weighted-xID line, xID and oracles alike
+        colour = COLOURS[k % len(COLOURS)]  # per n₀: its Weighted-xID, xID and oracle lines alike
         for o in ORACLES if args.oracle and n0 > 0 else ():
-            lines.append((f"injected-pair oracle ({'w_min' if o == 'w-min' else '0'} on injected), n₀ = {n0:g}",
-                          ORACLE_STYLES[ORACLES.index(o)], None,
-                          {d: [table[(n0, o, s)] for s in args.seeds] for d in args.deltas}, colour))
+            lines.append((f"injected-pair oracle ({'w_min' if o == 'w-min' else '0'} on injected), "
+                          f"n₀ = {n0:g}", ORACLE_STYLES[ORACLES.index(o)], None,
+                          {d: [table[(n0, o, s)] for s in args.seeds] for d in args.deltas},
+                          colour))
         lines.append((f"Weighted-xID, n₀ = {n0:g}", "-", MARKERS[k],
                       {d: [table[(n0, d, s)] for s in args.seeds] for d in args.deltas}, colour))
         lines.append((f"xID, n₀ = {n0:g}", "--", None,
-                      {d: [table[(n0, "xid", s)] for s in args.seeds] for d in args.deltas}, colour))
+                      {d: [table[(n0, "xid", s)] for s in args.seeds] for d in args.deltas},
+                      colour))
     if 0.0 not in args.n0:
-        lines.append(("xID, no injection", ":", None, {d: [table[(0.0, "xid", s)] for s in args.seeds] for d in args.deltas}))
+        lines.append(("xID, no injection", ":", None,
+                      {d: [table[(0.0, "xid", s)] for s in args.seeds] for d in args.deltas}))
     draw_sweep(args.deltas, lines, "δ (mid-point of W at μ + δσ)",
-               f"Figure 1 on the embedded data: δ sweep (w_min = 0.25, κ = 0.5), mean ± standard error (ddof 1) over "
-               f"{len(args.seeds)} seeds, {args.epochs} epochs" + QUICK_TITLE * bool(getattr(args, "quick", False)), out)
+               f"Figure 1 on the embedded data: δ sweep (w_min = 0.25, κ = 0.5), mean ± standard "
+               f"error (ddof 1) over {len(args.seeds)} seeds, {args.epochs} epochs"
+               + QUICK_TITLE * bool(getattr(args, "quick", False)), out)
 
 
 def draw_lambda(table, args, out):
     def paper(ax):
         ax.axvspan(0.25, 0.5, color="0.9", label="paper's best λ")
         ax.axvline(0.65, color="0.5", ls=":", label="paper: collapse above")
-    lines = [("Soft-xID, cycle", "-", "o", {lam: [table[(lam, s)] for s in args.seeds] for lam in args.lams})]
+    lines = [("Soft-xID, cycle", "-", "o",
+              {lam: [table[(lam, s)] for s in args.seeds] for lam in args.lams})]
     draw_sweep(args.lams, lines, "λ (soft-target mixing)",
-               f"Figure 2 on the embedded data: λ sweep of Soft-xID (cycle targets), mean ± standard error (ddof 1) over "
-               f"{len(args.seeds)} seeds, {args.epochs} epochs" + QUICK_TITLE * bool(getattr(args, "quick", False)),
-               out, extra=paper)
+               f"Figure 2 on the embedded data: λ sweep of Soft-xID (cycle targets), mean ± "
+               f"standard error (ddof 1) over {len(args.seeds)} seeds, {args.epochs} epochs"
+               + QUICK_TITLE * bool(getattr(args, "quick", False)), out, extra=paper)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,13 +234,15 @@ def per_class(run_dir, out, n=40):
     ranked = sorted(r.items(), key=lambda kv: -kv[1])
     parts = ([(f"all {len(ranked)}, best to worst", ranked)] if len(ranked) <= n
              else [(f"best {n}", ranked[:n]), (f"worst {n}", ranked[-n:])])
-    fig, axes = plt.subplots(len(parts), 1, figsize=(max(6, 0.35 * len(parts[0][1])), 3.2 * len(parts)), squeeze=False)
+    fig, axes = plt.subplots(len(parts), 1, figsize=(max(6, 0.35 * len(parts[0][1])),
+                                                     3.2 * len(parts)), squeeze=False)
     for ax, (what, items) in zip(axes[:, 0], parts):
         ax.bar(range(len(items)), [v for _, v in items], color="0.4")
         ax.set_xticks(range(len(items)), [k for k, _ in items], rotation=60, ha="right", fontsize=8)
         ax.set_ylabel("R@1")
         ax.set_ylim(0, 1)
-        ax.set_title(f"Figure 3: per-class R@1 on the pre-training set ({what} classes)", fontsize=10)
+        ax.set_title(f"Figure 3: per-class R@1 on the pre-training set ({what} classes)",
+                     fontsize=10)
     fig.tight_layout()
     save(fig, out)
 
@@ -245,8 +259,9 @@ def retrieval_grid(run_dir, out):
             ax.set_xticks([])
             ax.set_yticks([])
             right = col == 0 or item["class"] == items[0]["class"]
-            ax.set_title(("query: " if col == 0 else "") + item["class"].replace("_", " "), fontsize=7,
-                         fontweight="normal" if right else "bold", style="normal" if right else "italic")
+            ax.set_title(("query: " if col == 0 else "") + item["class"].replace("_", " "),
+                         fontsize=7, fontweight="normal" if right else "bold",
+                         style="normal" if right else "italic")
     fig.suptitle("Figure 4: top-4 retrievals (wrong class in bold italics)", fontsize=10)
     fig.tight_layout()
     save(fig, out)
@@ -271,39 +286,43 @@ def score_histogram(run_dir, out, deltas=(-2, -1, 0)):
     s = ckpt["criterion"]["bank.s"]
     injected = torch.from_numpy(data.injected_mask(ckpt["injected_pairs"], len(s)))
     natural = embedded_dataset.natural_faulty_flags([data.Video(p) for p in ckpt["videos"]])
-    natural = torch.zeros_like(injected) if natural is None else torch.from_numpy(natural) & ~injected
+    natural = (torch.zeros_like(injected) if natural is None
+               else torch.from_numpy(natural) & ~injected)
     fig, ax = plt.subplots(figsize=(7, 3.6))
     bins = np.linspace(float(s.min()), float(s.max()), 40)
     clean = ~injected & ~natural
     ax.hist(s[clean].numpy(), bins, color="0.75", label=f"clean pairs ({int(clean.sum())})")
     if injected.any():
-        ax.hist(s[injected].numpy(), bins, histtype="step", color="k", lw=2, label=f"injected ({int(injected.sum())})")
+        ax.hist(s[injected].numpy(), bins, histtype="step", color="k", lw=2,
+                label=f"injected ({int(injected.sum())})")
     if natural.any():
-        ax.hist(s[natural].numpy(), bins, histtype="step", color="k", ls=":", lw=2, label=f"natural faulty ({int(natural.sum())})")
+        ax.hist(s[natural].numpy(), bins, histtype="step", color="k", ls=":", lw=2,
+                label=f"natural faulty ({int(natural.sum())})")
     ax.set_xlabel("alignment score s_i = v̄_i·ā_i")
     ax.set_ylabel("instances")
     w_ax = ax.twinx()
     mu, sigma = s.mean(), s.std()
     grid = torch.linspace(float(s.min()), float(s.max()), 200)
     for k, d in enumerate(deltas):
-        w_ax.plot(grid, faulty_positive_weights(grid, mu, sigma, d, kappa, w_min), color="k", ls=STYLES[k % 4],
-                  lw=2 if weighted and d == run["delta"] else 1,
-                  label=f"W(s), δ = {d:g}" + (" (the run's)" if weighted and d == run["delta"] else ""))
+        w_ax.plot(grid, faulty_positive_weights(grid, mu, sigma, d, kappa, w_min), color="k",
+                  ls=STYLES[k % 4], lw=2 if weighted and d == run["delta"] else 1,
+                  label=f"W(s), δ = {d:g}" + (" (the run's)" if weighted and d == run["delta"]
+                                              else ""))
     w_ax.set_ylim(0, 1.05)
     w_ax.set_ylabel("weight W(s)")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = w_ax.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
-    ax.set_title(f"scores at the end of the run (n₀ = {run['n0']:g}, {run['mode']}); W(s) with w_min = {w_min:g}, "
-                 f"κ = {kappa:g}" + ("" if weighted else " (not applied in this run)"), fontsize=10)
+    ax.set_title(f"scores at the end of the run (n₀ = {run['n0']:g}, {run['mode']}); "
+                 f"W(s) with w_min = {w_min:g}, κ = {kappa:g}"
+                 + ("" if weighted else " (not applied in this run)"), fontsize=10)
     fig.tight_layout()
     save(fig, out)
 
 
 def training_curves(run_dir, out):
     """Losses, mean weight and detection AUC per epoch, from log.jsonl."""
-    log = [json.loads(x) for x in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
-    ep = [r for r in log if r["kind"] == "epoch"]
+    ep = runs.epoch_records(run_dir)
     x = [r["epoch"] for r in ep]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for key, ls in (("loss_v2a", "-"), ("loss_a2v", "--")):
@@ -314,7 +333,8 @@ def training_curves(run_dir, out):
     axes[1].plot(x, [r["w_mean"] for r in ep], "k-", label="mean W(s) over all slots")
     axes[1].plot(x, [r["w_share_below_half"] for r in ep], "k--", label="share with W(s) < 0.5")
     if applied:  # what the loss applied: 1 in the warm-up, then W(s) or the oracle's weights
-        axes[1].plot(x, [r["batch_mean_weight"] for r in ep], color="tab:blue", label="mean weight applied")
+        axes[1].plot(x, [r["batch_mean_weight"] for r in ep], color="tab:blue",
+                     label="mean weight applied")
     axes[1].set_title("weights" + {"W(s)": "", "oracle": " (the oracle's applied, not W(s))",
                                    None: " (W(s) not applied in this run)"}[applied])
     for key, ls, label in (("injected_auc", "-", "injected"), ("natural_auc", ":", "natural")):
@@ -342,19 +362,19 @@ def compare_curves(groups, out):
         raise ValueError(f"at most {len(colours)} groups, got {len(groups)}")
     for (label, folders), colour in zip(groups.items(), colours):
         for k, run in enumerate(folders):
-            log = [json.loads(x) for x in (Path(run) / "log.jsonl").read_text().splitlines()]
-            ep = [r for r in log if r["kind"] == "epoch"]
+            ep = runs.epoch_records(run)
             if not ep:
                 raise ValueError(f"{run}: its log.jsonl has no epoch yet")
             x = [r["epoch"] for r in ep]
-            axes[0].plot(x, [r["loss"] for r in ep], color=colour, lw=1, label=label if k == 0 else None)
+            axes[0].plot(x, [r["loss"] for r in ep], color=colour, lw=1,
+                         label=label if k == 0 else None)
             key = "injected_auc" if "injected_auc" in ep[-1] else "natural_auc"
             axes[1].plot(x, [r.get(key, np.nan) for r in ep], color=colour, lw=1,
                          label=f"{label} ({key.split('_')[0]})" if k == 0 else None)
-            if chance is None:  # K as train.py chose it: --num-negatives, or min(1024, N/2)
+            if chance is None:  # K as train.py chose it
                 n = json.loads((Path(run) / "injection.json").read_text())["num_instances"]
-                K = json.loads((Path(run) / "args.json").read_text())["num_negatives"] or min(1024, n // 2)
-                chance = 2 * np.log(K + 1)
+                asked = json.loads((Path(run) / "args.json").read_text())["num_negatives"]
+                chance = 2 * np.log(train.num_negatives(asked, n) + 1)
     if chance is not None:
         axes[0].axhline(chance, color="0.6", lw=1, ls=":", label="chance, 2 ln(K+1)")
     axes[0].set_title("xID loss per epoch")
@@ -373,24 +393,27 @@ def soft_target_map(run_dir, out, per_class=6, lam=None, strategy=None):
     off it, which lands in the row's own class block where it finds faulty negatives."""
     ckpt = runs.load_checkpoint(Path(run_dir) / "checkpoint.pt")
     run_args = ckpt["args"]
-    lam = lam if lam is not None else (run_args["lam"] if run_args["mode"] in ("soft", "robust") and run_args["lam"] > 0 else 0.5)
+    lam = lam if lam is not None else (
+        run_args["lam"] if run_args["mode"] in ("soft", "robust") and run_args["lam"] > 0 else 0.5)
     strategy = strategy or run_args["strategy"]
     labels = np.array([label for _, label, _ in ckpt["instances"]])
     classes = np.unique(labels)
-    pick = torch.from_numpy(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes]))
-    v_bar, a_bar = ckpt["criterion"]["bank.v_bar"][pick].float(), ckpt["criterion"]["bank.a_bar"][pick].float()
-    own = torch.eye(len(pick), dtype=torch.bool)  # every picked instance is a candidate of every row, but not its own negative
+    pick = torch.from_numpy(np.concatenate([np.flatnonzero(labels == c)[:per_class]
+                                            for c in classes]))
+    v_bar, a_bar = (ckpt["criterion"]["bank.v_bar"][pick].float(),
+                    ckpt["criterion"]["bank.a_bar"][pick].float())
+    own = torch.eye(len(pick), dtype=torch.bool)  # candidates: all picked but the row's own
     S_v, _ = softening_scores(strategy, v_bar, a_bar, v_bar, a_bar, run_args["tau_s"], mask=own)
-    T = soft_targets(S_v, lam)                                                  # (M, 1 + M), column 0 the positive
+    T = soft_targets(S_v, lam)    # (M, 1 + M), column 0 the positive
     grid = T[:, 1:].clone()
-    grid[own] = T[:, 0]                                                         # (M, M), row i: T(j|i)
+    grid[own] = T[:, 0]           # (M, M), row i: T(j|i)
     same = torch.from_numpy(labels[pick][:, None] == labels[pick][None, :]) & ~own
-    moved = grid.masked_fill(own, 0)
-    share = (moved[same].sum() / moved.sum()).item() if moved.sum() > 0 else float("nan")  # λ = 0 moves nothing
+    moved = grid.masked_fill(own, 0)  # λ = 0 moves nothing: the share is then nan
+    share = (moved[same].sum() / moved.sum()).item() if moved.sum() > 0 else float("nan")
 
     fig, ax = plt.subplots(figsize=(6.2, 5.4))
     im = ax.imshow(grid.numpy(), cmap="magma_r", norm=matplotlib.colors.LogNorm(vmin=1e-3, vmax=1))
-    ends = np.cumsum([min(per_class, int((labels == c).sum())) for c in classes])  # a class may have fewer
+    ends = np.cumsum([min(per_class, int((labels == c).sum())) for c in classes])  # some have fewer
     for end in ends[:-1]:
         ax.axhline(end - 0.5, color="tab:blue", lw=0.6)
         ax.axvline(end - 0.5, color="tab:blue", lw=0.6)
@@ -402,7 +425,8 @@ def soft_target_map(run_dir, out, per_class=6, lam=None, strategy=None):
     ax.set_ylabel("instance i")
     ax.set_title(f"soft targets T(j|i), {strategy}, λ = {lam:g} ({per_class} instances a class)\n"
                  f"mass moved off the diagonal that stays in the class: {share:.0%} "
-                 f"(the class's share of candidates: {same.float().sum().item() / (~own).sum().item():.0%})", fontsize=8)
+                 f"(the class's share of candidates: "
+                 f"{same.float().sum().item() / (~own).sum().item():.0%})", fontsize=8)
     fig.colorbar(im, ax=ax, shrink=0.8, label="T(j|i) (log scale)")
     fig.tight_layout()
     save(fig, out)
@@ -414,14 +438,18 @@ def embedded_clip(root, rel, out, frames=12):
     params = json.loads((Path(root) / "embedded.json").read_text())
     events = json.loads((Path(root) / "events.json").read_text())[rel]
     seconds, rate = params["seconds"], params["rate"]
-    spec = data.ClipSpec(frames=frames, fps=frames / seconds, audio_seconds=seconds, sample_rate=rate)
+    spec = data.ClipSpec(frames=frames, fps=frames / seconds, audio_seconds=seconds,
+                         sample_rate=rate)
     strip, wave = data.decode_clip(Path(root) / rel, 0.0, spec)
-    logmel = data.log_mel(data.mel_spectrogram(rate, n_mels=64), torch.from_numpy(wave)).numpy()  # the encoder's input, finer
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 4.2), gridspec_kw={"height_ratios": [1, 1.3]})
+    # the encoder's input, finer
+    logmel = data.log_mel(data.mel_spectrogram(rate, n_mels=64), torch.from_numpy(wave)).numpy()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 4.2),
+                                      gridspec_kw={"height_ratios": [1, 1.3]})
     top.imshow(np.concatenate(list(strip), axis=1), extent=(0, seconds, 0, seconds / frames))
     top.set_yticks([])
     top.set_title(f"{rel.split('/')[2]}: {frames} frames over {seconds:g} s (one instance)")
-    bottom.imshow(logmel, origin="lower", aspect="auto", cmap="gray_r", extent=(0, seconds, 0, logmel.shape[0]))
+    bottom.imshow(logmel, origin="lower", aspect="auto", cmap="gray_r",
+                  extent=(0, seconds, 0, logmel.shape[0]))
     bottom.set_ylabel("mel bin")
     bottom.set_xlabel("time (s)")
     for ax in (top, bottom):
@@ -433,45 +461,58 @@ def embedded_clip(root, rel, out, frames=12):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     sweeps = {}
     for kind in ("delta", "lambda"):
-        s = sweeps[kind] = sub.add_parser(kind, help=f"the {kind} sweep: train/evaluate missing points, draw the figure")
-        s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per grid point")
+        s = sweeps[kind] = sub.add_parser(kind, help=f"the {kind} sweep: train/evaluate missing "
+                                          f"points, draw the figure")
+        s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                       help="seeds per grid point")
         s.add_argument("--epochs", type=int, default=24, help="pre-training epochs per point")
         s.add_argument("--warmup-epochs", type=int, default=3, help="plain-xID epochs first")
         s.add_argument("--runs", default="runs/sweeps", help="where the runs of the sweep live")
         s.add_argument("--embedded-root", default="data/embedded", help="the embedded dataset")
         s.add_argument("--workers", type=int, default=2, help="data-loading processes")
-        s.add_argument("--eval-clips", type=int, default=3, help="clips per video in evaluation (protocol: 10; "
-                       "3 keeps a sweep's evaluation short on 2 CPU cores)")
-        s.add_argument("--ft-repeats", type=int, default=2, help="fine-tunings averaged per point (evaluate.py "
-                       "--ft-repeats): one has a standard deviation of 0.01-0.05 between evaluation seeds here")
+        s.add_argument("--eval-clips", type=int, default=3, help="clips per video in evaluation "
+                       "(protocol: 10; 3 keeps a sweep's evaluation short on 2 CPU cores)")
+        s.add_argument("--ft-repeats", type=int, default=2, help="fine-tunings averaged per point "
+                       "(evaluate.py --ft-repeats): one alone is noisy on the small sets")
         s.add_argument("--out", default=f"figures/fig{1 if kind == 'delta' else 2}_{kind}_sweep")
         if kind == "delta":
-            s.add_argument("--deltas", type=float, nargs="+", default=[-2.0, -1.0, 0.0], help="δ grid")
+            s.add_argument("--deltas", type=float, nargs="+", default=[-2.0, -1.0, 0.0],
+                           help="δ grid")
             s.add_argument("--n0", type=float, nargs="+", default=[0.25, 0.5],
-                           help="one line per n₀ (xID without injection is always trained as the reference)")
+                           help="one line per n₀ (xID without injection is always trained as "
+                                "the reference)")
             s.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
-                           help="also Weighted-xID with the ground truth's weights at each n₀ (train.py "
-                                "--oracle-weights w-min and zero): what a perfect detector of the injected pairs would win")
+                           help="also Weighted-xID with the ground truth's weights at each n₀ "
+                                "(train.py --oracle-weights w-min and zero): what a perfect "
+                                "detector of the injected pairs would win")
         else:
-            s.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="λ grid")
+            s.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                           help="λ grid")
         s.add_argument("--quick", action="store_true",
-                       help=f"a small version that runs in minutes on 2 CPU cores, to try the sweep (and its progress "
-                            f"lines) before the long one: {QUICK[kind]}; its runs and figure go elsewhere "
-                            f"(runs/sweeps_quick, figures/quick/). Too short and small to show the paper's findings")
-    r = sub.add_parser("run", help="Figures 3-4, score histogram and training curves of one evaluated run")
+                       help=f"a small version that runs in minutes on 2 CPU cores, to try the "
+                            f"sweep (and its progress lines) before the long one: {QUICK[kind]}; "
+                            f"its runs and figure go elsewhere (runs/sweeps_quick, "
+                            f"figures/quick/). Too short and small to show the paper's findings")
+    r = sub.add_parser("run", help="Figures 3-4, score histogram and training curves of one "
+                       "evaluated run")
     r.add_argument("run_dir")
     r.add_argument("--out", default="figures", help="output folder")
-    c = sub.add_parser("curves", help="per-epoch loss and detection AUC of groups of runs, overlaid")
-    c.add_argument("groups", nargs="+", metavar="LABEL=RUN[,RUN...]", help="a label and its run folders")
+    c = sub.add_parser("curves", help="per-epoch loss and detection AUC of groups of runs, "
+                       "overlaid")
+    c.add_argument("groups", nargs="+", metavar="LABEL=RUN[,RUN...]",
+                   help="a label and its run folders")
     c.add_argument("--out", default="figures/curves", help="output path without extension")
-    m = sub.add_parser("targets", help="the soft targets T(j|i) between instances sorted by class, from a run's banks")
+    m = sub.add_parser("targets", help="the soft targets T(j|i) between instances sorted by class, "
+                       "from a run's banks")
     m.add_argument("run_dir")
     m.add_argument("--per-class", type=int, default=6, help="instances drawn from each class")
-    m.add_argument("--lam", type=float, help="λ (default: the run's, or 0.5 for a run without soft targets)")
+    m.add_argument("--lam", type=float,
+                   help="λ (default: the run's, or 0.5 for a run without soft targets)")
     m.add_argument("--strategy", choices=STRATEGIES, help="softening strategy (default: the run's)")
     m.add_argument("--out", default="figures/soft_targets", help="output path without extension")
     t = sub.add_parser("embedded-clip", help="frame strip + spectrogram of one embedded clip")
@@ -499,7 +540,7 @@ def main(argv=None):
     elif args.cmd == "curves":
         groups = {}
         for g in args.groups:
-            label, _, runs = g.rpartition("=")  # a label may hold "=" (n₀ = 0.5), a path rarely does
+            label, _, runs = g.rpartition("=")  # labels may hold "=" (n₀ = 0.5), paths rarely do
             folders = [Path(r) for r in runs.split(",") if r]
             missing = [str(f) for f in folders if not (f / "log.jsonl").exists()]
             if not label or not folders or missing:
@@ -514,7 +555,8 @@ def main(argv=None):
         if not (Path(args.run_dir) / "checkpoint.pt").exists():
             p.error(f"{args.run_dir} has no checkpoint.pt: give a folder of train.py")
         share = soft_target_map(args.run_dir, args.out, args.per_class, args.lam, args.strategy)
-        print(f"of the target mass moved off the positives, {share:.0%} lands on candidates of the row's own class")
+        print(f"of the target mass moved off the positives, {share:.0%} lands on candidates of "
+              f"the row's own class")
     else:
         embedded_dataset.ensure(args.embedded_root)
         embedded_clip(args.embedded_root, args.clip, args.out)

@@ -66,6 +66,12 @@ def merge_results(run_dir, results):
     return path
 
 
+def epoch_records(run_dir):
+    """The epoch records of a run's log.jsonl, in order."""
+    lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "epoch"]
+
+
 class RunLog:
     """log.jsonl, one JSON object per line; written by rank 0 only."""
 

@@ -13,8 +13,8 @@ Feature Learning via Non-Parametric Instance Discrimination", CVPR 2018 (the mem
 The story: set up (processes, data, injected faulty positives, model, loss and banks, optimiser),
 fill the memory banks, then per epoch: for each batch forward, loss, backward, step, bank update;
 after each epoch a checkpoint and a log record; at the end a retrieval and detection summary.
-The run folder (--out) is described in runs.py. `@FILE` reads flags from a file (one or more per
-line, '#' starts a comment); later flags override it.
+The flags come last in this file; `@FILE` reads flags from a file (one or more per line, '#'
+starts a comment), and later flags override it. The run folder (--out) is described in runs.py.
 """
 import argparse
 import random
@@ -40,6 +40,373 @@ from model import AUDIO_ENCODERS, VIDEO_ENCODERS, AVModel
 # What a resumed run must share with the run it continues (the epochs may grow).
 RECIPE_FLAGS = ("mode", "bank_refresh", "centred_heads", "oracle_weights", "video_arch",
                 "audio_arch")
+
+
+# ----------------------------------------------------------------------------------------------
+# The story
+# ----------------------------------------------------------------------------------------------
+def main(argv=None):
+    parser, args = get_args(argv)
+    run = set_up(parser, args)
+    epoch = run.start_epoch
+    try:
+        if run.start_epoch == 0 and args.bank_init == "embeddings":
+            fill_bank(run, args)
+        for epoch in range(run.start_epoch, args.epochs):
+            summary = train_one_epoch(run, args, epoch)
+            save_checkpoint_then_log(run, args, epoch, summary)
+        if not args.no_eval:  # every rank takes part: the features are shared out
+            end_of_run_summary(run, args)
+    except KeyboardInterrupt:  # a traceback would read like a crash, and nothing finished is lost
+        runs.stopped_by_ctrl_c(run.log, run.out, epoch, run.epochs_saved, args.epochs, run.world)
+    return run  # the caller holds it until the processes end (distributed.end_processes)
+
+
+@torch.no_grad()
+def fill_bank(run, args):
+    """--bank-init embeddings: before the first step every slot gets the initial encoders'
+    embeddings of a clip of its instance (momentum 0). A random slot carries nothing: as a
+    positive it is a target no clip can predict, and beside refreshed slots its age gives the
+    positive away. A slot whose clip fails to decode stays random (named)."""
+    t = time.perf_counter()
+    reseed(args.seed, 10**6, run.rank)  # a stream of its own, apart from every epoch's
+    # every slot in order (the training loader drops the last, incomplete batch); a process's
+    # last batch of one clip joins the one before, as BatchNorm needs two
+    share = list(range(run.rank, len(run.videos), run.world))
+    per = run.loader.batch_size
+    batches = [share[k:k + per] for k in range(0, len(share), per)]
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches[-2:] = [batches[-2] + batches[-1]]
+    steps = distributed.agreed_count(len(batches), run.device, run.world)  # same count everywhere
+    loader = DataLoader(run.loader.dataset, batch_sampler=batches[:steps],
+                        num_workers=run.loader.num_workers, collate_fn=data.collate_clips)
+    run.model.train()  # the embeddings training will compare them with: batch statistics
+    for batch in runs.progress(loader, desc="filling the memory bank", unit="step",
+                               disable=not run.is_main, leave=False):
+        report_data_errors(run, batch, "slot left random")
+        if not distributed.every_rank_has_data(len(batch["index"]) >= 2, run.device, run.world):
+            continue
+        index = batch["index"].to(run.device)
+        video = run.transforms.video(batch["video"].to(run.device))
+        audio = run.transforms.audio(batch["audio"].to(run.device))
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp):
+            v, a = run.model(video, audio)
+        run.criterion.bank.update(index, v, a, momentum=0.0)
+    run.log(f"memory bank filled with the initial encoders' embeddings in "
+            f"{time.perf_counter() - t:.1f}s")
+
+
+def train_one_epoch(run, args, epoch):
+    """One pass over the data: forward, loss, backward, step and bank update for every batch.
+    Returns the epoch's summary (means of the step records, bank statistics, speed, data errors)."""
+    reseed(args.seed, epoch, run.rank)
+    run.loader.sampler.set_epoch(epoch)
+    run.model.train()
+    warmup = epoch < args.warmup_epochs  # plain xID: the banks have not learned yet
+    step = epoch * len(run.loader)
+    sums, n_steps, clips, data_errors, wait, compute = {}, 0, 0, [], 0.0, 0.0
+    t_epoch = t_last = time.perf_counter()
+    desc = f"epoch {epoch + 1}/{args.epochs}{' (warm-up: xID)' if warmup else ''}"
+    bar = runs.progress(run.loader, desc=desc, unit="step", disable=not run.is_main, leave=False)
+    for batch in bar:
+        t_ready = time.perf_counter()
+        wait += t_ready - t_last
+        data_errors += report_data_errors(run, batch, "clip left out of this step, not replaced")
+        # every clip failed, or one is left: BatchNorm needs two (and every rank must agree)
+        if not distributed.every_rank_has_data(len(batch["index"]) >= 2, run.device, run.world):
+            t_last = time.perf_counter()
+            continue
+        # 1. the batch on the model's device; jitter, normalisation and log-mel run there
+        index = batch["index"].to(run.device, non_blocking=True)             # (B,) bank slots
+        video = batch["video"].to(run.device, non_blocking=True)             # (B, 3, T, H, W) uint8
+        audio = batch["audio"].to(run.device, non_blocking=True)             # (B, 1, samples)
+        video, audio = run.transforms.video(video), run.transforms.audio(audio)  # float; (B,1,F,S)
+        # 2. forward: L2-normalised embeddings v_i, a_i
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp):
+            v, a = run.ddp(video, audio)                                     # (B, 128) each
+        # 3. the loss against the memory banks: xID, Weighted, Soft or Robust (losses.py)
+        loss, diag = run.criterion(v, a, index, warmup=warmup)
+        stop_if_not_finite(loss, diag, f"epoch {epoch + 1}, step {step}")
+        # 4. backward and step (the scaler is a no-op unless --amp fp16)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        # 5. bank update: v̄_i <- normalize(m v̄_i + (1 - m) v_i), and the same for ā_i
+        if args.bank_refresh == "step":
+            run.criterion.bank.update(index, v, a)
+        else:  # the epoch's updates are applied together at its end (refresh_bank_at_epoch_end)
+            run.pending_bank_updates.append((index, v.detach(), a.detach()))
+
+        compute += time.perf_counter() - t_ready
+        record = step_record(run, loss, diag, index)
+        for k, val in record.items():
+            sums[k] = sums.get(k, 0.0) + val
+        n_steps, clips, step = n_steps + 1, clips + len(index) * run.world, step + 1
+        bar.set_postfix(loss=f"{record['loss']:.3f}", w=f"{record['batch_mean_weight']:.2f}",
+                        clips_s=f"{clips / (time.perf_counter() - t_epoch):.0f}", refresh=False)
+        if step % args.log_every == 0:
+            run.runlog.write(kind="step", epoch=epoch + 1, step=step, **record)
+        t_last = time.perf_counter()
+
+    refresh_bank_at_epoch_end(run)
+    elapsed = time.perf_counter() - t_epoch
+    data_errors = [e for errs in distributed.gather_objects(data_errors, run.world) for e in errs]
+    if n_steps == 0:
+        raise SystemExit(f"epoch {epoch + 1}: no step could be taken, every clip failed to decode; "
+                         "first errors:\n  " + "\n  ".join(data_errors[:5]))
+    summary = {k: v / n_steps for k, v in sums.items()}
+    summary.update(evaluate.bank_detection(run.criterion, run.injected, run.natural))
+    summary.update(step=step, warmup=warmup, clips_per_s=clips / elapsed,
+                   data_wait_fraction=wait / max(wait + compute, 1e-9),
+                   data_errors=len(data_errors), data_error_files=data_errors[:100],
+                   bank_spread_across_ranks=distributed.bank_spread(run.criterion, run.world))
+    return summary
+
+
+def refresh_bank_at_epoch_end(run):
+    """--bank-refresh epoch: the epoch's updates as one. An epoch visits each slot once (the sampler
+    is a permutation), so one update of all its slots equals the updates step by step."""
+    if run.pending_bank_updates:
+        index, v, a = (torch.cat(parts) for parts in zip(*run.pending_bank_updates))
+        run.criterion.bank.update(index, v, a)
+    run.pending_bank_updates.clear()
+
+
+def save_checkpoint_then_log(run, args, epoch, summary):
+    """The checkpoint first, so that a log record never describes an epoch the checkpoint lacks;
+    the record goes into the checkpoint too, so that a resumed run can write it if the log missed
+    it. No RNG state is saved: reseed() fixes them at every epoch's start."""
+    record = dict(kind="epoch", epoch=epoch + 1, **summary)
+    if run.is_main:
+        runs.save_checkpoint({
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "criterion": run.criterion.state_dict(), "scaler": run.scaler.state_dict(),
+            "epoch": epoch, "num_instances": len(run.videos), "classes": run.classes,
+            "videos": [v.path for v in run.videos],
+            "instances": [[v.path, v.label, v.duration] for v in run.videos],
+            "injected_pairs": run.pairs, "args": vars(args), "epoch_record": record},
+            run.out / "checkpoint.pt")
+    run.epochs_saved = epoch + 1
+    run.runlog.write(**record)
+    run.log(runs.epoch_line(summary, args, epoch))
+
+
+def end_of_run_summary(run, args):
+    """Video retrieval of the held-out clips among the training clips, and faulty-positive
+    detection by the bank's scores; written to results.json (evaluate.py adds the transfer)."""
+    t = time.perf_counter()
+    spec = replace(run.spec, need_audio=False)
+    try:
+        val, _, _ = list_and_scan(args, args.val_split, spec, run.log, run.rank, run.world,
+                                  classes=run.classes)
+    except (FileNotFoundError, ValueError) as e:  # no such split, nothing usable, a bad CSV
+        run.log(f"no held-out split for the retrieval summary: {e}")
+        val = None
+    results = evaluate.run_summary(run.model, run.criterion, run.videos, val, spec, run.device,
+                                   args.workers, run.injected, run.natural, run.log, run.rank,
+                                   run.world, names=(args.split, args.val_split))
+    if run.is_main:
+        path = runs.merge_results(run.out, results)
+        run.log(f"summary in {time.perf_counter() - t:.0f}s, written to {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up. Nothing is written to --out before every check has passed.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything a run holds, built once by set_up()."""
+    rank: int
+    world: int
+    device: torch.device
+    log: callable                       # prints on rank 0 only
+    out: Path                           # the run folder
+    videos: list                        # data.Video per bank slot, in slot order
+    classes: list
+    pairs: list                         # injected faulty positives [(instance, audio donor)]
+    injected: np.ndarray                # (N,) bool
+    natural: np.ndarray                 # (N,) bool, or None where the data marks none
+    labels: torch.Tensor                # (N,) class per slot, on the device; None if unlabelled
+    spec: data.ClipSpec
+    loader: DataLoader
+    transforms: data.BatchTransforms
+    model: AVModel                      # the encoders (what is saved and evaluated)
+    ddp: torch.nn.Module                # the model as the loop calls it (DDP when world > 1)
+    criterion: RobustXIDLoss            # the loss; owns the banks and the negatives' generator
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype              # None: full precision
+    runlog: runs.RunLog
+    pending_bank_updates: list = field(default_factory=list)  # --bank-refresh epoch
+    start_epoch: int = 0
+    epochs_saved: int = 0               # epochs the checkpoint holds (what Ctrl-C leaves)
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def amp(self):
+        return self.amp_dtype is not None
+
+
+def set_up(parser, args, write=True):
+    """Processes, data, injection, model, loss, optimiser; the checkpoint's state on --resume.
+    write=False (tools/bench_step.py) leaves the run folder alone."""
+    rank, world, device = distributed.setup(args.device)
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    out = Path(args.out)
+    if args.batch_size % world or args.batch_size // world < 2:  # BatchNorm needs 2 a process
+        parser.error(f"--batch-size {args.batch_size} must divide evenly over {world} processes, "
+                     f"at least 2 clips each")
+    spec, videos, classes, broken, K, audio_source, pairs = load_data(parser, args, rank, world,
+                                                                      log)
+    ckpt = runs.load_checkpoint(out / "checkpoint.pt") if args.resume else None
+    if ckpt is not None:
+        if ckpt["videos"] != [v.path for v in videos] or ckpt["injected_pairs"] != pairs:
+            parser.error(f"--resume: the usable videos or the injected pairs differ from the "
+                         f"checkpoint's ({ckpt['num_instances']} slots then, {len(videos)} usable "
+                         f"videos now): bank slots would not match")
+        for flag in RECIPE_FLAGS:
+            if ckpt["args"][flag] != getattr(args, flag):
+                parser.error(f"--resume: the run was trained with {flag} = {ckpt['args'][flag]}, "
+                             f"not {getattr(args, flag)}; pass the run's value to continue it")
+    if rank == 0 and write:  # every check has passed: now the run folder
+        runs.write_run_folder(out, args, videos, pairs, broken)
+
+    dataset = data.AVClips(videos, spec, train=True, audio_source=audio_source)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    cuda = device.type == "cuda"
+    loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler,
+                        num_workers=args.workers, collate_fn=data.collate_clips, pin_memory=cuda,
+                        drop_last=True, persistent_workers=args.workers > 0,
+                        prefetch_factor=4 if args.workers else None)
+    torch.manual_seed(args.seed)
+    model = AVModel(args.video_arch, args.audio_arch, centred_heads=args.centred_heads).to(device)
+    criterion = RobustXIDLoss(len(videos), 128, args.mode, K, args.tau, args.bank_momentum,
+                              args.delta, args.kappa, args.w_min, args.lam, args.strategy,
+                              args.tau_s, seed=args.seed).to(device)
+    injected = data.injected_mask(pairs, len(videos))
+    labels = (torch.tensor([v.label for v in videos], device=device)
+              if all(v.label >= 0 for v in videos) else None)
+    if args.oracle_weights != "off":
+        criterion.set_oracle(injected, args.w_min if args.oracle_weights == "w-min" else 0.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    amp = args.amp if args.amp != "auto" else (
+        "off" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    # DDP wraps the model before the checkpoint is loaded: every rank loads the same file
+    ddp = (DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+           if world > 1 else model)
+    run = Run(rank=rank, world=world, device=device, log=log, out=out, videos=videos,
+              classes=classes, pairs=pairs, injected=injected, labels=labels,
+              natural=embedded_dataset.natural_faulty_flags(videos), spec=spec, loader=loader,
+              transforms=data.BatchTransforms(spec, train=True).to(device),
+              model=model, ddp=ddp, criterion=criterion, optimizer=optimizer, scaler=scaler,
+              amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
+              runlog=runs.RunLog(out, rank == 0 and write))
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
+        criterion.load_state_dict(ckpt["criterion"])
+        scaler.load_state_dict(ckpt["scaler"])
+        run.start_epoch = run.epochs_saved = ckpt["epoch"] + 1
+        run.runlog.resume_at(run.start_epoch, ckpt["epoch_record"])
+        log(f"resumed {out} after epoch {run.start_epoch}")
+    else:
+        run.runlog.start()
+    log(f"{args.mode}: {len(videos)} videos ({len(classes)} classes, {len(broken)} broken left "
+        f"out), K={K}, n0={args.n0} ({len(pairs)} injected), device={device}x{world}, amp={amp}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    return run
+
+
+def load_data(parser, args, rank, world, log):
+    """The clip spec, the usable videos (bank slot order), K, and the seeded injection."""
+    if not args.data_root:
+        if rank == 0:
+            embedded_dataset.ensure(args.embedded_root, log=log)
+        if world > 1:
+            dist.barrier()
+    spec = data.ClipSpec(frames=args.frames, fps=args.fps, size=args.crop,
+                         audio_seconds=args.audio_seconds, sample_rate=args.sample_rate,
+                         n_mels=args.n_mels)
+    try:
+        videos, classes, broken = list_and_scan(args, args.split, spec, log, rank, world)
+    except ValueError as e:  # a CSV without a column, --classes naming a class the data lacks
+        parser.error(str(e))
+    N = len(videos)
+    K = num_negatives(args.num_negatives, N)
+    try:
+        check_num_negatives(K, N)
+    except ValueError:
+        parser.error(f"--num-negatives {K} must be smaller than the dataset ({N} usable videos)")
+    if args.batch_size // world > N:
+        parser.error(f"--batch-size {args.batch_size} is larger than the dataset ({N} usable "
+                     f"videos)")
+    audio_source, pairs = data.inject_faulty_positives(N, args.n0, args.seed)
+    return spec, videos, classes, broken, K, audio_source, pairs
+
+
+def num_negatives(asked, N):
+    """K: --num-negatives, or the paper's 1024 where the dataset has more than 2,048 videos."""
+    return asked or min(1024, N // 2)
+
+
+def list_and_scan(args, split, spec, log, rank=0, world=1, classes=None):
+    """A split's listing: (usable videos, classes, broken [(path, reason)]). Rank 0 lists and reads
+    the scan's cache, the files to probe are spread over all ranks, and every rank gets rank 0's
+    result, so all agree on N and on the order of the bank slots."""
+    root = evaluate.pretraining_root(vars(args))
+    csv_path = (args.val_csv or args.csv) if split != args.split else args.csv
+    subset = args.subset if split == args.split else None
+
+    def listing(probe_many):
+        return data.pretraining_split(root, split, spec, csv_path,
+                                      args.class_names if classes is None else None, subset,
+                                      args.seed, classes=classes, probe_many=probe_many, log=log)
+    return distributed.shared_by_ranks(listing, rank, world)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers of the loop
+# ----------------------------------------------------------------------------------------------
+def reseed(seed, epoch, rank):
+    """Every epoch starts from RNGs fixed by (seed, epoch, rank): a resumed run draws the same."""
+    s = seed * 1_000_003 + epoch * 1_009 + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def report_data_errors(run, batch, consequence):
+    """Every rank names its own failed clips at once (rank 0 counts them all at the epoch's end)."""
+    for e in batch["errors"]:
+        print(f"{'' if run.is_main else f'[rank {run.rank}] '}data error ({consequence}): {e}",
+              file=sys.stdout if run.is_main else sys.stderr, flush=True)
+    return batch["errors"]
+
+
+def stop_if_not_finite(loss, diag, where):
+    if not torch.isfinite(loss):
+        bad = [k for k in ("loss_v2a", "loss_a2v") if not torch.isfinite(diag[k])]
+        raise SystemExit(f"non-finite loss at {where}: {', '.join(bad) or 'loss'} = "
+                         f"{[diag[k].item() for k in ('loss_v2a', 'loss_a2v')]}; "
+                         f"try a lower --lr or --amp bf16/off")
+
+
+def step_record(run, loss, diag, index):
+    """The step's numbers for the log, fetched from the device in one sync."""
+    terms = {"loss": loss, "loss_v2a": diag["loss_v2a"], "loss_a2v": diag["loss_a2v"],
+             "batch_mean_weight": diag["mean_weight"],
+             "target_on_positive": diag["target_on_positive"]}
+    record = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))
+    if diag["lam"] > 0 and run.labels is not None:  # where the soft targets moved the mass
+        record["soft_mass_same_class"], record["same_class_share"] = \
+            evaluate.soft_target_mass_in_class(diag, index, run.labels)
+    return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,369 +556,6 @@ def check_args(p, args):
                 f"or another --out")
     if args.resume and not (Path(args.out) / "checkpoint.pt").exists():
         p.error(f"--resume: no checkpoint.pt in --out {args.out}")
-
-
-# ----------------------------------------------------------------------------------------------
-# The story
-# ----------------------------------------------------------------------------------------------
-def main(argv=None):
-    parser, args = get_args(argv)
-    run = set_up(parser, args)
-    epoch = run.start_epoch
-    try:
-        if run.start_epoch == 0 and args.bank_init == "embeddings":
-            fill_bank(run, args)
-        for epoch in range(run.start_epoch, args.epochs):
-            summary = train_one_epoch(run, args, epoch)
-            save_checkpoint_then_log(run, args, epoch, summary)
-        if not args.no_eval:  # every rank takes part: the features are shared out
-            end_of_run_summary(run, args)
-    except KeyboardInterrupt:  # a traceback would read like a crash, and nothing finished is lost
-        runs.stopped_by_ctrl_c(run.log, run.out, epoch, run.epochs_saved, args.epochs, run.world)
-    return run  # the caller holds it until the processes end (distributed.end_processes)
-
-
-def train_one_epoch(run, args, epoch):
-    """One pass over the data: forward, loss, backward, step and bank update for every batch.
-    Returns the epoch's summary (means of the step records, bank statistics, speed, data errors)."""
-    reseed(args.seed, epoch, run.rank)
-    run.sampler.set_epoch(epoch)
-    run.model.train()
-    warmup = epoch < args.warmup_epochs  # plain xID: the banks have not learned yet
-    step = epoch * len(run.loader)
-    sums, n_steps, clips, data_errors, wait, compute = {}, 0, 0, [], 0.0, 0.0
-    t_epoch = t_last = time.perf_counter()
-    desc = f"epoch {epoch + 1}/{args.epochs}{' (warm-up: xID)' if warmup else ''}"
-    bar = runs.progress(run.loader, desc=desc, unit="step", disable=not run.is_main, leave=False)
-    for batch in bar:
-        t_ready = time.perf_counter()
-        wait += t_ready - t_last
-        data_errors += report_data_errors(run, batch, "clip left out of this step, not replaced")
-        # every clip failed, or one is left: BatchNorm needs two (and every rank must agree)
-        if not distributed.every_rank_has_data(len(batch["index"]) >= 2, run.device, run.world):
-            t_last = time.perf_counter()
-            continue
-        # 1. the batch on the model's device; jitter, normalisation and log-mel run there
-        index = batch["index"].to(run.device, non_blocking=True)             # (B,) bank slots
-        video = batch["video"].to(run.device, non_blocking=True)             # (B, 3, T, H, W) uint8
-        audio = batch["audio"].to(run.device, non_blocking=True)             # (B, 1, samples)
-        video, audio = run.transforms.video(video), run.transforms.audio(audio)  # float; (B,1,F,S)
-        # 2. forward: L2-normalised embeddings v_i, a_i
-        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp):
-            v, a = run.ddp(video, audio)                                     # (B, 128) each
-        # 3. the loss against the memory banks: xID, Weighted, Soft or Robust (losses.py)
-        loss, diag = run.criterion(v, a, index, warmup=warmup)
-        stop_if_not_finite(loss, diag, f"epoch {epoch + 1}, step {step}")
-        # 4. backward and step (the scaler is a no-op unless --amp fp16)
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        # 5. bank update: v̄_i <- normalize(m v̄_i + (1 - m) v_i), and the same for ā_i
-        if args.bank_refresh == "step":
-            run.criterion.bank.update(index, v, a)
-        else:  # the epoch's updates are applied together at its end (refresh_bank_at_epoch_end)
-            run.pending_bank_updates.append((index, v.detach(), a.detach()))
-
-        compute += time.perf_counter() - t_ready
-        record = step_record(run, loss, diag, index)
-        for k, val in record.items():
-            sums[k] = sums.get(k, 0.0) + val
-        n_steps, clips, step = n_steps + 1, clips + len(index) * run.world, step + 1
-        bar.set_postfix(loss=f"{record['loss']:.3f}", w=f"{record['batch_mean_weight']:.2f}",
-                        clips_s=f"{clips / (time.perf_counter() - t_epoch):.0f}", refresh=False)
-        if step % args.log_every == 0:
-            run.runlog.write(kind="step", epoch=epoch + 1, step=step, **record)
-        t_last = time.perf_counter()
-
-    refresh_bank_at_epoch_end(run)
-    elapsed = time.perf_counter() - t_epoch
-    data_errors = [e for errs in distributed.gather_objects(data_errors, run.world) for e in errs]
-    if n_steps == 0:
-        raise SystemExit(f"epoch {epoch + 1}: no step could be taken, every clip failed to decode; "
-                         "first errors:\n  " + "\n  ".join(data_errors[:5]))
-    summary = {k: v / n_steps for k, v in sums.items()}
-    summary.update(evaluate.bank_detection(run.criterion, run.injected, run.natural))
-    summary.update(step=step, warmup=warmup, clips_per_s=clips / elapsed,
-                   data_wait_fraction=wait / max(wait + compute, 1e-9),
-                   data_errors=len(data_errors), data_error_files=data_errors[:100],
-                   bank_spread_across_ranks=distributed.bank_spread(run.criterion, run.world))
-    return summary
-
-
-def refresh_bank_at_epoch_end(run):
-    """--bank-refresh epoch: the epoch's updates as one. An epoch visits each slot once (the sampler
-    is a permutation), so one update of all its slots equals the updates step by step."""
-    if run.pending_bank_updates:
-        index, v, a = (torch.cat(parts) for parts in zip(*run.pending_bank_updates))
-        run.criterion.bank.update(index, v, a)
-    run.pending_bank_updates.clear()
-
-
-def save_checkpoint_then_log(run, args, epoch, summary):
-    """The checkpoint first, so that a log record never describes an epoch the checkpoint lacks;
-    the record goes into the checkpoint too, so that a resumed run can write it if the log missed
-    it. No RNG state is saved: reseed() fixes them at every epoch's start."""
-    record = dict(kind="epoch", epoch=epoch + 1, **summary)
-    if run.is_main:
-        runs.save_checkpoint({
-            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "criterion": run.criterion.state_dict(), "scaler": run.scaler.state_dict(),
-            "epoch": epoch, "num_instances": len(run.videos), "classes": run.classes,
-            "videos": [v.path for v in run.videos],
-            "instances": [[v.path, v.label, v.duration] for v in run.videos],
-            "injected_pairs": run.pairs, "args": vars(args), "epoch_record": record},
-            run.out / "checkpoint.pt")
-    run.epochs_saved = epoch + 1
-    run.runlog.write(**record)
-    run.log(runs.epoch_line(summary, args, epoch))
-
-
-def end_of_run_summary(run, args):
-    """Video retrieval of the held-out clips among the training clips, and faulty-positive
-    detection by the bank's scores; written to results.json (evaluate.py adds the transfer)."""
-    t = time.perf_counter()
-    spec = replace(run.spec, need_audio=False)
-    try:
-        val, _, _ = list_and_scan(args, args.val_split, spec, run.log, run.rank, run.world,
-                                  classes=run.classes)
-    except (FileNotFoundError, ValueError) as e:  # no such split, nothing usable, a bad CSV
-        run.log(f"no held-out split for the retrieval summary: {e}")
-        val = None
-    results = evaluate.run_summary(run.model, run.criterion, run.videos, val, spec, run.device,
-                                   args.workers, run.injected, run.natural, run.log, run.rank,
-                                   run.world, names=(args.split, args.val_split))
-    if run.is_main:
-        path = runs.merge_results(run.out, results)
-        run.log(f"summary in {time.perf_counter() - t:.0f}s, written to {path}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Set-up. Nothing is written to --out before every check has passed.
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    """Everything a run holds, built once by set_up()."""
-    rank: int
-    world: int
-    device: torch.device
-    log: callable                       # prints on rank 0 only
-    out: Path                           # the run folder
-    videos: list                        # data.Video per bank slot, in slot order
-    classes: list
-    pairs: list                         # injected faulty positives [(instance, audio donor)]
-    injected: np.ndarray                # (N,) bool
-    natural: np.ndarray                 # (N,) bool, or None where the data marks none
-    labels: torch.Tensor                # (N,) class per slot, on the device; None if unlabelled
-    spec: data.ClipSpec
-    loader: DataLoader
-    sampler: DistributedSampler
-    transforms: data.BatchTransforms
-    model: AVModel                      # the encoders (what is saved and evaluated)
-    ddp: torch.nn.Module                # the model as the loop calls it (DDP when world > 1)
-    criterion: RobustXIDLoss            # the loss; owns the banks and the negatives' generator
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    amp_dtype: torch.dtype              # None: full precision
-    runlog: runs.RunLog
-    pending_bank_updates: list = field(default_factory=list)  # --bank-refresh epoch
-    start_epoch: int = 0
-    epochs_saved: int = 0               # epochs the checkpoint holds (what Ctrl-C leaves)
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def amp(self):
-        return self.amp_dtype is not None
-
-
-def set_up(parser, args, write=True):
-    """Processes, data, injection, model, loss, optimiser; the checkpoint's state on --resume.
-    write=False (tools/bench_step.py) leaves the run folder alone."""
-    rank, world, device = distributed.setup(args.device)
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    out = Path(args.out)
-    if args.batch_size % world or args.batch_size // world < 2:  # BatchNorm needs 2 a process
-        parser.error(f"--batch-size {args.batch_size} must divide evenly over {world} processes, "
-                     f"at least 2 clips each")
-    spec, videos, classes, broken, K, audio_source, pairs = load_data(parser, args, rank, world,
-                                                                      log)
-    ckpt = runs.load_checkpoint(out / "checkpoint.pt") if args.resume else None
-    if ckpt is not None:
-        if ckpt["videos"] != [v.path for v in videos] or ckpt["injected_pairs"] != pairs:
-            parser.error(f"--resume: the usable videos or the injected pairs differ from the "
-                         f"checkpoint's ({ckpt['num_instances']} slots then, {len(videos)} usable "
-                         f"videos now): bank slots would not match")
-        for flag in RECIPE_FLAGS:
-            if ckpt["args"][flag] != getattr(args, flag):
-                parser.error(f"--resume: the run was trained with {flag} = {ckpt['args'][flag]}, "
-                             f"not {getattr(args, flag)}; pass the run's value to continue it")
-    if rank == 0 and write:  # every check has passed: now the run folder
-        runs.write_run_folder(out, args, videos, pairs, broken)
-
-    dataset = data.AVClips(videos, spec, train=True, audio_source=audio_source)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
-    cuda = device.type == "cuda"
-    loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler,
-                        num_workers=args.workers, collate_fn=data.collate_clips, pin_memory=cuda,
-                        drop_last=True, persistent_workers=args.workers > 0,
-                        prefetch_factor=4 if args.workers else None)
-    torch.manual_seed(args.seed)
-    model = AVModel(args.video_arch, args.audio_arch, centred_heads=args.centred_heads).to(device)
-    criterion = RobustXIDLoss(len(videos), 128, args.mode, K, args.tau, args.bank_momentum,
-                              args.delta, args.kappa, args.w_min, args.lam, args.strategy,
-                              args.tau_s, seed=args.seed).to(device)
-    injected = data.injected_mask(pairs, len(videos))
-    labels = (torch.tensor([v.label for v in videos], device=device)
-              if all(v.label >= 0 for v in videos) else None)
-    if args.oracle_weights != "off":
-        criterion.set_oracle(injected, args.w_min if args.oracle_weights == "w-min" else 0.0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    amp = args.amp if args.amp != "auto" else (
-        "off" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    # DDP wraps the model before the checkpoint is loaded: every rank loads the same file
-    ddp = (DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-           if world > 1 else model)
-    run = Run(rank=rank, world=world, device=device, log=log, out=out, videos=videos,
-              classes=classes, pairs=pairs, injected=injected, labels=labels,
-              natural=embedded_dataset.natural_faulty_flags(videos), spec=spec, loader=loader,
-              sampler=sampler, transforms=data.BatchTransforms(spec, train=True).to(device),
-              model=model, ddp=ddp, criterion=criterion, optimizer=optimizer, scaler=scaler,
-              amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
-              runlog=runs.RunLog(out, rank == 0 and write))
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
-        criterion.load_state_dict(ckpt["criterion"])
-        scaler.load_state_dict(ckpt["scaler"])
-        run.start_epoch = run.epochs_saved = ckpt["epoch"] + 1
-        run.runlog.resume_at(run.start_epoch, ckpt["epoch_record"])
-        log(f"resumed {out} after epoch {run.start_epoch}")
-    else:
-        run.runlog.start()
-    log(f"{args.mode}: {len(videos)} videos ({len(classes)} classes, {len(broken)} broken left "
-        f"out), K={K}, n0={args.n0} ({len(pairs)} injected), device={device}x{world}, amp={amp}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    return run
-
-
-def load_data(parser, args, rank, world, log):
-    """The clip spec, the usable videos (bank slot order), K, and the seeded injection."""
-    if not args.data_root:
-        if rank == 0:
-            embedded_dataset.ensure(args.embedded_root, log=log)
-        if world > 1:
-            dist.barrier()
-    spec = data.ClipSpec(frames=args.frames, fps=args.fps, size=args.crop,
-                         audio_seconds=args.audio_seconds, sample_rate=args.sample_rate,
-                         n_mels=args.n_mels)
-    try:
-        videos, classes, broken = list_and_scan(args, args.split, spec, log, rank, world)
-    except ValueError as e:  # a CSV without a column, --classes naming a class the data lacks
-        parser.error(str(e))
-    N = len(videos)
-    K = args.num_negatives or min(1024, N // 2)
-    try:
-        check_num_negatives(K, N)
-    except ValueError:
-        parser.error(f"--num-negatives {K} must be smaller than the dataset ({N} usable videos)")
-    if args.batch_size // world > N:
-        parser.error(f"--batch-size {args.batch_size} is larger than the dataset ({N} usable "
-                     f"videos)")
-    audio_source, pairs = data.inject_faulty_positives(N, args.n0, args.seed)
-    return spec, videos, classes, broken, K, audio_source, pairs
-
-
-def list_and_scan(args, split, spec, log, rank=0, world=1, classes=None):
-    """A split's listing: (usable videos, classes, broken [(path, reason)]). Rank 0 lists and reads
-    the scan's cache, the files to probe are spread over all ranks, and every rank gets rank 0's
-    result, so all agree on N and on the order of the bank slots."""
-    root = evaluate.pretraining_root(vars(args))
-    csv_path = (args.val_csv or args.csv) if split != args.split else args.csv
-    subset = args.subset if split == args.split else None
-
-    def listing(probe_many):
-        return data.pretraining_split(root, split, spec, csv_path,
-                                      args.class_names if classes is None else None, subset,
-                                      args.seed, classes=classes, probe_many=probe_many, log=log)
-    return distributed.shared_by_ranks(listing, rank, world)
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers of the loop
-# ----------------------------------------------------------------------------------------------
-def reseed(seed, epoch, rank):
-    """Every epoch starts from RNGs fixed by (seed, epoch, rank): a resumed run draws the same."""
-    s = seed * 1_000_003 + epoch * 1_009 + rank
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
-
-
-@torch.no_grad()
-def fill_bank(run, args):
-    """--bank-init embeddings: before the first step every slot gets the initial encoders'
-    embeddings of a clip of its instance (momentum 0). A random slot carries nothing: as a
-    positive it is a target no clip can predict, and beside refreshed slots its age gives the
-    positive away. A slot whose clip fails to decode stays random (named)."""
-    t = time.perf_counter()
-    reseed(args.seed, 10**6, run.rank)  # a stream of its own, apart from every epoch's
-    # every slot in order (the training loader drops the last, incomplete batch); a process's
-    # last batch of one clip joins the one before, as BatchNorm needs two
-    share = list(range(run.rank, len(run.videos), run.world))
-    per = run.loader.batch_size
-    batches = [share[k:k + per] for k in range(0, len(share), per)]
-    if len(batches) > 1 and len(batches[-1]) < 2:
-        batches[-2:] = [batches[-2] + batches[-1]]
-    steps = distributed.agreed_count(len(batches), run.device, run.world)  # same count everywhere
-    loader = DataLoader(run.loader.dataset, batch_sampler=batches[:steps],
-                        num_workers=run.loader.num_workers, collate_fn=data.collate_clips)
-    run.model.train()  # the embeddings training will compare them with: batch statistics
-    for batch in runs.progress(loader, desc="filling the memory bank", unit="step",
-                               disable=not run.is_main, leave=False):
-        report_data_errors(run, batch, "slot left random")
-        if not distributed.every_rank_has_data(len(batch["index"]) >= 2, run.device, run.world):
-            continue
-        index = batch["index"].to(run.device)
-        video = run.transforms.video(batch["video"].to(run.device))
-        audio = run.transforms.audio(batch["audio"].to(run.device))
-        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp):
-            v, a = run.model(video, audio)
-        run.criterion.bank.update(index, v, a, momentum=0.0)
-    run.log(f"memory bank filled with the initial encoders' embeddings in "
-            f"{time.perf_counter() - t:.1f}s")
-
-
-def report_data_errors(run, batch, consequence):
-    """Every rank names its own failed clips at once (rank 0 counts them all at the epoch's end)."""
-    for e in batch["errors"]:
-        print(f"{'' if run.is_main else f'[rank {run.rank}] '}data error ({consequence}): {e}",
-              file=sys.stdout if run.is_main else sys.stderr, flush=True)
-    return batch["errors"]
-
-
-def stop_if_not_finite(loss, diag, where):
-    if not torch.isfinite(loss):
-        bad = [k for k in ("loss_v2a", "loss_a2v") if not torch.isfinite(diag[k])]
-        raise SystemExit(f"non-finite loss at {where}: {', '.join(bad) or 'loss'} = "
-                         f"{[diag[k].item() for k in ('loss_v2a', 'loss_a2v')]}; "
-                         f"try a lower --lr or --amp bf16/off")
-
-
-def step_record(run, loss, diag, index):
-    """The step's numbers for the log, fetched from the device in one sync."""
-    terms = {"loss": loss, "loss_v2a": diag["loss_v2a"], "loss_a2v": diag["loss_a2v"],
-             "batch_mean_weight": diag["mean_weight"],
-             "target_on_positive": diag["target_on_positive"]}
-    record = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))
-    if diag["lam"] > 0 and run.labels is not None:  # where the soft targets moved the mass
-        record["soft_mass_same_class"], record["same_class_share"] = \
-            evaluate.soft_target_mass_in_class(diag, index, run.labels)
-    return record
 
 
 if __name__ == "__main__":

@@ -725,7 +725,7 @@ def test_scanning_broken_files_prints_no_ffmpeg_messages(embedded, tmp_path):
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "truncated.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
     (tmp_path / "cls" / "fine.mp4").write_bytes(good.read_bytes())
-    cmd = [sys.executable, "data.py", "scan", str(tmp_path)]
+    cmd = [sys.executable, "tools/scan.py", str(tmp_path)]
     quiet = subprocess.run(cmd, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "FFMPEG_LOG": "0"})
     assert quiet.returncode == 0 and "1 usable, 1 broken" in quiet.stdout

@@ -15,6 +15,7 @@ every few seconds, so that a long step is never silent and a log is never a wall
 """
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -42,8 +43,13 @@ def save_checkpoint(state, path):
 
 def load_checkpoint(path):
     """A checkpoint of train.py, mapped to the CPU (load_state_dict then copies each tensor to the
-    device it lives on). Loaded without pickle's code execution: a shared checkpoint is data."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    device it lives on). Read as data only (tensors, numbers, strings, lists, dicts): a shared
+    checkpoint that holds other Python objects could run code when unpickled, so it is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(f"{path}: refused: it holds Python objects other than tensors and plain "
+                         f"data, which could run code when loaded ({str(e).splitlines()[0]})")
 
 
 def write_run_folder(out, args, videos, pairs, broken):

@@ -560,6 +560,31 @@ def test_evaluate_end_to_end(embedded, tmp_path):
     assert saved["kept"] == 1 and "per_class_R@1" in saved and "ucf" in saved
 
 
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_shared_checkpoint_cannot_run_code(embedded, tmp_path):
+    """runs.load_checkpoint reads tensors and plain data only: a checkpoint carrying an object
+    that would run code when unpickled is refused with a message naming the file, and the code
+    does not run (evaluate.py on a checkpoint someone shared; train.py --resume alike)."""
+    out = tmp_path / "run"
+    run_train(embedded, out, "--epochs", "1")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    marker = tmp_path / "code-ran"
+    ckpt["args"]["note"] = _RunsCodeWhenUnpickled(marker)
+    torch.save(ckpt, out / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="checkpoint.pt: refused"):
+        evaluate.main([str(out), "--skip", "ucf", "hmdb", "pretrain"])
+    with pytest.raises(SystemExit, match="checkpoint.pt: refused"):
+        run_train(embedded, out, "--epochs", "2", "--resume")
+    assert not marker.exists()
+
+
 def test_evaluate_errors_are_clear(embedded, tmp_path):
     """evaluate.py names a missing checkpoint, one that does not fit its architecture, and a
     downstream set with no usable video."""

@@ -662,6 +662,46 @@ def test_prepare_follows_linked_folders_and_names_a_name_clash(download, tmp_pat
                                                 key=lambda f: (f.suffix.lower() in data.VIDEO_EXTENSIONS, f.name))[-1].name == "x.webm"
 
 
+def test_prepare_copies_a_leftover_that_sorts_before_every_video_of_its_folder(download, tmp_path):
+    """A thumbnail or a .ytdl file sorting first in a class folder is not a video: prepare copies it
+    as it is (so the scan of DST names it as the scan of SRC did) into a folder that no video has
+    made yet, instead of stopping the whole prepare."""
+    src = tmp_path / "src" / "train" / "a"
+    src.mkdir(parents=True)
+    (src / "0000.jpg").write_bytes(b"\xff\xd8 not a video")
+    (src / "0000.mp4.ytdl").write_text("{}")
+    shutil.copy(download / "kinetics" / "train" / "abseiling" / clip_name(0), src / "x.mp4")
+    result = prepare.prepare(tmp_path / "src", tmp_path / "dst", workers=1, log=lambda *a: None)
+    dst = tmp_path / "dst" / "train" / "a"
+    assert (dst / "0000.jpg").read_bytes() == (src / "0000.jpg").read_bytes()
+    assert (dst / "0000.mp4.ytdl").exists() and (dst / "x.mp4").exists()
+    assert sorted(Path(p).name for p, r in result["failed"] if "copied as it is" in r) == [
+        "0000.jpg", "0000.mp4.ytdl"]
+
+
+def test_a_failed_prepare_releases_its_lock_and_spares_other_programs_temporary_files(
+        download, tmp_path, monkeypatch):
+    """prepare's lock is released however it ends (an error included: the next prepare in the same
+    process must not be told another one is writing), and its clean-up of files left by a killed
+    prepare deletes only its own temporary files, not another program's (a scan cache being
+    written beside the data)."""
+    src = tmp_path / "src" / "train" / "a"
+    src.mkdir(parents=True)
+    shutil.copy(download / "kinetics" / "train" / "abseiling" / clip_name(0), src / "x.mp4")
+    dst = tmp_path / "dst"
+    monkeypatch.setattr(prepare, "plan", lambda *a: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare.prepare(tmp_path / "src", dst, workers=1, log=lambda *a: None)
+    monkeypatch.undo()
+    (dst / "train" / "a").mkdir(parents=True)
+    others = dst / "train" / ".scan-cache-train.json.tmp4242"           # data.py's atomic write
+    own = dst / "train" / "a" / f".x.mp4{prepare.TMP_MARK}4242"         # a killed prepare's
+    others.write_text("{}")
+    own.write_bytes(b"half")
+    prepare.prepare(tmp_path / "src", dst, workers=1, log=lambda *a: None)  # not "another prepare"
+    assert others.exists() and not own.exists() and (dst / "train" / "a" / "x.mp4").exists()
+
+
 def _flash_and_click(path, audio_parts, flash_at, fps=30, seconds=4.0):
     """A 64x48 video (0..seconds) with one white frame at flash_at, and PCM audio written as
     (start, length, click_at) parts: a gap between parts is a gap in the file's timestamps."""

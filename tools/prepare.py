@@ -131,7 +131,7 @@ def transcode(src, dst, scale=Scale()):
     Returns whether it has audio. Raises on a file FFmpeg cannot read to the end."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")  # hidden: listings never see a half file
+    tmp = dst.with_name(f".{dst.name}{TMP_MARK}{os.getpid()}")  # hidden: never listed half done
     try:
         with av.open(str(src)) as inp, av.open(str(tmp), "w", format="mp4") as out:
             v_in = inp.streams.video[0]
@@ -187,6 +187,7 @@ def transcode(src, dst, scale=Scale()):
 # ----------------------------------------------------------------------------------------------
 # A tree of files, in parallel, resumable
 # ----------------------------------------------------------------------------------------------
+TMP_MARK = ".prepare-tmp"  # in the names of the files prepare is writing (and only of those)
 SETTINGS_FILE = "prepare.json"     # DST's record of the scale it was prepared at
 FAILED_FILE = "prepare-failed.txt"  # the files prepare could not read, with the reason
 
@@ -279,17 +280,21 @@ def prepare(src, dst, scale=Scale(), workers=None, only=None, log=print):
         raise ValueError(f"prepare: DST {dst} must be outside SRC {src}")
     check_scale(scale)
     dst.mkdir(parents=True, exist_ok=True)
-    lock = open(dst / ".prepare.lock", "w")
-    try:  # two prepares into one DST would write the same files
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise ValueError(f"prepare: another prepare is writing to {dst}") from None
+    with open(dst / ".prepare.lock", "w") as lock:  # closed on every way out, errors included
+        try:  # two prepares into one DST would write the same files
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"prepare: another prepare is writing to {dst}") from None
+        return _prepare_locked(src, dst, scale, workers, only, log)
+
+
+def _prepare_locked(src, dst, scale, workers, only, log):
     settings = dst / SETTINGS_FILE
     if settings.exists() and json.loads(settings.read_text()) != asdict(scale):
         raise ValueError(f"prepare: {dst} was prepared at {json.loads(settings.read_text())}, not "
                          f"at {asdict(scale)}: give the same flags to continue it, or another DST")
     settings.write_text(json.dumps(asdict(scale)))
-    for stale in dst.rglob(".*.tmp*"):  # left by a prepare that was killed outright
+    for stale in dst.rglob(f".*{TMP_MARK}*"):  # left by a prepare that was killed outright
         stale.unlink()
     videos, metadata, clashes = plan(src, dst, only)
     for s, d in metadata:
@@ -313,6 +318,7 @@ def prepare(src, dst, scale=Scale(), workers=None, only=None, log=print):
             no_audio += not has_audio
         elif s.suffix.lower() not in VIDEO_EXTENSIONS:  # not a video after all: copied as is,
             d = dst / s.relative_to(src)                 # so the scan of DST names it as SRC's did
+            d.parent.mkdir(parents=True, exist_ok=True)  # maybe before any video of the folder
             shutil.copy2(s, d)
             failed.append((str(s), f"{reason} (copied as it is)"))
         else:
@@ -324,7 +330,6 @@ def prepare(src, dst, scale=Scale(), workers=None, only=None, log=print):
         (f", listed in {dst / FAILED_FILE}:" if failed else "") +
         "".join(f"\n  {p}: {r}" for p, r in sorted(failed)[:10]) +
         ("\n  ..." if len(failed) > 10 else ""))
-    lock.close()
     return {"prepared": prepared, "skipped": len(videos) - len(todo), "failed": sorted(failed),
             "no_audio": no_audio, "seconds": seconds}
 

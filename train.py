@@ -37,9 +37,8 @@ import runs
 from losses import MODES, STRATEGIES, RobustXIDLoss, check_num_negatives
 from model import AUDIO_ENCODERS, VIDEO_ENCODERS, AVModel
 
-# What a resumed run must share with the run it continues (the epochs may grow).
-RECIPE_FLAGS = ("mode", "bank_refresh", "centred_heads", "oracle_weights", "video_arch",
-                "audio_arch")
+# The flags a resumed run may change; every other one must be the run's own (one recipe a run).
+RESUMABLE_FLAGS = ("epochs", "workers", "device", "amp", "out", "resume", "log_every", "no_eval")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,12 +267,11 @@ def set_up(parser, args, write=True):
             parser.error(f"--resume: the usable videos or the injected pairs differ from the "
                          f"checkpoint's ({ckpt['num_instances']} slots then, {len(videos)} usable "
                          f"videos now): bank slots would not match")
-        for flag in RECIPE_FLAGS:
-            if ckpt["args"][flag] != getattr(args, flag):
-                parser.error(f"--resume: the run was trained with {flag} = {ckpt['args'][flag]}, "
-                             f"not {getattr(args, flag)}; pass the run's value to continue it")
-    if rank == 0 and write:  # every check has passed: now the run folder
-        runs.write_run_folder(out, args, videos, pairs, broken)
+        for flag, value in vars(args).items():
+            was = ckpt["args"].get(flag, "(not recorded)")
+            if flag not in RESUMABLE_FLAGS and was != value:
+                parser.error(f"--resume: the run was trained with --{flag.replace('_', '-')} "
+                             f"{was}, not {value}; pass the run's value to continue it")
 
     dataset = data.AVClips(videos, spec, train=True, audio_source=audio_source)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
@@ -311,12 +309,16 @@ def set_up(parser, args, write=True):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
         criterion.load_state_dict(ckpt["criterion"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when saved without fp16 (bf16, --amp off, a CPU)
+            scaler.load_state_dict(ckpt["scaler"])
         run.start_epoch = run.epochs_saved = ckpt["epoch"] + 1
-        run.runlog.resume_at(run.start_epoch, ckpt["epoch_record"])
         log(f"resumed {out} after epoch {run.start_epoch}")
-    else:
-        run.runlog.start()
+    if rank == 0 and write:  # every check has passed and the checkpoint has loaded: the folder
+        runs.write_run_folder(out, args, videos, pairs, broken)
+        if ckpt is not None:
+            run.runlog.resume_at(run.start_epoch, ckpt["epoch_record"])
+        else:
+            run.runlog.start()
     log(f"{args.mode}: {len(videos)} videos ({len(classes)} classes, {len(broken)} broken left "
         f"out), K={K}, n0={args.n0} ({len(pairs)} injected), device={device}x{world}, amp={amp}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")

@@ -568,6 +568,26 @@ class _RunsCodeWhenUnpickled:
         return (Path.touch, (self.marker,))
 
 
+def test_resume_keeps_the_recipe_and_a_refused_resume_writes_nothing(embedded, tmp_path, capsys):
+    """--resume continues one recipe: a flag other than the epochs, workers, device, precision or
+    logging (here λ, the warm-up, the seed) is refused, naming it, before anything in the run
+    folder is rewritten. A run saved without fp16 (its GradScaler state is empty) resumes under
+    --amp fp16."""
+    out = tmp_path / "run"
+    run_train(embedded, out, "--epochs", "1", "--n0", "0.25")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for flags, named in ((["--lam", "0.25"], "--lam 0.5, not 0.25"),
+                         (["--warmup-epochs", "2"], "--warmup-epochs 1, not 2"),
+                         (["--seed", "1", "--n0", "0.25"], "")):
+        with pytest.raises(SystemExit):
+            run_train(embedded, out, "--epochs", "2", "--n0", "0.25", *flags, "--resume")
+        assert named in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before, flags
+    log = epochs_of(run_train(embedded, out, "--epochs", "2", "--n0", "0.25", "--amp", "fp16",
+                              "--resume"))
+    assert [r["epoch"] for r in log] == [1, 2]
+
+
 def test_a_shared_checkpoint_cannot_run_code(embedded, tmp_path):
     """runs.load_checkpoint reads tensors and plain data only: a checkpoint carrying an object
     that would run code when unpickled is refused with a message naming the file, and the code

@@ -653,6 +653,8 @@ def scan(videos, spec=ClipSpec(), cache_path=None, name="dataset", probe_many=No
     log(f"scan {name}: {len(usable)} usable, {len(broken)} broken" +
         "".join(f"\n  {n:5d}  {r}" for r, n in sorted(counts.items())))
     if not usable:
-        raise FileNotFoundError(f"no usable video in {name}: {len(broken)} files, all broken "
-                                f"(first: {broken[0] if broken else 'no files at all'})")
+        error = FileNotFoundError(f"no usable video in {name}: {len(broken)} files, all broken "
+                                  f"(first: {broken[0] if broken else 'no files at all'})")
+        error.broken = broken  # for a caller that lists them
+        raise error
     return usable, broken

@@ -37,6 +37,10 @@ import runs
 from losses import MODES, STRATEGIES, RobustXIDLoss, check_num_negatives
 from model import AUDIO_ENCODERS, VIDEO_ENCODERS, AVModel
 
+# BatchNorm (the encoders', the centred heads') centres over a process's batch: with 2 clips their
+# embeddings come out exact opposites, so every step, and the bank's fill, takes at least this many.
+MIN_CLIPS = 4
+
 # The flags a resumed run may change; every other one must be the run's own (one recipe a run).
 RESUMABLE_FLAGS = ("epochs", "workers", "device", "amp", "out", "resume", "log_every", "no_eval")
 
@@ -66,33 +70,34 @@ def fill_bank(run, args):
     """--bank-init embeddings: before the first step every slot gets the initial encoders'
     embeddings of a clip of its instance (momentum 0). A random slot carries nothing: as a
     positive it is a target no clip can predict, and beside refreshed slots its age gives the
-    positive away. A slot whose clip fails to decode stays random (named)."""
+    positive away. A slot whose clip fails to decode stays random (named). Each process embeds its
+    own share, however many batches that is, and one update gathers every share."""
     t = time.perf_counter()
     reseed(args.seed, 10**6, run.rank)  # a stream of its own, apart from every epoch's
-    # every slot in order (the training loader drops the last, incomplete batch); a process's
-    # last batch of one clip joins the one before, as BatchNorm needs two
-    share = list(range(run.rank, len(run.videos), run.world))
-    per = run.loader.batch_size
-    batches = [share[k:k + per] for k in range(0, len(share), per)]
-    if len(batches) > 1 and len(batches[-1]) < 2:
-        batches[-2:] = [batches[-2] + batches[-1]]
-    steps = distributed.agreed_count(len(batches), run.device, run.world)  # same count everywhere
-    loader = DataLoader(run.loader.dataset, batch_sampler=batches[:steps],
+    batches = fill_batches(list(range(run.rank, len(run.videos), run.world)),
+                           run.loader.batch_size)
+    loader = DataLoader(run.loader.dataset, batch_sampler=batches,
                         num_workers=run.loader.num_workers, collate_fn=data.collate_clips)
     run.model.train()  # the embeddings training will compare them with: batch statistics
+    dim = run.criterion.bank.v_bar.shape[1]  # a process whose clips all failed still takes part
+    filled = [(torch.empty(0, dtype=torch.long, device=run.device),
+               torch.empty(0, dim, device=run.device), torch.empty(0, dim, device=run.device))]
     for batch in runs.progress(loader, desc="filling the memory bank", unit="step",
                                disable=not run.is_main, leave=False):
         report_data_errors(run, batch, "slot left random")
-        if not distributed.every_rank_has_data(len(batch["index"]) >= 2, run.device, run.world):
+        if len(batch["index"]) < MIN_CLIPS:  # too few decoded for BatchNorm: left random, named
             continue
-        index = batch["index"].to(run.device)
         video = run.transforms.video(batch["video"].to(run.device))
         audio = run.transforms.audio(batch["audio"].to(run.device))
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp):
             v, a = run.model(video, audio)
-        run.criterion.bank.update(index, v, a, momentum=0.0)
+        filled.append((batch["index"].to(run.device), v.float(), a.float()))
+    index, v, a = (torch.cat(parts) for parts in zip(*filled))
+    run.criterion.bank.update(index, v, a, momentum=0.0)  # every process's share, gathered
+    filled, N = sum(distributed.gather_objects(len(index), run.world)), len(run.videos)
     run.log(f"memory bank filled with the initial encoders' embeddings in "
-            f"{time.perf_counter() - t:.1f}s")
+            f"{time.perf_counter() - t:.1f}s: {filled} of {N} slots"
+            + (f" ({N - filled} left random: their clips failed, named above)" if filled < N else ""))
 
 
 def train_one_epoch(run, args, epoch):
@@ -111,8 +116,9 @@ def train_one_epoch(run, args, epoch):
         t_ready = time.perf_counter()
         wait += t_ready - t_last
         data_errors += report_data_errors(run, batch, "clip left out of this step, not replaced")
-        # every clip failed, or one is left: BatchNorm needs two (and every rank must agree)
-        if not distributed.every_rank_has_data(len(batch["index"]) >= 2, run.device, run.world):
+        # every clip failed, or too few are left for BatchNorm (and every rank must agree)
+        if not distributed.every_rank_has_data(len(batch["index"]) >= MIN_CLIPS, run.device,
+                                               run.world):
             t_last = time.perf_counter()
             continue
         # 1. the batch on the model's device; jitter, normalisation and log-mel run there
@@ -256,9 +262,9 @@ def set_up(parser, args, write=True):
     rank, world, device = distributed.setup(args.device)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     out = Path(args.out)
-    if args.batch_size % world or args.batch_size // world < 2:  # BatchNorm needs 2 a process
+    if args.batch_size % world or args.batch_size // world < MIN_CLIPS:
         parser.error(f"--batch-size {args.batch_size} must divide evenly over {world} processes, "
-                     f"at least 2 clips each")
+                     f"at least {MIN_CLIPS} clips each (BatchNorm centres over them)")
     spec, videos, classes, broken, K, audio_source, pairs = load_data(parser, args, rank, world,
                                                                       log)
     ckpt = runs.load_checkpoint(out / "checkpoint.pt") if args.resume else None
@@ -353,7 +359,7 @@ def load_data(parser, args, rank, world, log):
 
 
 def num_negatives(asked, N):
-    """K: --num-negatives, or the paper's 1024 where the dataset has more than 2,048 videos."""
+    """K: --num-negatives, or the paper's 1024 where the dataset has 2,048 videos or more."""
     return asked or min(1024, N // 2)
 
 
@@ -381,6 +387,16 @@ def reseed(seed, epoch, rank):
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
+
+
+def fill_batches(share, per):
+    """The bank fill's batches: every slot of this process's share in order (the training loader
+    drops the last, incomplete batch), `per` a batch; a last batch too small for BatchNorm joins
+    the one before."""
+    batches = [share[k:k + per] for k in range(0, len(share), per)]
+    if len(batches) > 1 and len(batches[-1]) < MIN_CLIPS:
+        batches[-2:] = [batches[-2] + batches[-1]]
+    return batches
 
 
 def report_data_errors(run, batch, consequence):
@@ -510,7 +526,7 @@ def check_args(p, args):
         ("--tau-s", args.tau_s > 0, "must be > 0"), ("--lr", args.lr > 0, "must be > 0"),
         ("--bank-momentum", 0 <= args.bank_momentum < 1, "must be in [0, 1)"),
         ("--epochs", args.epochs >= 1, "must be >= 1"),
-        ("--batch-size", args.batch_size >= 2, "must be >= 2"),
+        ("--batch-size", args.batch_size >= MIN_CLIPS, f"must be >= {MIN_CLIPS}"),
         ("--warmup-epochs", args.warmup_epochs >= 0, "must be >= 0"),
         ("--workers", args.workers >= 0, "must be >= 0"),
         ("--frames", args.frames >= 1, "must be >= 1"), ("--fps", args.fps > 0, "must be > 0"),

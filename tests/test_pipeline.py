@@ -453,6 +453,29 @@ def test_two_processes_keep_identical_banks(embedded, tmp_path, refresh):
     assert (out / "checkpoint.pt").exists()
 
 
+def test_two_processes_fill_every_slot_of_the_bank_when_their_shares_differ(embedded, tmp_path):
+    """--bank-init embeddings with 2 processes and 31 videos: the shares are 16 and 15 slots, so
+    4 and 3 batches of 4 (the last 3 slots join the batch before). Each process embeds its whole
+    share and one update gathers both: all 31 slots are filled, none left random."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train.py", "--embedded-root", str(embedded), "--out", str(tmp_path / "ddp"),
+           *TRAIN_FLAGS, "--epochs", "1", "--device", "cpu", "--subset", "31"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "31 of 31 slots" in done.stdout
+
+
+def test_the_bank_fill_joins_a_last_batch_too_small_for_batchnorm():
+    """BatchNorm over 2 clips makes their centred embeddings exact opposites, so no batch of the
+    fill has fewer than train.MIN_CLIPS clips: a short last batch joins the one before."""
+    assert [len(b) for b in train.fill_batches(list(range(19)), 8)] == [8, 11]
+    assert [len(b) for b in train.fill_batches(list(range(20)), 8)] == [8, 8, 4]
+    assert [len(b) for b in train.fill_batches(list(range(3)), 8)] == [3]  # all there is
+    assert sum(train.fill_batches(list(range(19)), 8), []) == list(range(19))
+
+
 def test_training_names_and_counts_a_clip_that_fails(embedded, tmp_path, monkeypatch, capsys):
     """A file that passed the scan but fails while training is named in the output, counted in the
     log, and its clip is left out of the step (the run goes on)."""
@@ -782,6 +805,21 @@ def test_scanning_broken_files_prints_no_ffmpeg_messages(embedded, tmp_path):
     assert "moov atom not found" in loud.stdout + loud.stderr
 
 
+def test_a_scan_that_finds_nothing_usable_still_lists_every_file(tmp_path, capsys):
+    """tools/scan.py on a folder where every file is broken: the list with a reason per file is
+    written, then the command stops with an error (exit status 1), not a usage message."""
+    import scan
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "a.mp4").write_bytes(b"not a video")
+    (tmp_path / "cls" / "b.mp4").write_bytes(b"")
+    with pytest.raises(SystemExit, match="no usable video"):
+        scan.main([str(tmp_path)])
+    listed = dict(line.split("\t") for line in (tmp_path / "broken.txt").read_text().splitlines())
+    assert listed[str(tmp_path / "cls" / "b.mp4")] == "zero bytes"
+    assert listed[str(tmp_path / "cls" / "a.mp4")].startswith("cannot open / corrupt")
+    assert "usage:" not in capsys.readouterr().err
+
+
 def test_a_sweep_says_which_point_of_how_many_and_when_it_ends(embedded, tmp_path, capsys, monkeypatch):
     """Point i of n before each one that must be trained, and the time left from the points so far."""
     args = argparse.Namespace(epochs=3, eval_clips=2, seeds=[0], lams=[0.0, 0.5, 1.0], runs=str(tmp_path),
@@ -817,7 +855,7 @@ def test_bank_refresh_after_each_step_or_at_the_epochs_end(embedded, tmp_path, m
     run_train(embedded, tmp_path / "run", "--epochs", "2", "--bank-refresh", refresh, "--no-eval")
     steps = 5                                                               # 40 videos, batch 8: 5 per epoch
     expected = ["step", "update"] * steps * 2 if refresh == "step" else (["step"] * steps + ["update"]) * 2
-    assert events == ["fill"] * steps + expected    # the bank is filled first; epoch: one update of all its slots
+    assert events == ["fill"] + expected  # filled first, every slot in one update; epoch: likewise
 
 
 def test_quick_sweep_uses_its_small_grid_except_where_a_flag_is_given(monkeypatch):

@@ -47,7 +47,7 @@ def bench(run, args, steps):
         if batch is None:  # an epoch ended: the next one starts with an empty queue
             batches = iter(run.loader)
             continue
-        if len(batch["index"]) < 2:
+        if len(batch["index"]) < train.MIN_CLIPS:
             continue
         index = batch["index"].to(device, non_blocking=True)
         video, audio = batch["video"].to(device, non_blocking=True), batch["audio"].to(device)

@@ -15,7 +15,6 @@ It ends with three checks, each marked ok or MISSED: data wait below 10%, robust
 """
 import argparse
 import gc
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import bench_decoding  # noqa: E402
 import bench_step  # noqa: E402
 import data  # noqa: E402
 import prepare  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 
 PAPER = ["--video-arch", "r2plus1d_18", "--audio-arch", "avid", "--frames", "8", "--fps", "16",
@@ -99,8 +99,7 @@ def main(argv=None):
     run_flags = [*common, "--out", str(out), "--no-eval", "--warmup-epochs", "1"]
     train.main([*run_flags, "--epochs", "1"])
     train.main([*run_flags, "--epochs", "2", "--resume"])
-    epochs = [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()
-              if json.loads(line)["kind"] == "epoch"]
+    epochs = [r["epoch"] for r in runs.epoch_records(out)]
 
     worst = max(wait.values())
     checks = [(f"data wait below 10% of the time in every mode (worst {worst:.1%})", worst < 0.10),

@@ -3,8 +3,9 @@
     python tools/scan.py /data/k400/train                 # writes ROOT/broken.txt
     python tools/scan.py /data/UCF-101 --no-audio --broken-list ucf_broken.txt
 
-The scan of data.py, as train.py runs it on its split: it opens every file once (over this
-process's cores), prints counts per reason (missing, zero bytes, cannot open / corrupt, no video
+The scan of data.py that train.py runs on its split (give --min-seconds the clip's length: 2 for
+the paper's, whose audio is 2 s; the default is train.py's CPU clip): it opens every file once (over
+this process's cores), prints counts per reason (missing, zero bytes, cannot open / corrupt, no video
 stream, no audio stream, too short for one clip) and caches what it found in ROOT/.scan-cache.json,
 keyed by size and mtime, so a second scan opens only what changed.
 """
@@ -35,14 +36,17 @@ def main(argv=None):
     videos = [Video(str(f)) for f in video_files(root, recursive=True)]
     spec = ClipSpec(need_audio=not args.no_audio, frames=1, fps=1 / max(args.min_seconds, 1e-3),
                     audio_seconds=max(args.min_seconds, 1e-3))
+    out = Path(args.broken_list or root / "broken.txt")
     try:
         _, broken = scan(videos, spec, root / ".scan-cache.json", name=str(root),
                          probe_many=partial(probe_all, workers=args.workers))
-    except FileNotFoundError as e:  # nothing usable: the broken ones are named above
-        p.error(str(e))
-    out = Path(args.broken_list or root / "broken.txt")
+        stop = None
+    except FileNotFoundError as e:  # nothing usable: still list every file and its reason
+        broken, stop = e.broken, f"tools/scan.py: {e}"
     out.write_text("".join(f"{path}\t{reason}\n" for path, reason in broken))
     print(f"broken files listed in {out}")
+    if stop:
+        sys.exit(stop)
 
 
 if __name__ == "__main__":

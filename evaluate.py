@@ -475,10 +475,11 @@ def load_run(path, device):
 def protocol(args):
     """What the downstream numbers depend on besides the checkpoint: a sweep re-evaluates a point
     whose results.json was made under another protocol (and trains nothing again)."""
-    # workers too: which worker draws a clip's random crop depends on their number
+    # workers too: which worker draws a clip's random crop depends on their number; the roots
+    # say which sets were evaluated (None: the embedded stand-ins)
     return {k: getattr(args, k) for k in ("fold", "clips", "retrieval_features", "seed",
                                          "ft_epochs", "ft_lr", "ft_schedule", "ft_batch_size",
-                                         "ft_repeats", "workers")}
+                                         "ft_repeats", "workers", "ucf_root", "hmdb_root")}
 
 
 def parser():
@@ -550,11 +551,17 @@ def main(argv=None):
             "hmdb": (lambda split: data.hmdb51(args.hmdb_root, args.hmdb_splits, args.fold, split))
                     if args.hmdb_root else
                     (lambda split: embedded_dataset.splits(embedded)["hmdb"](split, args.fold))}
-    results = {"evaluated_epoch": ckpt["epoch"] + 1, "fold": args.fold,
-               "retrieval_features": args.retrieval_features, "eval_seed": args.seed}
+    results = {}
     downstream = [name for name in sets if name not in args.skip]
-    if downstream:  # the sets' protocol, for results.json: None unless this call (re)makes all
-        results["protocol"] = protocol(args) if len(downstream) == len(sets) else None
+    if downstream:  # what the downstream numbers are of; None unless this call (re)makes them all,
+        whole = len(downstream) == len(sets)  # so that no older number carries this epoch's label
+        results.update(evaluated_epoch=ckpt["epoch"] + 1 if whole else None,
+                       protocol=protocol(args) if whole else None,
+                       fold=args.fold if whole else None,
+                       retrieval_features=args.retrieval_features if whole else None,
+                       eval_seed=args.seed if whole else None)
+    if "pretrain" not in args.skip:
+        results["pretrain_evaluated_epoch"] = ckpt["epoch"] + 1
     for name, listing in sets.items():
         if name not in args.skip:
             results[name] = evaluate_downstream(name, model, listing, spec, args, device, log)

@@ -99,6 +99,16 @@ def gather_from_all_ranks(t):
     return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
 
 
+def mean_over_ranks(t):
+    """The mean of a scalar tensor over the processes of a torch.distributed run (t itself when
+    there is one)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t = t / dist.get_world_size()
+    return t
+
+
 def check_strategy(strategy):
     if strategy not in STRATEGIES:
         raise ValueError(f"softening strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -322,8 +332,10 @@ class RobustXIDLoss(nn.Module):
                 else:
                     T_v = T_a = one_hot_targets(logits_v)                      # 1[j = i]
 
-            # an oracle's 0 on a whole batch: no loss, not 0/0
-            w_sum = torch.where(w.sum() > 0, w.sum(), 1.0)
+            # Σ_i w_i over the whole batch: with several processes each holds a share, and DDP
+            # averages their gradients, so each divides by the processes' mean Σ w
+            w_sum = mean_over_ranks(w.sum())
+            w_sum = torch.where(w_sum > 0, w_sum, 1.0)  # an oracle's 0 on a whole batch: no loss
             loss_v = (w * soft_cross_entropy(logits_v, T_v, mask)).sum() / w_sum  # -log P(ā|v)
             loss_a = (w * soft_cross_entropy(logits_a, T_a, mask)).sum() / w_sum  # -log P(v̄|a)
 

@@ -61,20 +61,38 @@ def metric(results, dataset, name):
     return r["retrieval"][name] if name.startswith("R@") else r[name]
 
 
-RECIPE = {"centred_heads": True, "bank_init": "embeddings", "bank_refresh": "step"}  # sweeps' start
+def point_flags(run_dir, train_flags, args):
+    """train.py's flags for one grid point: the sweeps' recipe (the paper's per-step bank refresh;
+    train.py's quick start refreshes per epoch) and the point's own."""
+    return ["--embedded-root", args.embedded_root, "--out", str(run_dir),
+            "--epochs", str(args.epochs), "--no-eval", "--warmup-epochs", str(args.warmup_epochs),
+            "--workers", str(args.workers), "--bank-refresh", "step", *train_flags]
 
 
-def finished_results(run_dir, args):
-    """The point's results.json if it is complete for this sweep's settings, else None. A point made
-    with another start or bank refresh stops the sweep, naming it: a figure must not mix two
-    recipes."""
+def check_recipe(run_dir, train_flags, args):
+    """A point trained with other flags than this sweep's (any that train.py's --resume keeps), or
+    for more epochs, stops the sweep, naming it: a figure must not mix two recipes."""
     saved = run_dir / "args.json"
-    if saved.exists():
-        was = json.loads(saved.read_text())
-        old = {k: was.get(k) for k in RECIPE}
-        if old != RECIPE:
-            raise SystemExit(f"{run_dir} was trained with {old}, the sweeps now use {RECIPE}: "
-                             f"delete it, or give another --runs")
+    if not saved.exists():
+        return
+    was = json.loads(saved.read_text())
+    resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
+    _, want = train.get_args(point_flags(run_dir, train_flags, args) + resume)
+    differ = {k: (was.get(k, "(not recorded)"), v) for k, v in vars(want).items()
+              if k not in train.RESUMABLE_FLAGS and was.get(k, "(not recorded)") != v}
+    if was.get("epochs", 0) > args.epochs:
+        differ["epochs"] = (was["epochs"], args.epochs)
+    if differ:
+        raise SystemExit(f"{run_dir} was trained with other flags than this sweep's "
+                         + ", ".join(f"--{k.replace('_', '-')} {a} (the sweep: {b})"
+                                     for k, (a, b) in differ.items())
+                         + ": delete it, or give another --runs")
+
+
+def finished_results(run_dir, train_flags, args):
+    """The point's results.json if it is complete for this sweep's settings, else None (a point
+    of another recipe stops the sweep: check_recipe)."""
+    check_recipe(run_dir, train_flags, args)
     res = run_dir / "results.json"
     if res.exists():
         r = json.loads(res.read_text())
@@ -96,17 +114,13 @@ def evaluate_protocol(run_dir, args):
 
 def train_and_evaluate_point(run_dir, train_flags, args):
     """Train and evaluate one grid point unless its results are complete; resume a half-done one."""
-    done_results = finished_results(run_dir, args)
+    done_results = finished_results(run_dir, train_flags, args)
     if done_results:
         return done_results
-    # the figures' recipe: the paper's per-step bank refresh (train.py's quick start: per epoch)
-    common = ["--embedded-root", args.embedded_root, "--out", str(run_dir),
-              "--epochs", str(args.epochs), "--no-eval", "--warmup-epochs", str(args.warmup_epochs),
-              "--workers", str(args.workers), "--bank-refresh", "step"]
     ckpt = run_dir / "checkpoint.pt"
     done = runs.load_checkpoint(ckpt)["epoch"] + 1 if ckpt.exists() else 0
     if done < args.epochs:
-        train.main(common + train_flags + (["--resume"] if done else []))
+        train.main(point_flags(run_dir, train_flags, args) + (["--resume"] if done else []))
     return evaluate.main(evaluate_flags(run_dir, args))
 
 
@@ -136,7 +150,8 @@ def sweep(kind, args):
                 flags = ["--mode", "soft", "--strategy", "cycle", "--lam", str(lam),
                          "--seed", str(seed)]
                 points.append(((lam, seed), root / f"lam_{lam:g}_seed{seed}", flags))
-    to_train = [run_dir for _, run_dir, _ in points if not finished_results(run_dir, args)]
+    to_train = [run_dir for _, run_dir, flags in points
+                if not finished_results(run_dir, flags, args)]
     print(f"sweep {kind}: {len(points)} points, {len(points) - len(to_train)} already done, "
           f"{len(to_train)} to train and evaluate", flush=True)
     table, trained, t0 = {}, 0, time.perf_counter()

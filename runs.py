@@ -8,11 +8,12 @@ One folder per run (train.py's --out):
     broken.txt      the files the scan left out, and why
     results.json    the end-of-run summary and evaluate.py's numbers (merged, never overwritten)
 Every file is written whole or not at all (a temporary file, then a rename), so a run killed at
-any moment leaves the previous version of each file.
+any moment leaves the previous version of each file; .lock lets one run at a time write there.
 
 On the console: tqdm's bar on a terminal; in a log file or CI, the same status as a plain line
 every few seconds, so that a long step is never silent and a log is never a wall of bars.
 """
+import fcntl
 import json
 import os
 import pickle
@@ -52,9 +53,26 @@ def load_checkpoint(path):
                          f"data, which could run code when loaded ({str(e).splitlines()[0]})")
 
 
-def write_run_folder(out, args, videos, pairs, broken):
-    """args.json, injection.json (the injected pairs, by instance and by file), broken.txt."""
+def hold_run_folder(out):
+    """One run writes to a folder at a time: the lock is held until this process ends (the
+    operating system releases it however it ends). A second run into the folder is refused."""
     out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise SystemExit(f"--out {out}: another run is writing to this folder; wait for it to "
+                         f"end, or give another --out") from None
+    return lock
+
+
+def write_run_folder(out, args, videos, pairs, broken):
+    """args.json, injection.json (the injected pairs, by instance and by file), broken.txt; a new
+    run also drops a results.json left in the folder, which would describe another run."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        (out / "results.json").unlink(missing_ok=True)
     atomic_write(out / "args.json", json.dumps(vars(args), indent=1))
     atomic_write(out / "injection.json", json.dumps(
         {"n0": args.n0, "seed": args.seed, "num_instances": len(videos),

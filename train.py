@@ -39,10 +39,12 @@ from model import AUDIO_ENCODERS, VIDEO_ENCODERS, AVModel
 
 # BatchNorm (the encoders', the centred heads') centres over a process's batch: with 2 clips their
 # embeddings come out exact opposites, so every step, and the bank's fill, takes at least this many.
-MIN_CLIPS = 4
+MIN_CLIPS = 3
 
-# The flags a resumed run may change; every other one must be the run's own (one recipe a run).
-RESUMABLE_FLAGS = ("epochs", "workers", "device", "amp", "out", "resume", "log_every", "no_eval")
+# The flags a resumed run may change (the held-out split only serves the end-of-run summary);
+# every other one must be the run's own: one recipe a run.
+RESUMABLE_FLAGS = ("epochs", "workers", "device", "amp", "out", "resume", "log_every", "no_eval",
+                   "val_csv", "val_split")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,6 +64,9 @@ def main(argv=None):
             end_of_run_summary(run, args)
     except KeyboardInterrupt:  # a traceback would read like a crash, and nothing finished is lost
         runs.stopped_by_ctrl_c(run.log, run.out, epoch, run.epochs_saved, args.epochs, run.world)
+    finally:  # the folder is free again for a --resume, even in this same process
+        if run.folder_lock:
+            run.folder_lock.close()
     return run  # the caller holds it until the processes end (distributed.end_processes)
 
 
@@ -246,6 +251,7 @@ class Run:
     pending_bank_updates: list = field(default_factory=list)  # --bank-refresh epoch
     start_epoch: int = 0
     epochs_saved: int = 0               # epochs the checkpoint holds (what Ctrl-C leaves)
+    folder_lock: object = None          # held while this run writes to --out (runs.py)
 
     @property
     def is_main(self):
@@ -320,6 +326,7 @@ def set_up(parser, args, write=True):
         run.start_epoch = run.epochs_saved = ckpt["epoch"] + 1
         log(f"resumed {out} after epoch {run.start_epoch}")
     if rank == 0 and write:  # every check has passed and the checkpoint has loaded: the folder
+        run.folder_lock = runs.hold_run_folder(out)
         runs.write_run_folder(out, args, videos, pairs, broken)
         if ckpt is not None:
             run.runlog.resume_at(run.start_epoch, ckpt["epoch_record"])

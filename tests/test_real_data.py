@@ -428,7 +428,7 @@ def test_an_epoch_saved_but_not_yet_logged_is_logged_on_resume(download, tmp_pat
 @pytest.mark.parametrize("flags, message", [
     (["--log-every", "0"], "--log-every must be >= 1"), (["--sample-rate", "100"], "--sample-rate must be >= 1000"),
     (["--n-mels", "500"], "--n-mels must be in \\[1, 321\\]"), (["--subset", "-3"], "--subset must be >= 2"),
-    (["--batch-size", "3"], "--batch-size must be >= 4, got 3"),
+    (["--batch-size", "2"], "--batch-size must be >= 3, got 2"),
     (["--num-negatives", "16"], "--num-negatives 16 must be smaller than the dataset \\(16 usable videos\\)"),
     (["--classes", "EMPTY"], "names no class"),
     (["--val-csv", "VALCSV"], "--val-csv needs --csv"),

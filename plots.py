@@ -97,7 +97,9 @@ def finished_results(run_dir, train_flags, args):
     if res.exists():
         r = json.loads(res.read_text())
         if (r.get("evaluated_epoch") == args.epochs and "ucf" in r and "hmdb" in r
-                and r.get("protocol") == evaluate_protocol(run_dir, args)):
+                and r.get("protocol") is not None  # a protocol without roots: the embedded sets
+                and {"ucf_root": None, "hmdb_root": None, **r["protocol"]}
+                == evaluate_protocol(run_dir, args)):
             return r
     return None
 

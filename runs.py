@@ -49,17 +49,20 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise SystemExit(f"{path}: refused: it holds Python objects other than tensors and plain "
-                         f"data, which could run code when loaded ({str(e).splitlines()[0]})")
+        named = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+        raise SystemExit(f"{path}: refused: it holds types other than tensors and plain data, "
+                         f"which unpickling could use to run code "
+                         f"({'; '.join(named) or 'see torch.load'})")
 
 
 def hold_run_folder(out):
-    """One run writes to a folder at a time: the lock is held until this process ends (the
-    operating system releases it however it ends). A second run into the folder is refused."""
+    """One run writes to a folder at a time: a second process that asks for it is refused. The
+    lock belongs to this process (a POSIX record lock: the loader's worker processes do not inherit
+    it) and ends when the returned file is closed or the process ends, however it ends."""
     out.mkdir(parents=True, exist_ok=True)
     lock = open(out / ".lock", "w")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.close()
         raise SystemExit(f"--out {out}: another run is writing to this folder; wait for it to "

@@ -34,7 +34,7 @@ import distributed
 import embedded_dataset
 import evaluate
 import runs
-from losses import MODES, STRATEGIES, RobustXIDLoss, check_num_negatives
+from losses import MODES, STRATEGIES, RobustXIDLoss, check_num_negatives, mean_over_ranks
 from model import AUDIO_ENCODERS, VIDEO_ENCODERS, AVModel
 
 # BatchNorm (the encoders', the centred heads') centres over a process's batch: with 2 clips their
@@ -102,7 +102,8 @@ def fill_bank(run, args):
     filled, N = sum(distributed.gather_objects(len(index), run.world)), len(run.videos)
     run.log(f"memory bank filled with the initial encoders' embeddings in "
             f"{time.perf_counter() - t:.1f}s: {filled} of {N} slots"
-            + (f" ({N - filled} left random: their clips failed, named above)" if filled < N else ""))
+            + (f" ({N - filled} left random: their clips, or too many of their batch's, failed "
+               f"to decode)" if filled < N else ""))
 
 
 def train_one_epoch(run, args, epoch):
@@ -216,7 +217,8 @@ def end_of_run_summary(run, args):
     results = evaluate.run_summary(run.model, run.criterion, run.videos, val, spec, run.device,
                                    args.workers, run.injected, run.natural, run.log, run.rank,
                                    run.world, names=(args.split, args.val_split))
-    if run.is_main:
+    if run.is_main:  # its detection numbers replace an older evaluation's: that part is mixed now
+        results.update(summary_epoch=run.epochs_saved, pretrain_evaluated_epoch=None)
         path = runs.merge_results(run.out, results)
         run.log(f"summary in {time.perf_counter() - t:.0f}s, written to {path}")
 
@@ -271,19 +273,35 @@ def set_up(parser, args, write=True):
     if args.batch_size % world or args.batch_size // world < MIN_CLIPS:
         parser.error(f"--batch-size {args.batch_size} must divide evenly over {world} processes, "
                      f"at least {MIN_CLIPS} clips each (BatchNorm centres over them)")
-    spec, videos, classes, broken, K, audio_source, pairs = load_data(parser, args, rank, world,
-                                                                      log)
+    # one run writes to a folder at a time, held from before its checkpoint is read: a resumed
+    # run must not continue from an epoch that another run is about to overwrite
+    lock = runs.hold_run_folder(out) if rank == 0 and write and out.is_dir() else None
+    try:
+        return build_run(parser, args, rank, world, device, log, out, write, lock)
+    except BaseException:
+        if lock:
+            lock.close()
+        raise
+
+
+def build_run(parser, args, rank, world, device, log, out, write, lock):
+    """set_up's body, once the run folder is this process's (lock: held when the folder exists)."""
     ckpt = runs.load_checkpoint(out / "checkpoint.pt") if args.resume else None
-    if ckpt is not None:
-        if ckpt["videos"] != [v.path for v in videos] or ckpt["injected_pairs"] != pairs:
-            parser.error(f"--resume: the usable videos or the injected pairs differ from the "
-                         f"checkpoint's ({ckpt['num_instances']} slots then, {len(videos)} usable "
-                         f"videos now): bank slots would not match")
+    if ckpt is not None:  # before the listing, which takes long on Kinetics
         for flag, value in vars(args).items():
             was = ckpt["args"].get(flag, "(not recorded)")
-            if flag not in RESUMABLE_FLAGS and was != value:
+            if flag not in RESUMABLE_FLAGS + ("class_names",) and was != value:
                 parser.error(f"--resume: the run was trained with --{flag.replace('_', '-')} "
-                             f"{was}, not {value}; pass the run's value to continue it")
+                             + ("left out" if was is None else str(was)) + f", not {value}; "
+                             + ("leave the flag out" if was is None else "pass the run's value")
+                             + " to continue it")
+    spec, videos, classes, broken, K, audio_source, pairs = load_data(parser, args, rank, world,
+                                                                      log)
+    if ckpt is not None and (ckpt["videos"] != [v.path for v in videos]
+                             or ckpt["injected_pairs"] != pairs):
+        parser.error(f"--resume: the usable videos or the injected pairs differ from the "
+                     f"checkpoint's ({ckpt['num_instances']} slots then, {len(videos)} usable "
+                     f"videos now): bank slots would not match")
 
     dataset = data.AVClips(videos, spec, train=True, audio_source=audio_source)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
@@ -326,7 +344,7 @@ def set_up(parser, args, write=True):
         run.start_epoch = run.epochs_saved = ckpt["epoch"] + 1
         log(f"resumed {out} after epoch {run.start_epoch}")
     if rank == 0 and write:  # every check has passed and the checkpoint has loaded: the folder
-        run.folder_lock = runs.hold_run_folder(out)
+        run.folder_lock = lock or runs.hold_run_folder(out)
         runs.write_run_folder(out, args, videos, pairs, broken)
         if ckpt is not None:
             run.runlog.resume_at(run.start_epoch, ckpt["epoch_record"])
@@ -424,7 +442,10 @@ def stop_if_not_finite(loss, diag, where):
 
 def step_record(run, loss, diag, index):
     """The step's numbers for the log, fetched from the device in one sync."""
-    terms = {"loss": loss, "loss_v2a": diag["loss_v2a"], "loss_a2v": diag["loss_a2v"],
+    # with several processes each loss is a share of the global batch's; their mean is that loss
+    loss = mean_over_ranks(loss.detach())
+    terms = {"loss": loss, "loss_v2a": mean_over_ranks(diag["loss_v2a"]),
+             "loss_a2v": mean_over_ranks(diag["loss_a2v"]),
              "batch_mean_weight": diag["mean_weight"],
              "target_on_positive": diag["target_on_positive"]}
     record = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))
@@ -564,7 +585,7 @@ def check_args(p, args):
                 data.check_csv_columns(getattr(args, flag))
             except ValueError as e:
                 p.error(f"--{flag.replace('_', '-')}: {e}")
-    for flag in ("data_root", "embedded_root", "csv", "val_csv"):
+    for flag in ("data_root", "embedded_root", "csv", "val_csv", "classes"):
         if getattr(args, flag):
             setattr(args, flag, str(Path(getattr(args, flag)).resolve()))
     args.class_names = None

@@ -601,7 +601,7 @@ def test_resume_keeps_the_recipe_and_a_refused_resume_writes_nothing(embedded, t
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     for flags, named in ((["--lam", "0.25"], "--lam 0.5, not 0.25"),
                          (["--warmup-epochs", "2"], "--warmup-epochs 1, not 2"),
-                         (["--seed", "1", "--n0", "0.25"], "")):
+                         (["--seed", "1"], "--seed 0, not 1")):
         with pytest.raises(SystemExit):
             run_train(embedded, out, "--epochs", "2", "--n0", "0.25", *flags, "--resume")
         assert named in capsys.readouterr().err
@@ -612,17 +612,21 @@ def test_resume_keeps_the_recipe_and_a_refused_resume_writes_nothing(embedded, t
 
 
 def test_a_run_folder_has_one_writer_and_a_new_run_drops_stale_results(embedded, tmp_path):
-    """Two runs into one --out would interleave logs and checkpoints: while one holds the folder
-    (here: its lock taken, as a running train.py holds it), a second is refused before writing.
+    """Two runs into one --out would interleave logs and checkpoints: while another process holds
+    the folder (as a running train.py does), a run is refused before writing anything.
     A new run into a folder that has a results.json but no checkpoint does not merge into it."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "results.json").write_text('{"ucf": {"retrieval": {"R@5": 0.99}}}')  # another run's
-    held = runs.hold_run_folder(out)
+    holder = subprocess.Popen(                      # another process holds the folder, as a run
+        [sys.executable, "-c", f"import runs, sys; held = runs.hold_run_folder(__import__('pathlib')"
+                               f".Path({str(out)!r})); print('held', flush=True); sys.stdin.read()"],
+        cwd=Path(__file__).parents[1], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
     with pytest.raises(SystemExit, match="another run is writing"):
         run_train(embedded, out, "--epochs", "1")
     assert sorted(p.name for p in out.iterdir()) == [".lock", "results.json"]
-    held.close()
+    holder.communicate("")                          # that process ends: the folder is free
     run_train(embedded, out, "--epochs", "1")
     assert not (out / "results.json").exists()           # --no-eval: nothing evaluated yet
     run_train(embedded, out, "--epochs", "2", "--resume")  # the first run let the folder go

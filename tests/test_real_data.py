@@ -691,8 +691,8 @@ def test_a_failed_prepare_releases_its_lock_and_spares_other_programs_temporary_
     shutil.copy(download / "kinetics" / "train" / "abseiling" / clip_name(0), src / "x.mp4")
     dst = tmp_path / "dst"
     monkeypatch.setattr(prepare, "plan", lambda *a: (_ for _ in ()).throw(RuntimeError("disk full")))
-    with pytest.raises(RuntimeError, match="disk full"):
-        prepare.prepare(tmp_path / "src", dst, workers=1, log=lambda *a: None)
+    with pytest.raises(RuntimeError, match="disk full") as failed:  # kept: its traceback would
+        prepare.prepare(tmp_path / "src", dst, workers=1, log=lambda *a: None)  # keep an open lock
     monkeypatch.undo()
     (dst / "train" / "a").mkdir(parents=True)
     others = dst / "train" / ".scan-cache-train.json.tmp4242"           # data.py's atomic write
@@ -700,7 +700,7 @@ def test_a_failed_prepare_releases_its_lock_and_spares_other_programs_temporary_
     others.write_text("{}")
     own.write_bytes(b"half")
     prepare.prepare(tmp_path / "src", dst, workers=1, log=lambda *a: None)  # not "another prepare"
-    assert others.exists() and not own.exists() and (dst / "train" / "a" / "x.mp4").exists()
+    assert failed.value is not None and others.exists() and not own.exists() and (dst / "train" / "a" / "x.mp4").exists()
 
 
 def _flash_and_click(path, audio_parts, flash_at, fps=30, seconds=4.0):

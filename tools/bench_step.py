@@ -47,7 +47,8 @@ def bench(run, args, steps):
         if batch is None:  # an epoch ended: the next one starts with an empty queue
             batches = iter(run.loader)
             continue
-        if len(batch["index"]) < train.MIN_CLIPS:
+        if not train.distributed.every_rank_has_data(len(batch["index"]) >= train.MIN_CLIPS,
+                                                     device, run.world):
             continue
         index = batch["index"].to(device, non_blocking=True)
         video, audio = batch["video"].to(device, non_blocking=True), batch["audio"].to(device)

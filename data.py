@@ -2,7 +2,7 @@
 file, PyAV clip decoding, the dataset and its batch transforms, the injected faulty positives (n₀).
 
     files on disk -> listing -> scan -> AVClips[i] = {video uint8 (3,T,H,W),
-      audio waveform (1,S), index, label, faulty}  (loader workers: decode, crop, flip)
+      audio waveform (1,S), index, label, faulty, jitter}  (loader workers: decode, crop, flip)
       -> batch -> BatchTransforms on the model's device: colour jitter, normalisation, log-mel
       -> video float (B,3,T,H,W), audio (B,1,F,S)
 
@@ -28,7 +28,7 @@ import av
 import numpy as np
 import torch
 import torchaudio
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, DistributedSampler, default_collate
 from torchvision.transforms import RandomResizedCrop, v2
 
 from runs import atomic_write, progress
@@ -213,96 +213,147 @@ def centre_box(height, width):
 # ----------------------------------------------------------------------------------------------
 # The dataset: decode + crop in the loader workers; jitter, normalisation, log-mel on the batch
 # ----------------------------------------------------------------------------------------------
+JITTER = 0.4  # colour jitter: factors in [0.6, 1.4], as torchvision's ColorJitter(0.4, 0.4, 0.4)
+
+
 class AVClips(Dataset):
     """Clips of a list of videos. Item i is instance i (its memory-bank slot):
-    {video uint8 (3, T, size, size), audio waveform (1, S), index, label, faulty}.
+    {video uint8 (3, T, size, size), audio waveform (1, S), index, label, faulty, jitter (3,)}.
 
-    train=True: one random clip, random resized crop, horizontal flip, volume jitter.
+    train=True: one random clip, random resized crop, horizontal flip, volume jitter, and the
+    colour jitter's factors (applied by BatchTransforms). Every one of these draws comes from a
+    generator seeded by (seed, epoch, i) when the key is (epoch, i), as EpochSampler gives it: the
+    clip is the same in whichever loader process makes it, so a resumed run, or one with another
+    number of workers, sees the clips the uninterrupted run saw. A plain key i draws from the
+    process's own RNG (fine-tuning's shuffled loader).
     train=False: `num_clips` uniformly spaced clips, centre crop (video (n, 3, T, H, W),
     audio (n, 1, S)).
-    Colour jitter, normalisation and the log-mel spectrogram are done on whole batches by
+    Colour jitter, normalisation and the log-mel spectrogram run on whole batches in
     BatchTransforms, where the model runs: the workers only decode, which is the loader's floor.
     audio_source[i] = j gives instance i the audio of video j (faulty-positive injection). A clip
     that fails to decode comes back as {"index", "error"}; collate_clips drops and reports it.
     """
 
-    def __init__(self, videos, spec=ClipSpec(), train=True, num_clips=1, audio_source=None):
+    def __init__(self, videos, spec=ClipSpec(), train=True, num_clips=1, audio_source=None,
+                 seed=0):
         self.videos, self.spec, self.train, self.num_clips = videos, spec, train, num_clips
         self.audio_source = audio_source if audio_source is not None else torch.arange(len(videos))
+        self.seed = seed
 
     def __len__(self):
         return len(self.videos)
 
-    def _starts(self, video):
+    def _starts(self, video, rng):
         free = max(video.duration - self.spec.video_seconds, 0.0)
         if self.train:
-            return [random.uniform(0.0, free)]
+            return [rng.uniform(0.0, free)]
         return list(np.linspace(0.0, free, self.num_clips))
 
-    def _box(self, height, width):
-        if not self.train:
-            return centre_box(height, width)
-        # torchvision draws the box (area 40-100% of the frame, aspect 3/4-4/3); FFmpeg applies it
-        return RandomResizedCrop.get_params(torch.empty(1, height, width),
-                                            [0.4, 1.0], [3 / 4, 4 / 3])
+    def _box(self, rng):
+        def box(height, width):
+            if not self.train:
+                return centre_box(height, width)
+            # torchvision draws the box (area 40-100% of the frame, aspect 3/4-4/3) from torch's
+            # RNG, here seeded from the clip's generator; FFmpeg applies it
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(rng.integers(2**62)))
+                return RandomResizedCrop.get_params(torch.empty(1, height, width),
+                                                    [0.4, 1.0], [3 / 4, 4 / 3])
+        return box
 
     def audio_start(self, video_start, audio_duration):
         """The audio window is centred on the video window (same moment), clipped to its file."""
         a_start = video_start + (self.spec.video_seconds - self.spec.audio_seconds) / 2
         return min(max(a_start, 0.0), max(audio_duration - self.spec.audio_seconds, 0.0))
 
-    def _clip(self, video, audio_video, start):
+    def _clip(self, video, audio_video, start, rng):
         spec = self.spec
         frames, wave = decode_clip(video.path, start, spec, audio_video.path,
-                                   self.audio_start(start, audio_video.duration), box=self._box)
-        if self.train and random.random() < 0.5:
+                                   self.audio_start(start, audio_video.duration),
+                                   box=self._box(rng))
+        if self.train and rng.random() < 0.5:
             frames = frames[:, :, ::-1]                                           # horizontal flip
         video_t = torch.from_numpy(
             np.ascontiguousarray(frames.transpose(3, 0, 1, 2)))  # (3, T, H, W) uint8
         if wave is None:
             return video_t, None
         if self.train:
-            wave = wave * random.uniform(0.7, 1.3)                                # volume jitter
+            wave = wave * rng.uniform(0.7, 1.3)                                   # volume jitter
         return video_t, torch.from_numpy(wave)[None]                              # (1, S)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        if isinstance(key, tuple):  # (epoch, i): this clip's draws are fixed by (seed, epoch, i)
+            epoch, i = key
+            rng = np.random.default_rng([self.seed, epoch, i])
+        else:
+            i, rng = key, np.random.default_rng(random.getrandbits(64))
         video = self.videos[i]
         j = int(self.audio_source[i])
         try:
-            clips = [self._clip(video, self.videos[j], s) for s in self._starts(video)]
+            clips = [self._clip(video, self.videos[j], s, rng) for s in self._starts(video, rng)]
         except ClipError as e:
             return {"index": i, "error": str(e)}
         item = {"index": i, "label": video.label, "faulty": j != i}
-        for key, parts in zip(("video", "audio"), zip(*clips)):
+        for name, parts in zip(("video", "audio"), zip(*clips)):
             if parts[0] is not None:
-                item[key] = parts[0] if self.train else torch.stack(parts)
+                item[name] = parts[0] if self.train else torch.stack(parts)
+        if self.train:  # brightness, contrast, saturation factors, each in [0.6, 1.4]
+            item["jitter"] = torch.from_numpy(rng.uniform(1 - JITTER, 1 + JITTER, 3)).float()
         return item
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler (this process's share of a seeded permutation per epoch) that yields
+    (epoch, i) keys, so that AVClips draws each clip from (seed, epoch, i) in any worker."""
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in super().__iter__())
 
 
 class BatchTransforms(torch.nn.Module):
     """The half of the pipeline that runs on a whole batch, on the model's device: colour jitter
-    per clip (train), scaling and normalisation, and the waveform's log-mel spectrogram
-    (mel_spectrogram). One batched STFT on the model's device costs little; per clip in a loader
-    worker it would compete with the decoding."""
+    per clip with the factors AVClips drew (train), scaling and normalisation, and the waveform's
+    log-mel spectrogram (mel_spectrogram). One batched STFT on the model's device costs little;
+    per clip in a loader worker it would compete with the decoding."""
 
     def __init__(self, spec=ClipSpec(), train=True):
         super().__init__()
         self.train_mode = train
-        self.jitter = v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
         self.mel = mel_spectrogram(spec.sample_rate, spec.n_mels)
 
-    def video(self, x):
-        """uint8 (..., 3, T, H, W) -> float (..., 3, T, H, W), normalised."""
-        if self.train_mode:  # torchvision's jitter draws one setting per call: call it per clip
-            flat = x.flatten(0, -5)
-            x = torch.stack([self.jitter(c.transpose(0, 1)).transpose(0, 1)
-                             for c in flat]).view(x.shape)
-        return (x.float() / 255.0 - 0.45) / 0.225
+    def video(self, x, jitter=None):
+        """uint8 (..., 3, T, H, W) -> float (..., 3, T, H, W), normalised. jitter (..., 3): the
+        clips' brightness, contrast and saturation factors (train)."""
+        x = x.float() / 255.0
+        if self.train_mode:
+            if jitter is None:
+                raise ValueError("BatchTransforms(train=True).video needs the clips' jitter "
+                                 "factors (the batch's 'jitter')")
+            x = colour_jitter(x, jitter.to(x.device))
+        return (x - 0.45) / 0.225
 
     def audio(self, wave):
         """waveform (..., 1, S) -> log-mel (..., 1, F, S')."""
         with torch.autocast(wave.device.type, enabled=False):  # the spectrogram stays float32
             return log_mel(self.mel, wave.float())
+
+
+def colour_jitter(x, factors):
+    """Brightness, contrast and saturation of every clip at once, each with the clip's own factor
+    (torchvision's ColorJitter draws one setting per call; its functional ops take one factor).
+    The operations are torchvision's: blend with black, with the frame's mean grey level, with the
+    frame's greyscale. x float (B, 3, T, H, W) in [0, 1]; factors (B, 3)."""
+    b, c, s = (f.view(-1, 1, 1, 1, 1) for f in factors.unbind(-1))       # (B, 1, 1, 1, 1)
+
+    def blend(img, other, ratio):
+        return (ratio * img + (1 - ratio) * other).clamp(0, 1)
+
+    def grey(img):  # (B, 1, T, H, W); torchvision's weights
+        return v2.functional.rgb_to_grayscale(img.transpose(1, 2)).transpose(1, 2)
+
+    x = blend(x, 0.0, b)
+    x = blend(x, grey(x).mean(dim=(-2, -1), keepdim=True), c)
+    return blend(x, grey(x), s)
 
 
 def mel_spectrogram(sample_rate, n_mels):

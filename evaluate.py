@@ -244,8 +244,8 @@ def finetune(model, train_set, test_set, num_classes, device, epochs, lr, batch_
             bar.update()
             if "video" not in batch:
                 continue
-            loss = nn.functional.cross_entropy(net(train_tf.video(batch["video"].to(device))),
-                                               batch["label"].to(device))
+            video = train_tf.video(batch["video"].to(device), batch["jitter"])
+            loss = nn.functional.cross_entropy(net(video), batch["label"].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -215,6 +215,18 @@ def softening_scores(strategy, v_pos, a_pos, v_neg, a_neg, tau_s=0.07, mask=None
     return S_v, S_a
 
 
+def class_oracle_scores(labels, index, negatives, mask=None):
+    """S(j|i) from the ground truth: spread evenly over the candidates of i's own class, the
+    positive included (masked negatives excepted). Not a method anyone could train with: T(j|i)
+    built from it is what perfect softening of the faulty negatives would give, the bound the
+    cycle's S(j|i) is measured against. labels (N,) class of every slot -> (B, 1+K)."""
+    same = labels[negatives][None, :] == labels[index][:, None]          # (B, K)
+    if mask is not None:
+        same = same & ~mask
+    S = torch.cat([torch.ones_like(same[:, :1]), same], dim=1).float()   # (B, 1+K)
+    return S / S.sum(1, keepdim=True)
+
+
 def one_hot_targets(like):
     """T(j|i) = 1[j = i]: all the mass on the positive, column 0 (xID's targets). like: (B, 1+K)."""
     one_hot = torch.zeros_like(like)
@@ -273,6 +285,7 @@ class RobustXIDLoss(nn.Module):
         self.lam, self.strategy = lam, strategy
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.oracle = None  # (faulty (N,) bool, weight): the ground truth's weights (set_oracle)
+        self.class_labels = None  # (N,) classes: the ground truth's soft targets (set_class_oracle)
 
     def set_oracle(self, faulty, weight):
         """Weighted-xID with the ground truth in place of W(s): w_i = weight (w_min, or 0) for the
@@ -283,6 +296,12 @@ class RobustXIDLoss(nn.Module):
         follows from the injection's seed), so it is not part of the state_dict."""
         faulty = torch.as_tensor(faulty, dtype=torch.bool, device=self.bank.s.device)
         self.oracle = (faulty, float(weight))
+
+    def set_class_oracle(self, labels):
+        """Soft-xID with the ground truth in place of S(j|i): class_oracle_scores from the slots'
+        classes. It measures what softening faulty negatives can win on a dataset at all, apart
+        from how well the cycle finds them. Set at every start, like set_oracle."""
+        self.class_labels = torch.as_tensor(labels, dtype=torch.long, device=self.bank.s.device)
 
     def get_extra_state(self):  # the negatives' generator travels with the banks in a checkpoint
         return {"generator": self.generator.get_state()}
@@ -325,12 +344,14 @@ class RobustXIDLoss(nn.Module):
                     w = torch.where(faulty.to(s.device)[index], weight, 1.0)
                 else:
                     w = faulty_positive_weights(s, mu, sigma, self.delta, self.kappa, self.w_min)
-                if lam > 0:
+                if lam == 0:
+                    S_v = S_a = one_hot_targets(logits_v)                      # T = 1[j = i]
+                elif self.class_labels is not None:                             # the ground truth
+                    S_v = S_a = class_oracle_scores(self.class_labels, index, negatives, mask)
+                else:
                     S_v, S_a = softening_scores(self.strategy, v_pos, a_pos, v_neg, a_neg,
                                                 self.tau_s, mask)
-                    T_v, T_a = soft_targets(S_v, lam), soft_targets(S_a, lam)   # (B, 1+K)
-                else:
-                    T_v = T_a = one_hot_targets(logits_v)                      # 1[j = i]
+                T_v, T_a = soft_targets(S_v, lam), soft_targets(S_a, lam)       # (B, 1+K)
 
             # Σ_i w_i over the whole batch: with several processes each holds a share, and DDP
             # averages their gradients, so each divides by the processes' mean Σ w

@@ -37,7 +37,7 @@ QUICK_SETTINGS = {
     "delta": dict(seeds=[0, 1], epochs=12, eval_clips=2, ft_repeats=1, deltas=[-1.0], n0=[0.5],
                   oracle=False, runs="runs/sweeps_quick", out="figures/quick/fig1_delta_sweep"),
     "lambda": dict(seeds=[0, 1], epochs=12, eval_clips=2, ft_repeats=1, lams=[0.0, 0.5, 1.0],
-                   runs="runs/sweeps_quick", out="figures/quick/fig2_lambda_sweep")}
+                   oracle=False, runs="runs/sweeps_quick", out="figures/quick/fig2_lambda_sweep")}
 QUICK = {"delta": "xID and Weighted-xID (δ = -1) at n₀ = 0.5, xID at n₀ = 0, 2 seeds, 12 epochs",
          "lambda": "λ ∈ {0, 0.5, 1}, 2 seeds, 12 epochs"}
 QUICK_TITLE = " (--quick: a trial of the sweep, not a finding)"
@@ -152,6 +152,10 @@ def sweep(kind, args):
                 flags = ["--mode", "soft", "--strategy", "cycle", "--lam", str(lam),
                          "--seed", str(seed)]
                 points.append(((lam, seed), root / f"lam_{lam:g}_seed{seed}", flags))
+                if args.oracle and lam > 0:  # the ground truth's targets at the same λ
+                    points.append(((lam, "oracle", seed), root / f"lam_{lam:g}_oracle_seed{seed}",
+                                   ["--mode", "soft", "--oracle-targets", "class", "--lam",
+                                    str(lam), "--seed", str(seed)]))
     to_train = [run_dir for _, run_dir, flags in points
                 if not finished_results(run_dir, flags, args)]
     print(f"sweep {kind}: {len(points)} points, {len(points) - len(to_train)} already done, "
@@ -236,6 +240,10 @@ def draw_lambda(table, args, out):
         ax.axvline(0.65, color="0.5", ls=":", label="paper: collapse above")
     lines = [("Soft-xID, cycle", "-", "o",
               {lam: [table[(lam, s)] for s in args.seeds] for lam in args.lams})]
+    if args.oracle:  # at λ = 0 both are xID: the same runs
+        lines.append(("Soft-xID, class oracle (S from the labels)", "-.", "s",
+                      {lam: [table[(lam, "oracle", s) if lam > 0 else (lam, s)]
+                             for s in args.seeds] for lam in args.lams}, "tab:green"))
     draw_sweep(args.lams, lines, "λ (soft-target mixing)",
                f"Figure 2 on the embedded data: λ sweep of Soft-xID (cycle targets), mean ± "
                f"standard error (ddof 1) over {len(args.seeds)} seeds, {args.epochs} epochs"
@@ -510,6 +518,10 @@ def main(argv=None):
         else:
             s.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                            help="λ grid")
+            s.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
+                           help="also Soft-xID with the ground truth's targets at each λ > 0 "
+                                "(train.py --oracle-targets class): what softening the faulty "
+                                "negatives perfectly would win")
         s.add_argument("--quick", action="store_true",
                        help=f"a small version that runs in minutes on 2 CPU cores, to try the "
                             f"sweep (and its progress lines) before the long one: {QUICK[kind]}; "

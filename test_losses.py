@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import (MODES, STRATEGIES, MemoryBank, RobustXIDLoss, faulty_positive_weights,
-                    sample_negatives, soft_cross_entropy, soft_targets, softening_scores)
+from losses import (MODES, STRATEGIES, MemoryBank, RobustXIDLoss, class_oracle_scores,
+                    faulty_positive_weights, sample_negatives, soft_cross_entropy, soft_targets,
+                    softening_scores)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,6 +254,34 @@ def test_soft_cross_entropy_by_hand():
     mask = torch.tensor([[False, True]])                                 # the last candidate is out
     expected_masked = -(0.5 * math.log(2 / 3) + 0.5 * math.log(1 / 3))   # P = (2/3, 1/3, 0)
     torch.testing.assert_close(soft_cross_entropy(logits, T, mask), torch.tensor([expected_masked]))
+
+
+def test_class_oracle_spreads_lambda_over_the_own_class():
+    """The soft targets' oracle: S(j|i) = 1/n over the n candidates of i's class (the positive
+    included, the row's own instance drawn as a negative left out), so T(j|i) = (1 - λ)·1[j = i]
+    + λ/n on each of them; by a loop over INDEX and NEGATIVES."""
+    labels = torch.arange(N) % 4                                          # 4 classes
+    mask = NEGATIVES[None, :] == INDEX[:, None]
+    S = class_oracle_scores(labels, INDEX, NEGATIVES, mask)
+    for b, i in enumerate(INDEX.tolist()):
+        same = [k + 1 for k, n in enumerate(NEGATIVES.tolist()) if labels[n] == labels[i] and n != i]
+        expected = torch.zeros(1 + K)
+        expected[[0] + same] = 1.0 / (1 + len(same))
+        torch.testing.assert_close(S[b], expected, msg=f"row of instance {i}, class {int(labels[i])}")
+    crit = RobustXIDLoss(N, D, mode="soft", lam=0.5, num_negatives=K)
+    crit.set_class_oracle(labels)
+    structured_bank(crit)
+    v, a = batch()
+    loss, diag = crit(v, a, INDEX, negatives=NEGATIVES)
+    T = soft_targets(S, 0.5)
+    torch.testing.assert_close(diag["targets_v"], T)
+    torch.testing.assert_close(diag["targets_a"], T)
+    logits_v = torch.cat([(v * crit.bank.a_bar[INDEX]).sum(1, keepdim=True),
+                          v @ crit.bank.a_bar[NEGATIVES].t()], 1) / crit.tau
+    logits_a = torch.cat([(a * crit.bank.v_bar[INDEX]).sum(1, keepdim=True),
+                          a @ crit.bank.v_bar[NEGATIVES].t()], 1) / crit.tau
+    expected = (soft_cross_entropy(logits_v, T, mask) + soft_cross_entropy(logits_a, T, mask)).mean()
+    torch.testing.assert_close(loss, expected)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -17,7 +17,6 @@ The flags come last in this file; `@FILE` reads flags from a file (one or more p
 starts a comment), and later flags override it. The run folder (--out) is described in runs.py.
 """
 import argparse
-import random
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 import data
 import distributed
@@ -40,6 +39,8 @@ from model import AUDIO_ENCODERS, VIDEO_ENCODERS, AVModel
 # BatchNorm (the encoders', the centred heads') centres over a process's batch: with 2 clips their
 # embeddings come out exact opposites, so every step, and the bank's fill, takes at least this many.
 MIN_CLIPS = 3
+# The bank fill's clips are drawn as if from this epoch: apart from every training epoch's draws.
+BANK_FILL_DRAWS = 10**6
 
 # The flags a resumed run may change (the held-out split only serves the end-of-run summary);
 # every other one must be the run's own: one recipe a run.
@@ -78,8 +79,8 @@ def fill_bank(run, args):
     positive away. A slot whose clip fails to decode stays random (named). Each process embeds its
     own share, however many batches that is, and one update gathers every share."""
     t = time.perf_counter()
-    reseed(args.seed, 10**6, run.rank)  # a stream of its own, apart from every epoch's
-    batches = fill_batches(list(range(run.rank, len(run.videos), run.world)),
+    batches = fill_batches([(BANK_FILL_DRAWS, i) for i in range(run.rank, len(run.videos),
+                                                                run.world)],
                            run.loader.batch_size)
     loader = DataLoader(run.loader.dataset, batch_sampler=batches,
                         num_workers=run.loader.num_workers, collate_fn=data.collate_clips)
@@ -92,7 +93,7 @@ def fill_bank(run, args):
         report_data_errors(run, batch, "slot left random")
         if len(batch["index"]) < MIN_CLIPS:  # too few decoded for BatchNorm: left random, named
             continue
-        video = run.transforms.video(batch["video"].to(run.device))
+        video = run.transforms.video(batch["video"].to(run.device), batch["jitter"])
         audio = run.transforms.audio(batch["audio"].to(run.device))
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp):
             v, a = run.model(video, audio)
@@ -109,8 +110,7 @@ def fill_bank(run, args):
 def train_one_epoch(run, args, epoch):
     """One pass over the data: forward, loss, backward, step and bank update for every batch.
     Returns the epoch's summary (means of the step records, bank statistics, speed, data errors)."""
-    reseed(args.seed, epoch, run.rank)
-    run.loader.sampler.set_epoch(epoch)
+    run.loader.sampler.set_epoch(epoch)  # the epoch's permutation, and its clips' draws
     run.model.train()
     warmup = epoch < args.warmup_epochs  # plain xID: the banks have not learned yet
     step = epoch * len(run.loader)
@@ -131,7 +131,8 @@ def train_one_epoch(run, args, epoch):
         index = batch["index"].to(run.device, non_blocking=True)             # (B,) bank slots
         video = batch["video"].to(run.device, non_blocking=True)             # (B, 3, T, H, W) uint8
         audio = batch["audio"].to(run.device, non_blocking=True)             # (B, 1, samples)
-        video, audio = run.transforms.video(video), run.transforms.audio(audio)  # float; (B,1,F,S)
+        video = run.transforms.video(video, batch["jitter"])                # colour jitter per clip
+        audio = run.transforms.audio(audio)                                  # log-mel (B, 1, F, S)
         # 2. forward: L2-normalised embeddings v_i, a_i
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp):
             v, a = run.ddp(video, audio)                                     # (B, 128) each
@@ -187,7 +188,9 @@ def refresh_bank_at_epoch_end(run):
 def save_checkpoint_then_log(run, args, epoch, summary):
     """The checkpoint first, so that a log record never describes an epoch the checkpoint lacks;
     the record goes into the checkpoint too, so that a resumed run can write it if the log missed
-    it. No RNG state is saved: reseed() fixes them at every epoch's start."""
+    it. No RNG state is saved: a clip's draws follow from (seed, epoch, index) (data.AVClips),
+    the epoch's order from (seed, epoch), and the negatives' generator is in the criterion's
+    state."""
     record = dict(kind="epoch", epoch=epoch + 1, **summary)
     if run.is_main:
         runs.save_checkpoint({
@@ -303,8 +306,8 @@ def build_run(parser, args, rank, world, device, log, out, write, lock):
                      f"checkpoint's ({ckpt['num_instances']} slots then, {len(videos)} usable "
                      f"videos now): bank slots would not match")
 
-    dataset = data.AVClips(videos, spec, train=True, audio_source=audio_source)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+    dataset = data.AVClips(videos, spec, train=True, audio_source=audio_source, seed=args.seed)
+    sampler = data.EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
     cuda = device.type == "cuda"
     loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler,
@@ -321,6 +324,11 @@ def build_run(parser, args, rank, world, device, log, out, write, lock):
               if all(v.label >= 0 for v in videos) else None)
     if args.oracle_weights != "off":
         criterion.set_oracle(injected, args.w_min if args.oracle_weights == "w-min" else 0.0)
+    if args.oracle_targets == "class":
+        if labels is None:
+            parser.error("--oracle-targets class needs every training video's class, and some "
+                         "have none")
+        criterion.set_class_oracle(labels)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     amp = args.amp if args.amp != "auto" else (
         "off" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
@@ -406,14 +414,6 @@ def list_and_scan(args, split, spec, log, rank=0, world=1, classes=None):
 # ----------------------------------------------------------------------------------------------
 # Helpers of the loop
 # ----------------------------------------------------------------------------------------------
-def reseed(seed, epoch, rank):
-    """Every epoch starts from RNGs fixed by (seed, epoch, rank): a resumed run draws the same."""
-    s = seed * 1_000_003 + epoch * 1_009 + rank
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
-
-
 def fill_batches(share, per):
     """The bank fill's batches: every slot of this process's share in order (the training loader
     drops the last, incomplete batch), `per` a batch; a last batch too small for BatchNorm joins
@@ -485,6 +485,10 @@ def get_args(argv=None):
     g.add_argument("--oracle-weights", choices=["off", "w-min", "zero"], default="off",
                    help="Weighted-xID with the ground truth in place of W(s): the injected pairs "
                         "get w_min (or 0), all others 1 (a perfect detector; plots.py's oracle)")
+    g.add_argument("--oracle-targets", choices=["off", "class"], default="off",
+                   help="Soft-xID with the ground truth in place of S(j|i): the λ of the soft "
+                        "target spread over the candidates of the instance's own class (perfect "
+                        "softening of faulty negatives; plots.py lambda's bound)")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds the injection, the negatives, the initial weights and augmentation")
     g = p.add_argument_group("this project's start (METHOD.md, deviations from the paper)")
@@ -553,7 +557,7 @@ def check_args(p, args):
         ("--n0", 0 <= args.n0 < 1, "must be in [0, 1)"), ("--tau", args.tau > 0, "must be > 0"),
         ("--tau-s", args.tau_s > 0, "must be > 0"), ("--lr", args.lr > 0, "must be > 0"),
         ("--bank-momentum", 0 <= args.bank_momentum < 1, "must be in [0, 1)"),
-        ("--epochs", args.epochs >= 1, "must be >= 1"),
+        ("--epochs", args.epochs >= 1, "must be >= 1"), ("--seed", args.seed >= 0, "must be >= 0"),
         ("--batch-size", args.batch_size >= MIN_CLIPS, f"must be >= {MIN_CLIPS}"),
         ("--warmup-epochs", args.warmup_epochs >= 0, "must be >= 0"),
         ("--workers", args.workers >= 0, "must be >= 0"),
@@ -568,7 +572,10 @@ def check_args(p, args):
         ("--subset", args.subset is None or args.subset >= 2, "must be >= 2"),
         ("--oracle-weights", args.oracle_weights == "off" or
          (args.mode in ("weighted", "robust") and args.n0 > 0),
-         "needs --mode weighted or robust and --n0 > 0 (it weights the injected pairs)")]
+         "needs --mode weighted or robust and --n0 > 0 (it weights the injected pairs)"),
+        ("--oracle-targets", args.oracle_targets == "off" or
+         (args.mode in ("soft", "robust") and args.lam > 0),
+         "needs --mode soft or robust and --lam > 0 (it makes the soft targets)")]
     for flag, ok, rule in checks:
         if not ok:
             p.error(f"{flag} {rule}, got {getattr(args, flag[2:].replace('-', '_'))}")

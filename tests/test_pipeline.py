@@ -135,27 +135,65 @@ def test_clips_have_documented_shapes(embedded):
     videos, _ = data.scan(embedded_dataset.splits(embedded)["kinetics"]("train")[0][:3], SPEC, log=lambda *a: None)
     item = data.AVClips(videos, SPEC, train=True)[1]
     assert item["video"].shape == (3, 4, 24, 24) and item["video"].dtype == torch.uint8
+    assert item["jitter"].shape == (3,) and ((0.6 <= item["jitter"]) & (item["jitter"] <= 1.4)).all()
     assert item["audio"].shape == (1, 16000) and item["audio"].dtype == torch.float32
     assert item["index"] == 1 and item["label"] == videos[1].label and item["faulty"] is False
     item = data.AVClips(videos, SPEC, train=False, num_clips=5)[0]
     assert item["video"].shape == (5, 3, 4, 24, 24) and item["audio"].shape == (5, 1, 16000)
     batch = data.collate_clips([data.AVClips(videos, SPEC, train=True)[i] for i in range(3)])
     tf = data.BatchTransforms(SPEC, train=True)
-    video, audio = tf.video(batch["video"]), tf.audio(batch["audio"])
+    video, audio = tf.video(batch["video"], batch["jitter"]), tf.audio(batch["audio"])
     assert video.shape == (3, 3, 4, 24, 24) and video.dtype == torch.float32 and audio.shape == (3, 1, 32, 101)
     assert torch.isfinite(video).all() and torch.isfinite(audio).all()
 
 
-def test_batch_transforms_jitter_each_clip_and_normalise():
-    """Colour jitter draws its own setting per clip (torchvision's draws one per call); evaluation
-    only normalises, (x / 255 - 0.45) / 0.225."""
-    clip = torch.randint(0, 256, (3, 4, 8, 8), dtype=torch.uint8)
-    batch = clip.expand(6, -1, -1, -1, -1)
-    torch.manual_seed(0)
-    out = data.BatchTransforms(SPEC, train=True).video(batch)
-    assert len({round(x.mean().item(), 4) for x in out}) == 6            # six clips, six settings
-    expected = (clip.float() / 255 - 0.45) / 0.225
-    assert torch.allclose(data.BatchTransforms(SPEC, train=False).video(batch[:2]), expected.expand(2, -1, -1, -1, -1))
+def test_batch_transforms_jitter_each_clip_with_its_factors_and_normalise():
+    """Colour jitter applies every clip's own (brightness, contrast, saturation) factors in one
+    call, as torchvision's functional ops do clip by clip; evaluation only normalises,
+    (x / 255 - 0.45) / 0.225."""
+    from torchvision.transforms.v2 import functional as TF
+    clips = torch.randint(0, 256, (4, 3, 4, 8, 8), dtype=torch.uint8)
+    factors = torch.tensor([[1.0, 1.0, 1.0], [1.3, 0.7, 1.2], [0.6, 1.4, 0.6], [1.1, 0.9, 1.4]])
+    out = data.colour_jitter(clips.float() / 255, factors)
+    for clip, (b, c, s), got in zip(clips, factors.tolist(), out):
+        frames = clip.float().transpose(0, 1) / 255                      # (T, 3, H, W) for torchvision
+        want = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(frames, b), c), s)
+        torch.testing.assert_close(got.transpose(0, 1), want, atol=1e-5, rtol=0,
+                                   msg=f"clip with factors {(b, c, s)}")
+    tf = data.BatchTransforms(SPEC, train=True)
+    torch.testing.assert_close(tf.video(clips, factors), (out - 0.45) / 0.225)
+    with pytest.raises(ValueError, match="jitter"):  # a training batch without its factors
+        tf.video(clips)
+    expected = (clips.float() / 255 - 0.45) / 0.225
+    torch.testing.assert_close(data.BatchTransforms(SPEC, train=False).video(clips), expected)
+
+
+def test_a_clip_is_fixed_by_seed_epoch_and_index_in_any_worker(embedded):
+    """AVClips[(epoch, i)] draws start, crop, flip, volume and jitter from (seed, epoch, i): the
+    same key gives the same clip, another epoch another clip, and a loader gives the same batches
+    with 0 or 2 persistent workers, epoch after epoch (what makes a resumed run the same run)."""
+    videos, _ = data.scan(embedded_dataset.splits(embedded)["kinetics"]("train")[0][:12], SPEC,
+                          log=lambda *a: None)
+    ds = data.AVClips(videos, SPEC, train=True, seed=3)
+    a, b, other = ds[(2, 5)], ds[(2, 5)], ds[(3, 5)]
+    assert torch.equal(a["video"], b["video"]) and torch.equal(a["jitter"], b["jitter"])
+    assert not torch.equal(a["jitter"], other["jitter"])
+    assert not torch.equal(a["jitter"], data.AVClips(videos, SPEC, train=True, seed=4)[(2, 5)]["jitter"])
+
+    def epochs(workers):
+        sampler = data.EpochSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=3)
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=workers,
+                                             collate_fn=data.collate_clips,
+                                             persistent_workers=workers > 0)
+        seen = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            seen += [(bt["index"], bt["video"], bt["audio"], bt["jitter"]) for bt in loader]
+        return seen
+
+    for x, y in zip(epochs(0), epochs(2)):
+        for u, w in zip(x, y):
+            assert torch.equal(u, w)
 
 
 def test_crop_by_ffmpeg_matches_crop_then_resize(embedded):
@@ -372,11 +410,12 @@ def test_train_every_mode_end_to_end(embedded, tmp_path, mode):
     assert len(injection["pairs"]) == 10 and [p["instance"] for p in injection["pairs"]] == [i for i, _ in ckpt["injected_pairs"]]
 
 
-@pytest.mark.parametrize("refresh", ["step", "epoch"])
-def test_resume_gives_the_same_run(embedded, tmp_path, refresh):
+@pytest.mark.parametrize("refresh,workers", [("step", "0"), ("epoch", "2")])
+def test_resume_gives_the_same_run(embedded, tmp_path, refresh, workers):
     """Stopped after epoch 1 and resumed, a run ends with the same losses as one that never stopped
-    (with either bank refresh); resuming with the other refresh is refused."""
-    flags = ["--n0", "0.2", "--bank-refresh", refresh]
+    (with either bank refresh, with or without persistent loader workers, whose clips follow from
+    (seed, epoch, index)); resuming with the other refresh is refused."""
+    flags = ["--n0", "0.2", "--bank-refresh", refresh, "--workers", workers]
     full = epochs_of(run_train(embedded, tmp_path / "full", "--epochs", "3", *flags))
     run_train(embedded, tmp_path / "parts", "--epochs", "1", *flags)
     other = "epoch" if refresh == "step" else "step"
@@ -496,6 +535,9 @@ def test_training_names_and_counts_a_clip_that_fails(embedded, tmp_path, monkeyp
     (["--lam", "1.5"], "--lam must be in \\[0, 1\\]"), (["--kappa", "0"], "--kappa must be > 0"),
     (["--n0", "1.0"], "--n0 must be in \\[0, 1\\)"), (["--num-negatives", "40"], "--num-negatives 40 must be smaller"),
     (["--data-root", "/no/such/folder"], "--data-root /no/such/folder is not a folder"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--oracle-targets", "class", "--mode", "xid"], "--oracle-targets needs --mode soft or robust"),
+    (["--oracle-targets", "class", "--mode", "soft", "--lam", "0"], "--oracle-targets needs .* --lam > 0"),
 ])
 def test_argument_errors_name_the_flag(embedded, tmp_path, capsys, flags, message):
     """An invalid value stops train.py with a message that names the flag and the rule."""
@@ -726,8 +768,28 @@ def test_sweep_skips_finished_points_and_draws(tmp_path):
     table = {(n0, d, s): fake() for n0 in args.n0 for d in args.deltas + ["xid", *plots.ORACLES] for s in args.seeds}
     table.update({(0.0, "xid", s): fake() for s in args.seeds})            # the reference without injection
     plots.draw_delta(table, args, tmp_path / "fig1")
-    plots.draw_lambda({(lam, s): fake() for lam in args.lams for s in args.seeds}, args, tmp_path / "fig2")
+    table = {(lam, s): fake() for lam in args.lams for s in args.seeds}
+    table.update({(lam, "oracle", s): fake() for lam in args.lams if lam > 0 for s in args.seeds})
+    plots.draw_lambda(table, args, tmp_path / "fig2")
     assert (tmp_path / "fig1.png").exists() and (tmp_path / "fig2.pdf").exists()
+
+
+def test_the_lambda_sweep_trains_the_class_oracle_at_every_positive_lambda(tmp_path, monkeypatch):
+    """Figure 2's bound: at each λ > 0 and seed, Soft-xID with --oracle-targets class beside the
+    cycle's point (at λ = 0 both are xID: one run); --no-oracle leaves it out."""
+    trained = []
+    monkeypatch.setattr(plots.embedded_dataset, "ensure", lambda root: None)
+    monkeypatch.setattr(plots, "train_and_evaluate_point", lambda run_dir, flags, args: trained.append(flags) or {})
+    args = argparse.Namespace(runs=str(tmp_path), embedded_root="unused", seeds=[0, 1], lams=[0.0, 0.5, 1.0],
+                              oracle=True, epochs=3)
+    table = plots.sweep("lambda", args)
+    oracle = [f for f in trained if "--oracle-targets" in f]
+    assert {(f[f.index("--lam") + 1], f[f.index("--seed") + 1]) for f in oracle} == \
+        {(lam, str(s)) for lam in ("0.5", "1.0") for s in (0, 1)} and len(oracle) == 4
+    assert len(table) == 10 and (0.5, "oracle", 1) in table and (0.0, "oracle", 0) not in table
+    trained.clear()
+    plots.sweep("lambda", argparse.Namespace(**{**vars(args), "oracle": False}))
+    assert not [f for f in trained if "--oracle-targets" in f] and len(trained) == 6
 
 
 def test_a_point_evaluated_under_another_protocol_is_evaluated_again_not_trained(tmp_path, monkeypatch):
@@ -809,6 +871,10 @@ def test_oracle_weights_come_from_the_ground_truth(embedded, tmp_path):
               "--warmup-epochs", "1", "--no-eval")
     log = [json.loads(x) for x in (tmp_path / "o" / "log.jsonl").read_text().splitlines() if '"epoch"' in x]
     assert log[0]["batch_mean_weight"] == 1.0 and 0.2 < log[1]["batch_mean_weight"] < 0.8  # half the pairs: 0
+    # the soft targets' oracle: after the warm-up all the moved mass stays in the class
+    log = epochs_of(run_train(embedded, tmp_path / "t", "--oracle-targets", "class", "--mode", "soft", "--lam", "0.5",
+                              "--epochs", "2", "--warmup-epochs", "1"))
+    assert log[1]["soft_mass_same_class"] == pytest.approx(1.0) and log[1]["target_on_positive"] < 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -863,7 +929,7 @@ def test_a_scan_that_finds_nothing_usable_still_lists_every_file(tmp_path, capsy
 def test_a_sweep_says_which_point_of_how_many_and_when_it_ends(embedded, tmp_path, capsys, monkeypatch):
     """Point i of n before each one that must be trained, and the time left from the points so far."""
     args = argparse.Namespace(epochs=3, eval_clips=2, seeds=[0], lams=[0.0, 0.5, 1.0], runs=str(tmp_path),
-                              embedded_root=str(embedded), workers=2, ft_repeats=1)
+                              embedded_root=str(embedded), workers=2, ft_repeats=1, oracle=False)
     finished = {"evaluated_epoch": 3, "ucf": {}, "hmdb": {}, "protocol": plots.evaluate_protocol(tmp_path, args)}
     (tmp_path / "lambda" / "lam_0_seed0").mkdir(parents=True)
     (tmp_path / "lambda" / "lam_0_seed0" / "results.json").write_text(json.dumps(finished))

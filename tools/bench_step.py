@@ -53,7 +53,7 @@ def bench(run, args, steps):
         index = batch["index"].to(device, non_blocking=True)
         video, audio = batch["video"].to(device, non_blocking=True), batch["audio"].to(device)
         done()
-        video, audio = run.transforms.video(video), run.transforms.audio(audio)
+        video, audio = run.transforms.video(video, batch["jitter"]), run.transforms.audio(audio)
         done()
         with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             v, a = run.ddp(video, audio)

@@ -342,18 +342,19 @@ def colour_jitter(x, factors):
     """Brightness, contrast and saturation of every clip at once, each with the clip's own factor
     (torchvision's ColorJitter draws one setting per call; its functional ops take one factor).
     The operations are torchvision's: blend with black, with the frame's mean grey level, with the
-    frame's greyscale. x float (B, 3, T, H, W) in [0, 1]; factors (B, 3)."""
+    frame's greyscale, always in this order (ColorJitter also shuffles the order per call).
+    x float (B, 3, T, H, W) in [0, 1]; factors (B, 3)."""
     b, c, s = (f.view(-1, 1, 1, 1, 1) for f in factors.unbind(-1))       # (B, 1, 1, 1, 1)
 
-    def blend(img, other, ratio):
-        return (ratio * img + (1 - ratio) * other).clamp(0, 1)
-
-    def grey(img):  # (B, 1, T, H, W); torchvision's weights
+    def grey(img):  # (B, 1, T, H, W), torchvision's weights
         return v2.functional.rgb_to_grayscale(img.transpose(1, 2)).transpose(1, 2)
 
-    x = blend(x, 0.0, b)
-    x = blend(x, grey(x).mean(dim=(-2, -1), keepdim=True), c)
-    return blend(x, grey(x), s)
+    # each: ratio·x + (1 - ratio)·other, clamped to [0, 1]; in place on a fresh x
+    x = x.mul(b).clamp_(0, 1)                                               # brightness: black
+    other = (1 - c) * grey(x).mean(dim=(-2, -1), keepdim=True)              # contrast: mean grey
+    x = x.mul_(c).add_(other).clamp_(0, 1)
+    other = (1 - s) * grey(x)                                               # saturation: greyscale
+    return x.mul_(s).add_(other).clamp_(0, 1)
 
 
 def mel_spectrogram(sample_rate, n_mels):

@@ -7,6 +7,10 @@ audio has a click and a decaying tone:
 - the class is in both streams: shape and direction of motion in the picture, pitch and timbre in
   the sound (10 pre-training classes); the colour is drawn per clip, a nuisance as in real video;
 - the instance is in both streams too: the moments of the wall hits (cross-modal instance detail);
+- so is the recording, which says nothing of the class: a room's brightness behind the shape and
+  the mains hum of its sound (60-240 Hz) come together, as a room's look and its acoustics, or a
+  camera's noise and its hum, do in real video. Instance discrimination can tell clips of one
+  class apart by it, and pushes them apart: the faulty negatives Soft-xID is for;
 - about 10% of the clips are natural faulty positives: background music or a voice-over-like babble
   unrelated to the picture, marked in kinetics/annotations.csv;
 - two downstream sets, ucf/ (shape x direction, 18 classes, UCF101's split files) and hmdb/
@@ -53,6 +57,7 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 UCF_CLASSES = [(s, m) for s in SHAPES for m in ("horizontal", "vertical", "diagonal")]
 HMDB_CLASSES = [(s, sp) for s in SHAPES for sp in ("slow", "fast")]
 VERSION = 5  # bump when the generator changes: existing copies are then regenerated
+HUM = 0.0  # the recording's hum (amplitude): the cue that makes faulty negatives cost
 SPEEDS = {"normal": (35.0, 80.0), "slow": (20.0, 35.0), "fast": (80.0, 120.0)}  # pixels/s at 64 px
 
 
@@ -84,7 +89,7 @@ def _tone(pitch, timbre, t):
 
 
 def _render_clip(rng, shape, colour, motion, speed_range, pitch, timbre, audio_kind, size, fps,
-                 seconds, rate):
+                 seconds, rate, hum=0.0):
     """Frames (T, H, W, 3) and waveform of one instance, and its event times (the wall hits)."""
     t_video = np.arange(int(seconds * fps)) / fps
     r = 0.22 * size
@@ -103,7 +108,9 @@ def _render_clip(rng, shape, colour, motion, speed_range, pitch, timbre, audio_k
     events = np.sort(np.concatenate(events))
     events = events[events < seconds]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    background = rng.uniform(20, 90) + rng.uniform(-15, 15) * (xx / size)
+    # the recording: with hum > 0 a room's brightness comes with the mains hum of its sound
+    room = rng.uniform()
+    background = 20 + 70 * room + rng.uniform(-15, 15) * (xx / size)
     frames = np.empty((len(t_video), size, size, 3), np.uint8)
     for k in range(len(t_video)):
         img = np.repeat(background[..., None], 3, axis=2)
@@ -111,6 +118,9 @@ def _render_clip(rng, shape, colour, motion, speed_range, pitch, timbre, audio_k
         frames[k] = np.clip(img + rng.normal(0, 3, img.shape), 0, 255)
     t = np.arange(int(seconds * rate)) / rate
     wave = 0.01 * rng.standard_normal(len(t))
+    if hum > 0:  # dubbed audio (music, voice-over) was recorded elsewhere: another room's hum
+        heard = room if audio_kind == "events" else rng.uniform()
+        wave += hum * np.sin(2 * np.pi * (60 + 180 * heard) * t + rng.uniform(0, 2 * np.pi))
     if audio_kind == "events":            # a click and a decaying tone at every wall hit
         for e in events:
             after = t >= e
@@ -150,7 +160,7 @@ def write_av_file(path, frames, wave, fps, rate):
 
 
 def make(root="data/embedded", seed=0, per_class=60, downstream_per_class=30, faulty_share=0.1,
-         size=64, fps=16, seconds=3.0, rate=16000, log=print):
+         size=64, fps=16, seconds=3.0, rate=16000, hum=HUM, log=print):
     """Write the embedded dataset under root: kinetics/{train,val}/<class>/<id>.mp4 (+ the
     official-style CSV and annotations.csv marking natural faulty positives), ucf/ and hmdb/ with
     split files. Every clip is drawn from one generator seeded with `seed`, in a fixed order: same
@@ -177,7 +187,7 @@ def make(root="data/embedded", seed=0, per_class=60, downstream_per_class=30, fa
             total=total, desc="writing the embedded dataset", unit="clip") as bar:
         def clip(rel, shape, colour, motion, speed, pitch, timbre, audio_kind="events"):
             frames, wave, events = _render_clip(rng, shape, colour, motion, SPEEDS[speed], pitch,
-                                                timbre, audio_kind, size, fps, seconds, rate)
+                                                timbre, audio_kind, size, fps, seconds, rate, hum)
             pending.append(pool.submit(write_av_file, root / rel, frames, wave, fps, rate))
             events_of[rel] = [round(float(e), 4) for e in events]
             while len(pending) > 4 * workers or (pending and pending[0].done()):  # bounded memory
@@ -193,7 +203,7 @@ def make(root="data/embedded", seed=0, per_class=60, downstream_per_class=30, fa
     atomic_write(root / "events.json", json.dumps(events_of))
     params = dict(version=VERSION, complete=True, seed=seed, per_class=per_class,
                   downstream_per_class=downstream_per_class, faulty_share=faulty_share, size=size,
-                  fps=fps, seconds=seconds, rate=rate)
+                  fps=fps, seconds=seconds, rate=rate, hum=hum)
     atomic_write(marker, json.dumps(params, indent=1))  # written last: marks a complete set
     log(f"wrote the embedded dataset to {root} in {time.time() - t0:.1f}s "
         f"({len(events_of)} clips, {size}px, {fps} fps, {rate} Hz)")
@@ -322,12 +332,15 @@ def main():
     p.add_argument("--fps", type=int, default=16, help="frames per second")
     p.add_argument("--seconds", type=float, default=3.0, help="clip length")
     p.add_argument("--rate", type=int, default=16000, help="audio sample rate (Hz)")
+    p.add_argument("--hum", type=float, default=HUM,
+                   help="amplitude of the recording's hum, tied to the room's brightness (0: no "
+                        "recording cue; the clicks' tones start at 0.5)")
     args = p.parse_args()
     if args.size % 2:
         p.error("--size must be even (H.264 with 4:2:0 chroma)")
     try:
         make(args.embedded_root, args.seed, args.per_class, args.downstream_per_class,
-             args.faulty_share, args.size, args.fps, args.seconds, args.rate)
+             args.faulty_share, args.size, args.fps, args.seconds, args.rate, args.hum)
     except ValueError as e:
         p.error(str(e))
 

@@ -345,13 +345,14 @@ class RobustXIDLoss(nn.Module):
                 else:
                     w = faulty_positive_weights(s, mu, sigma, self.delta, self.kappa, self.w_min)
                 if lam == 0:
-                    S_v = S_a = one_hot_targets(logits_v)                      # T = 1[j = i]
-                elif self.class_labels is not None:                             # the ground truth
-                    S_v = S_a = class_oracle_scores(self.class_labels, index, negatives, mask)
+                    T_v = T_a = one_hot_targets(logits_v)                      # 1[j = i]
                 else:
-                    S_v, S_a = softening_scores(self.strategy, v_pos, a_pos, v_neg, a_neg,
-                                                self.tau_s, mask)
-                T_v, T_a = soft_targets(S_v, lam), soft_targets(S_a, lam)       # (B, 1+K)
+                    if self.class_labels is not None:                           # the ground truth
+                        S_v = S_a = class_oracle_scores(self.class_labels, index, negatives, mask)
+                    else:
+                        S_v, S_a = softening_scores(self.strategy, v_pos, a_pos, v_neg, a_neg,
+                                                    self.tau_s, mask)
+                    T_v, T_a = soft_targets(S_v, lam), soft_targets(S_a, lam)   # (B, 1+K)
 
             # Σ_i w_i over the whole batch: with several processes each holds a share, and DDP
             # averages their gradients, so each divides by the processes' mean Σ w

@@ -59,13 +59,14 @@ EXERCISES = [
              pins=["test_soft_targets_mix_the_one_hot_and_S"],
              uses=ALWAYS + each("test_loss_and_gradient_match_loop", STRATEGIES, ["soft", "robust"])
              + each("test_targets_are_distributions", ["0.3", "1.0"], STRATEGIES)
-             + each("test_lambda_one_is_pure_S", STRATEGIES)),
+             + each("test_lambda_one_is_pure_S", STRATEGIES)
+             + ["test_class_oracle_spreads_lambda_over_the_own_class"]),
     Exercise(3, "soft_cross_entropy", "-Σ_j T(j|i) log P(j|i), the loss of one row",
              pins=["test_soft_cross_entropy_by_hand"],
              uses=ALWAYS + each("test_loss_and_gradient_match_loop", STRATEGIES, ["xid", "weighted", "soft", "robust"])
              + each("test_targets_are_distributions", LAMS, STRATEGIES) + each("test_lambda_one_is_pure_S", STRATEGIES)
              + ["test_equal_weights_is_xid", "test_lambda_zero_is_xid", "test_w_min_one_is_xid", "test_warmup_is_xid",
-                "test_weights_come_from_bank_scores"]),
+                "test_weights_come_from_bank_scores", "test_class_oracle_spreads_lambda_over_the_own_class"]),
     Exercise(4, "_cycle_scores", "S(j|i) ∝ P(ā_j|v̄_i)·P(v̄_i|ā_j), the cycle-consistent softening scores",
              pins=each("test_softening_scores_match_loop", ["0.07", "0.5"], ["cycle"]),
              uses=ALWAYS + each("test_loss_and_gradient_match_loop", ["cycle"], ["soft", "robust"])

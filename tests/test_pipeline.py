@@ -239,6 +239,25 @@ def test_audio_events_line_up_with_visual_events(embedded):
             assert np.min(np.abs(reversals - e)) <= 1 / 8 + 1e-6               # video: within a frame
 
 
+def test_the_recording_cue_ties_a_rooms_brightness_to_its_hum():
+    """With hum > 0 a clip's background brightness (20 + 70·room at the left edge) comes with a
+    mains hum at 60 + 180·room Hz in its audio: a cue shared by both streams that says nothing of
+    the class. Dubbed audio (music, voice-over) carries another room's hum."""
+    def room_and_hum(kind, seed):
+        frames, wave, _ = embedded_dataset._render_clip(
+            np.random.default_rng(seed), "circle", "red", "vertical", (35.0, 80.0), 440, "sine", kind,
+            64, 16, 2.0, 16000, hum=0.05)
+        # the left column, away from the shape (vertical motion at a random x; take the darker side)
+        edge = min(np.median(frames[:, :, 0]), np.median(frames[:, :, 1]))
+        spectrum = np.abs(np.fft.rfft(wave))[: 2 * 260]                          # 0.5-Hz bins up to 260 Hz
+        return (edge - 20) / 70, (np.argmax(spectrum[2 * 40:]) + 2 * 40) / 2.0
+    for seed in range(4):
+        room, hum = room_and_hum("events", seed)
+        assert abs(hum - (60 + 180 * room)) < 8, (seed, room, hum)              # the room's own hum
+    dubbed = [room_and_hum("music", seed) for seed in range(4)]
+    assert max(abs(hum - (60 + 180 * room)) for room, hum in dubbed) > 20       # another room's
+
+
 # ----------------------------------------------------------------------------------------------
 # Faulty-positive injection (n₀)
 # ----------------------------------------------------------------------------------------------

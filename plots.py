@@ -377,9 +377,37 @@ def training_curves(run_dir, out):
     save(fig, out)
 
 
+def chance_loss(run):
+    """The loss of a flat softmax, 2 ln(K + 1), with K as train.py chose it for the run."""
+    n = json.loads((Path(run) / "injection.json").read_text())["num_instances"]
+    asked = json.loads((Path(run) / "args.json").read_text())["num_negatives"]
+    return 2 * np.log(train.num_negatives(asked, n) + 1)
+
+
+def run_line(run, ep, chance, below=0.3):
+    """One run in a line: the epoch its loss first fell `below` under chance (where it left the
+    plateau), the last epoch's loss and detection, and its transfer where evaluate.py ran."""
+    left = next((r["epoch"] for r in ep if r["loss"] < chance - below), None)
+    last = ep[-1]
+    line = (f"{run}: loss {below} below chance from epoch "
+            f"{left if left else f'- (not in {len(ep)})'}, epoch {last['epoch']} loss "
+            f"{last['loss']:.3f} (chance {chance:.2f})")
+    for key in ("injected_auc", "natural_auc"):
+        if key in last:
+            line += f", {key.split('_')[0]} AUC {last[key]:.2f}"
+    res = Path(run) / "results.json"
+    r = json.loads(res.read_text()) if res.exists() else {}
+    for ds in ("ucf", "hmdb"):
+        if ds in r:
+            line += (f", {ds.upper()} R@5 {metric(r, ds, 'R@5'):.3f} "
+                     f"ft {metric(r, ds, 'finetune_video_top1'):.3f}")
+    return line
+
+
 def compare_curves(groups, out):
     """Per-epoch xID loss and detection ROC AUC of groups of runs ({label: [run folders]}), one line
-    per run, a colour per group: how soon each recipe learns, seed by seed."""
+    per run, a colour per group: how soon each recipe learns, seed by seed. Prints each run's line
+    (run_line)."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     chance = None
     colours = ("tab:grey", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
@@ -396,10 +424,8 @@ def compare_curves(groups, out):
             key = "injected_auc" if "injected_auc" in ep[-1] else "natural_auc"
             axes[1].plot(x, [r.get(key, np.nan) for r in ep], color=colour, lw=1,
                          label=f"{label} ({key.split('_')[0]})" if k == 0 else None)
-            if chance is None:  # K as train.py chose it
-                n = json.loads((Path(run) / "injection.json").read_text())["num_instances"]
-                asked = json.loads((Path(run) / "args.json").read_text())["num_negatives"]
-                chance = 2 * np.log(train.num_negatives(asked, n) + 1)
+            chance = chance_loss(run) if chance is None else chance
+            print(f"{label}: {run_line(run, ep, chance)}")
     if chance is not None:
         axes[0].axhline(chance, color="0.6", lw=1, ls=":", label="chance, 2 ln(K+1)")
     axes[0].set_title("xID loss per epoch")

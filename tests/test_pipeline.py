@@ -1000,7 +1000,9 @@ def test_quick_sweep_uses_its_small_grid_except_where_a_flag_is_given(monkeypatc
 
 def test_curves_overlays_groups_of_runs_and_names_a_run_without_a_log(tmp_path, capsys):
     """plots.py curves LABEL=RUN,... draws each run's per-epoch loss (with the chance level
-    2 ln(K+1), K as train.py chose it) and detection AUC; a folder without log.jsonl is named."""
+    2 ln(K+1), K as train.py chose it) and detection AUC, and prints for each run the epoch its loss
+    first fell 0.3 below chance (10.67 at epoch 1 here, 10.97 - 0.3 = 10.67); a folder without
+    log.jsonl is named."""
     runs = []
     for k in range(2):
         run = tmp_path / f"run{k}"
@@ -1018,6 +1020,8 @@ def test_curves_overlays_groups_of_runs_and_names_a_run_without_a_log(tmp_path, 
     finally:
         plots.plt.Axes.axhline = real
     assert (tmp_path / "fig.png").stat().st_size > 5000 and pytest.approx(2 * np.log(241)) in drawn
+    said = capsys.readouterr().out
+    assert f"a: {runs[0]}: loss 0.3 below chance from epoch 1, epoch 3 loss 10.000 (chance 10.97), natural AUC 0.80" in said
     with pytest.raises(SystemExit):
         plots.main(["curves", f"a={tmp_path / 'nothing'}"])
     assert "none in" in capsys.readouterr().err

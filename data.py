@@ -254,9 +254,9 @@ class AVClips(Dataset):
             if not self.train:
                 return centre_box(height, width)
             # torchvision draws the box (area 40-100% of the frame, aspect 3/4-4/3) from torch's
-            # RNG, here seeded from the clip's generator; FFmpeg applies it
+            # CPU generator, here seeded from the clip's and restored after; FFmpeg applies it
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(rng.integers(2**62)))
+                torch.default_generator.manual_seed(int(rng.integers(2**62)))
                 return RandomResizedCrop.get_params(torch.empty(1, height, width),
                                                     [0.4, 1.0], [3 / 4, 4 / 3])
         return box
@@ -285,8 +285,8 @@ class AVClips(Dataset):
         if isinstance(key, tuple):  # (epoch, i): this clip's draws are fixed by (seed, epoch, i)
             epoch, i = key
             rng = np.random.default_rng([self.seed, epoch, i])
-        else:
-            i, rng = key, np.random.default_rng(random.getrandbits(64))
+        else:  # the process's own stream (evaluation draws nothing)
+            i, rng = key, np.random.default_rng(random.getrandbits(64) if self.train else 0)
         video = self.videos[i]
         j = int(self.audio_source[i])
         try:
@@ -307,7 +307,8 @@ class EpochSampler(DistributedSampler):
     (epoch, i) keys, so that AVClips draws each clip from (seed, epoch, i) in any worker."""
 
     def __iter__(self):
-        return ((self.epoch, i) for i in super().__iter__())
+        epoch = self.epoch  # the epoch this iteration was asked for, whatever set_epoch does next
+        return ((epoch, i) for i in super().__iter__())
 
 
 class BatchTransforms(torch.nn.Module):
@@ -322,8 +323,8 @@ class BatchTransforms(torch.nn.Module):
         self.mel = mel_spectrogram(spec.sample_rate, spec.n_mels)
 
     def video(self, x, jitter=None):
-        """uint8 (..., 3, T, H, W) -> float (..., 3, T, H, W), normalised. jitter (..., 3): the
-        clips' brightness, contrast and saturation factors (train)."""
+        """uint8 (..., 3, T, H, W) -> float (..., 3, T, H, W), normalised. Training batches are
+        (B, 3, T, H, W) with jitter (B, 3): each clip's brightness, contrast, saturation factors."""
         x = x.float() / 255.0
         if self.train_mode:
             if jitter is None:

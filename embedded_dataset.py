@@ -7,10 +7,11 @@ audio has a click and a decaying tone:
 - the class is in both streams: shape and direction of motion in the picture, pitch and timbre in
   the sound (10 pre-training classes); the colour is drawn per clip, a nuisance as in real video;
 - the instance is in both streams too: the moments of the wall hits (cross-modal instance detail);
-- so is the recording, which says nothing of the class: a room's brightness behind the shape and
-  the mains hum of its sound (60-240 Hz) come together, as a room's look and its acoustics, or a
-  camera's noise and its hum, do in real video. Instance discrimination can tell clips of one
-  class apart by it, and pushes them apart: the faulty negatives Soft-xID is for;
+- with --hum > 0 (off by default) so is the recording, which says nothing of the class: a room's
+  brightness behind the shape and the mains hum of its sound (60-240 Hz) come together, as a
+  room's look and its acoustics, or a camera's noise and its hum, do in real video. Instance
+  discrimination can then tell clips of one class apart by it, and pushes them apart: the faulty
+  negatives Soft-xID is for;
 - about 10% of the clips are natural faulty positives: background music or a voice-over-like babble
   unrelated to the picture, marked in kinetics/annotations.csv;
 - two downstream sets, ucf/ (shape x direction, 18 classes, UCF101's split files) and hmdb/
@@ -278,10 +279,10 @@ def _write_hmdb_stand_in(root, clip, rng, per_class, seed):
 
 def ensure(root="data/embedded", log=print):
     """The embedded dataset under root, generated on first use; a partial one (embedded.json says
-    incomplete) or one from another version of the generator is made again."""
+    incomplete), one from another version of the generator or with another hum is made again."""
     marker = Path(root) / "embedded.json"
     made = json.loads(marker.read_text()) if marker.exists() else {}
-    if made.get("version") == VERSION and made.get("complete"):
+    if made.get("version") == VERSION and made.get("complete") and made.get("hum", 0.0) == HUM:
         return Path(root)
     log(f"generating the embedded dataset in {root} "
         f"({'first use' if not made else 'it was incomplete or older'})")

@@ -424,8 +424,8 @@ def compare_curves(groups, out):
             key = "injected_auc" if "injected_auc" in ep[-1] else "natural_auc"
             axes[1].plot(x, [r.get(key, np.nan) for r in ep], color=colour, lw=1,
                          label=f"{label} ({key.split('_')[0]})" if k == 0 else None)
-            chance = chance_loss(run) if chance is None else chance
-            print(f"{label}: {run_line(run, ep, chance)}")
+            print(f"{label}: {run_line(run, ep, chance_loss(run))}")
+            chance = chance_loss(run) if chance is None else chance  # the first run's, drawn
     if chance is not None:
         axes[0].axhline(chance, color="0.6", lw=1, ls=":", label="chance, 2 ln(K+1)")
     axes[0].set_title("xID loss per epoch")
@@ -444,6 +444,9 @@ def soft_target_map(run_dir, out, per_class=6, lam=None, strategy=None):
     off it, which lands in the row's own class block where it finds faulty negatives."""
     ckpt = runs.load_checkpoint(Path(run_dir) / "checkpoint.pt")
     run_args = ckpt["args"]
+    if run_args.get("oracle_targets", "off") != "off":  # its targets came from the labels
+        print(f"{run_dir} trained with the class oracle's targets; drawn here: what "
+              f"S(j|i) ({strategy or run_args['strategy']}) gives from its banks")
     lam = lam if lam is not None else (
         run_args["lam"] if run_args["mode"] in ("soft", "robust") and run_args["lam"] > 0 else 0.5)
     strategy = strategy or run_args["strategy"]

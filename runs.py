@@ -145,9 +145,9 @@ def epoch_line(summary, args, epoch):
             "(oracle)" if args.oracle_weights != "off" else
             f"(W(s) < 0.5 on {100 * summary['w_share_below_half']:.0f}% of slots)"))
     if "soft_mass_same_class" in summary:
+        oracle = getattr(args, "oracle_targets", "off") != "off"
         parts.append(f"target on positive {summary['target_on_positive']:.2f}"
-                     + (" (class oracle)" if getattr(args, "oracle_targets", "off") != "off" else "")
-                     + ", moved mass in class "
+                     + (" (class oracle)" if oracle else "") + ", moved mass in class "
                      f"{summary['soft_mass_same_class']:.2f} "
                      f"(chance {summary['same_class_share']:.2f})")
     parts += [f"{kind} AUC {summary[f'{kind}_auc']:.2f}" for kind in ("injected", "natural")

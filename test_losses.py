@@ -264,10 +264,11 @@ def test_class_oracle_spreads_lambda_over_the_own_class():
     mask = NEGATIVES[None, :] == INDEX[:, None]
     S = class_oracle_scores(labels, INDEX, NEGATIVES, mask)
     for b, i in enumerate(INDEX.tolist()):
-        same = [k + 1 for k, n in enumerate(NEGATIVES.tolist()) if labels[n] == labels[i] and n != i]
+        same = [k + 1 for k, n in enumerate(NEGATIVES.tolist())
+                if labels[n] == labels[i] and n != i]
         expected = torch.zeros(1 + K)
         expected[[0] + same] = 1.0 / (1 + len(same))
-        torch.testing.assert_close(S[b], expected, msg=f"row of instance {i}, class {int(labels[i])}")
+        torch.testing.assert_close(S[b], expected, msg=f"instance {i}, class {int(labels[i])}")
     crit = RobustXIDLoss(N, D, mode="soft", lam=0.5, num_negatives=K)
     crit.set_class_oracle(labels)
     structured_bank(crit)
@@ -280,7 +281,8 @@ def test_class_oracle_spreads_lambda_over_the_own_class():
                           v @ crit.bank.a_bar[NEGATIVES].t()], 1) / crit.tau
     logits_a = torch.cat([(a * crit.bank.v_bar[INDEX]).sum(1, keepdim=True),
                           a @ crit.bank.v_bar[NEGATIVES].t()], 1) / crit.tau
-    expected = (soft_cross_entropy(logits_v, T, mask) + soft_cross_entropy(logits_a, T, mask)).mean()
+    expected = (soft_cross_entropy(logits_v, T, mask)
+                + soft_cross_entropy(logits_a, T, mask)).mean()
     torch.testing.assert_close(loss, expected)
 
 

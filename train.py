@@ -292,7 +292,11 @@ def build_run(parser, args, rank, world, device, log, out, write, lock):
     ckpt = runs.load_checkpoint(out / "checkpoint.pt") if args.resume else None
     if ckpt is not None:  # before the listing, which takes long on Kinetics
         for flag, value in vars(args).items():
-            was = ckpt["args"].get(flag, "(not recorded)")
+            if flag not in ckpt["args"]:
+                parser.error(f"--resume: the run was saved by a train.py without --"
+                             f"{flag.replace('_', '-')}; this one cannot continue it (start it "
+                             f"again in another --out)")
+            was = ckpt["args"][flag]
             if flag not in RESUMABLE_FLAGS + ("class_names",) and was != value:
                 parser.error(f"--resume: the run was trained with --{flag.replace('_', '-')} "
                              + ("left out" if was is None else str(was)) + f", not {value}; "

@@ -177,7 +177,8 @@ def test_a_clip_is_fixed_by_seed_epoch_and_index_in_any_worker(embedded):
     ds = data.AVClips(videos, SPEC, train=True, seed=3)
     a, b, other = ds[(2, 5)], ds[(2, 5)], ds[(3, 5)]
     assert torch.equal(a["video"], b["video"]) and torch.equal(a["jitter"], b["jitter"])
-    assert not torch.equal(a["jitter"], other["jitter"])
+    assert torch.equal(a["audio"], b["audio"])
+    assert not torch.equal(a["video"], other["video"]) and not torch.equal(a["jitter"], other["jitter"])
     assert not torch.equal(a["jitter"], data.AVClips(videos, SPEC, train=True, seed=4)[(2, 5)]["jitter"])
 
     def epochs(workers):
@@ -191,7 +192,9 @@ def test_a_clip_is_fixed_by_seed_epoch_and_index_in_any_worker(embedded):
             seen += [(bt["index"], bt["video"], bt["audio"], bt["jitter"]) for bt in loader]
         return seen
 
-    for x, y in zip(epochs(0), epochs(2)):
+    without, with_workers = epochs(0), epochs(2)
+    assert len(without) == len(with_workers) == 6                       # 3 batches, 2 epochs
+    for x, y in zip(without, with_workers):
         for u, w in zip(x, y):
             assert torch.equal(u, w)
 

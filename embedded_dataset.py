@@ -58,7 +58,7 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 UCF_CLASSES = [(s, m) for s in SHAPES for m in ("horizontal", "vertical", "diagonal")]
 HMDB_CLASSES = [(s, sp) for s in SHAPES for sp in ("slow", "fast")]
 VERSION = 5  # bump when the generator changes: existing copies are then regenerated
-HUM = 0.0  # the recording's hum (amplitude): the cue that makes faulty negatives cost
+HUM = 0.0  # the recording's hum (amplitude), off by default; a new default needs a new VERSION
 SPEEDS = {"normal": (35.0, 80.0), "slow": (20.0, 35.0), "fast": (80.0, 120.0)}  # pixels/s at 64 px
 
 
@@ -279,10 +279,12 @@ def _write_hmdb_stand_in(root, clip, rng, per_class, seed):
 
 def ensure(root="data/embedded", log=print):
     """The embedded dataset under root, generated on first use; a partial one (embedded.json says
-    incomplete), one from another version of the generator or with another hum is made again."""
+    incomplete) or one from another version of the generator is made again. A complete one made
+    with other parameters (python embedded_dataset.py --hum 0.05 --embedded-root X) is used as it
+    is: it was made on purpose."""
     marker = Path(root) / "embedded.json"
     made = json.loads(marker.read_text()) if marker.exists() else {}
-    if made.get("version") == VERSION and made.get("complete") and made.get("hum", 0.0) == HUM:
+    if made.get("version") == VERSION and made.get("complete"):
         return Path(root)
     log(f"generating the embedded dataset in {root} "
         f"({'first use' if not made else 'it was incomplete or older'})")

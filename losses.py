@@ -358,11 +358,14 @@ class RobustXIDLoss(nn.Module):
             # averages their gradients, so each divides by the processes' mean Σ w
             w_sum = mean_over_ranks(w.sum())
             w_sum = torch.where(w_sum > 0, w_sum, 1.0)  # an oracle's 0 on a whole batch: no loss
-            loss_v = (w * soft_cross_entropy(logits_v, T_v, mask)).sum() / w_sum  # -log P(ā|v)
-            loss_a = (w * soft_cross_entropy(logits_a, T_a, mask)).sum() / w_sum  # -log P(v̄|a)
+            L_v = soft_cross_entropy(logits_v, T_v, mask)                       # (B,) per row
+            L_a = soft_cross_entropy(logits_a, T_a, mask)
+            loss_v = (w * L_v).sum() / w_sum                                    # -log P(ā|v)
+            loss_a = (w * L_a).sum() / w_sum                                    # -log P(v̄|a)
 
         diagnostics = {
             "loss_v2a": loss_v.detach(), "loss_a2v": loss_a.detach(),
+            "row_loss": (L_v + L_a).detach(),                                   # (B,) unweighted
             "weights": w, "mean_weight": w.mean(), "lam": lam,                  # λ applied
             "target_on_positive": 0.5 * (T_v[:, 0].mean() + T_a[:, 0].mean()),
             "negatives": negatives, "targets_v": T_v, "targets_a": T_a,

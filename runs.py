@@ -139,7 +139,9 @@ class RunLog:
 def epoch_line(summary, args, epoch):
     """The epoch's line: the loss, what the loss applied (weights after the warm-up, soft targets
     where λ > 0), detection, speed."""
-    parts = [f"epoch {epoch + 1}/{args.epochs}: loss {summary.get('loss', float('nan')):.3f}"]
+    parts = [f"epoch {epoch + 1}/{args.epochs}: loss {summary.get('loss', float('nan')):.3f}"
+             + (f" (clean pairs {summary['loss_clean_pairs']:.3f})"
+                if "loss_clean_pairs" in summary else "")]
     if args.mode in ("weighted", "robust") and not summary.get("warmup", False):
         parts.append(f"weight applied {summary['batch_mean_weight']:.2f} " + (
             "(oracle)" if args.oracle_weights != "off" else

@@ -168,6 +168,9 @@ def train_one_epoch(run, args, epoch):
         raise SystemExit(f"epoch {epoch + 1}: no step could be taken, every clip failed to decode; "
                          "first errors:\n  " + "\n  ".join(data_errors[:5]))
     summary = {k: v / n_steps for k, v in sums.items()}
+    if "clean_rows" in summary:  # a ratio of the epoch's sums: the mean over its clean rows
+        summary["loss_clean_pairs"] = summary.pop("clean_loss_sum") / max(
+            summary.pop("clean_rows"), 1e-9)
     summary.update(evaluate.bank_detection(run.criterion, run.injected, run.natural))
     summary.update(step=step, warmup=warmup, clips_per_s=clips / elapsed,
                    data_wait_fraction=wait / max(wait + compute, 1e-9),
@@ -452,6 +455,10 @@ def step_record(run, loss, diag, index):
              "loss_a2v": mean_over_ranks(diag["loss_a2v"]),
              "batch_mean_weight": diag["mean_weight"],
              "target_on_positive": diag["target_on_positive"]}
+    if run.pairs:  # the clean pairs' own loss: with many injected pairs the mean hides it
+        injected = torch.as_tensor(run.injected, device=index.device)[index]
+        terms.update(clean_loss_sum=mean_over_ranks(diag["row_loss"][~injected].sum()),
+                     clean_rows=mean_over_ranks((~injected).sum().float()))
     record = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))
     if diag["lam"] > 0 and run.labels is not None:  # where the soft targets moved the mass
         record["soft_mass_same_class"], record["same_class_share"] = \

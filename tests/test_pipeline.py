@@ -419,6 +419,7 @@ def test_train_every_mode_end_to_end(embedded, tmp_path, mode):
     for r in log:
         assert np.isfinite(r["loss"]) and r["data_errors"] == 0 and 0 <= r["data_wait_fraction"] <= 1
         assert "injected_auc" in r and "w_mean" in r and "mu" in r
+        assert np.isfinite(r["loss_clean_pairs"]) and "clean_rows" not in r  # the clean pairs' own loss
     if mode in ("weighted", "robust"):
         assert log[1]["batch_mean_weight"] < 1.0
     else:

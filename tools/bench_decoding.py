@@ -138,7 +138,7 @@ def compare(source, prepared, sample, spec=PAPER_CLIP, clips=20, workers=(1,), l
                                   .with_suffix(".mp4"))) for v in sample]
     src, _ = scan(sample, spec, log=quiet)
     dst, _ = scan(copies, spec, log=quiet)
-    item = lambda ds: lambda v, start: ds._clip(v, v, start)
+    item = lambda ds: lambda v, start: ds._clip(v, v, start, np.random.default_rng(0))
     rows = {}
     for name, videos in (("source", src), ("prepared", dst)):
         ds = AVClips(videos, spec, train=True)

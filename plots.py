@@ -424,8 +424,9 @@ def compare_curves(groups, out):
             key = "injected_auc" if "injected_auc" in ep[-1] else "natural_auc"
             axes[1].plot(x, [r.get(key, np.nan) for r in ep], color=colour, lw=1,
                          label=f"{label} ({key.split('_')[0]})" if k == 0 else None)
-            print(f"{label}: {run_line(run, ep, chance_loss(run))}")
-            chance = chance_loss(run) if chance is None else chance  # the first run's, drawn
+            own = chance_loss(run)  # each run's own K; the first run's is the one drawn
+            print(f"{label}: {run_line(run, ep, own)}")
+            chance = own if chance is None else chance
     if chance is not None:
         axes[0].axhline(chance, color="0.6", lw=1, ls=":", label="chance, 2 ln(K+1)")
     axes[0].set_title("xID loss per epoch")

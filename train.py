@@ -151,7 +151,7 @@ def train_one_epoch(run, args, epoch):
             run.pending_bank_updates.append((index, v.detach(), a.detach()))
 
         compute += time.perf_counter() - t_ready
-        record = step_record(run, loss, diag, index)
+        record = step_record(run, loss, diag, index, batch["faulty"])
         for k, val in record.items():
             sums[k] = sums.get(k, 0.0) + val
         n_steps, clips, step = n_steps + 1, clips + len(index) * run.world, step + 1
@@ -447,8 +447,9 @@ def stop_if_not_finite(loss, diag, where):
                          f"try a lower --lr or --amp bf16/off")
 
 
-def step_record(run, loss, diag, index):
-    """The step's numbers for the log, fetched from the device in one sync."""
+def step_record(run, loss, diag, index, injected):
+    """The step's numbers for the log, fetched from the device in one sync. injected (B,): the
+    batch's clips whose audio was injected (the loader's "faulty")."""
     # with several processes each loss is a share of the global batch's; their mean is that loss
     loss = mean_over_ranks(loss.detach())
     terms = {"loss": loss, "loss_v2a": mean_over_ranks(diag["loss_v2a"]),
@@ -456,7 +457,7 @@ def step_record(run, loss, diag, index):
              "batch_mean_weight": diag["mean_weight"],
              "target_on_positive": diag["target_on_positive"]}
     if run.pairs:  # the clean pairs' own loss: with many injected pairs the mean hides it
-        injected = torch.as_tensor(run.injected, device=index.device)[index]
+        injected = injected.to(index.device)
         terms.update(clean_loss_sum=mean_over_ranks(diag["row_loss"][~injected].sum()),
                      clean_rows=mean_over_ranks((~injected).sum().float()))
     record = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))

@@ -71,14 +71,17 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def update(self, index, v, a, momentum=None):
-        """Momentum update of the batch's slots (momentum 0: the slots become v, a, as when the bank
-        is filled before the first step). Under torch.distributed every rank's embeddings and
-        indices are gathered first, so all ranks apply the same update and hold identical banks."""
+        """After a step. Under torch.distributed every rank's embeddings and indices are gathered
+        first, so all ranks move the same slots the same way and hold identical banks."""
         index, v, a = index.to(self.v_bar.device), v.detach().float(), a.detach().float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             index, v, a = (gather_from_all_ranks(t) for t in (index, v, a))
+        self.move_slots(index, v, a, self.momentum if momentum is None else momentum)
+
+    def move_slots(self, index, v, a, m):
+        """v̄_i <- normalize(m·v̄_i + (1-m)·v_i) and ā_i likewise for the slots in index; s_i follows.
+        m = 0 writes v, a as they are (train.py fills the bank so before the first step)."""
         self.check_index(index)
-        m = self.momentum if momentum is None else momentum
         self.v_bar[index] = F.normalize(m * self.v_bar[index] + (1 - m) * v, dim=1)
         self.a_bar[index] = F.normalize(m * self.a_bar[index] + (1 - m) * a, dim=1)
         self.s[index] = (self.v_bar[index] * self.a_bar[index]).sum(1)

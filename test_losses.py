@@ -14,6 +14,21 @@ from losses import (MODES, STRATEGIES, MemoryBank, RobustXIDLoss, class_oracle_s
                     softening_scores)
 
 
+def show(t):
+    return str([round(x, 4) for x in torch.as_tensor(t).detach().double().flatten().tolist()])
+
+
+def expect_close(yours, expected, what, **tolerance):
+    """torch.testing.assert_close with a message that says, in the paper's terms, what the equation
+    expected and what came: course/exercises.py's grader prints it to the student."""
+    expected = torch.as_tensor(expected, dtype=torch.float32)
+    assert isinstance(yours, torch.Tensor), f"{what}: expected a tensor, yours is {type(yours).__name__}"
+    assert yours.shape == expected.shape, (f"{what}: expected shape {tuple(expected.shape)}, "
+                                           f"yours {tuple(yours.shape)}")
+    torch.testing.assert_close(yours.detach().float(), expected, **tolerance,
+                               msg=lambda _: f"{what}: expected {show(expected)}, yours {show(yours)}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference: the equations as loops
 # ----------------------------------------------------------------------------------------------
@@ -115,12 +130,13 @@ def test_softening_scores_match_loop(strategy, tau_s):
         keep = [0] + [1 + k for k, n in enumerate(NEGATIVES.tolist()) if n != i]
         C = [i] + [n for n in NEGATIVES.tolist() if n != i]
         ref_v, ref_a = ref_softening(strategy, i, C, vb.double(), ab.double(), tau_s)
-        torch.testing.assert_close(S_v[b, keep].double(), torch.tensor(ref_v, dtype=torch.float64),
-                                   rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(S_a[b, keep].double(), torch.tensor(ref_a, dtype=torch.float64),
-                                   rtol=1e-4, atol=1e-6)
-        dropped = [c for c in range(1 + K) if c not in keep]
-        assert (S_v[b, dropped] == 0).all() and (S_a[b, dropped] == 0).all()
+        for name, S, ref in (("S_v(j|i), video querying", S_v, ref_v), ("S_a(j|i), audio querying", S_a, ref_a)):
+            expect_close(S[b, keep], ref, f"{name}, {strategy} strategy, τ_s = {tau_s}, row {b} "
+                         f"(instance {i}) over its {len(keep)} candidates", rtol=1e-4, atol=1e-6)
+            dropped = [c for c in range(1 + K) if c not in keep]
+            assert (S[b, dropped] == 0).all(), (
+                f"{name}, row {b}: column {dropped} is the row's own instance drawn as a negative, "
+                f"no candidate, so S must be 0 there; yours {show(S[b, dropped])}")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -206,20 +222,35 @@ def test_lambda_one_is_pure_S(strategy):
 # ----------------------------------------------------------------------------------------------
 def test_weight_function_shape():
     """W(μ + δσ) = (1 + w_min)/2; W is monotone, inside [w_min, 1], and sharper as κ shrinks."""
-    mu, sigma, delta, w_min = torch.tensor(0.3), torch.tensor(0.1), -2.0, 0.25
+    mu, sigma, delta, kappa, w_min = torch.tensor(0.3), torch.tensor(0.1), -2.0, 0.5, 0.25
+    given = "μ = 0.3, σ = 0.1, δ = -2, κ = 0.5, w_min = 0.25"
     mid = mu + delta * sigma
-    assert torch.isclose(faulty_positive_weights(mid, mu, sigma, delta, 0.5, w_min),
-                         torch.tensor((1 + w_min) / 2))
+    expect_close(faulty_positive_weights(mid, mu, sigma, delta, kappa, w_min), (1 + w_min) / 2,
+                 f"W(s) at its mid-point s = μ + δσ = 0.1 ({given}) should be (1 + w_min)/2")
     s = torch.linspace(-1, 1, 2001)
-    w = faulty_positive_weights(s, mu, sigma, delta, 0.5, w_min)
-    assert (w.diff() >= 0).all() and w.min() >= w_min and w.max() <= 1
-    assert w[0] < w_min + 1e-3 and w[-1] > 1 - 1e-3
+    w = faulty_positive_weights(s, mu, sigma, delta, kappa, w_min)
+    assert isinstance(w, torch.Tensor) and w.shape == s.shape, (
+        f"W(s) of 2001 scores must be one weight per score, shaped like s: yours {getattr(w, 'shape', w)}")
+    k = int(w.diff().argmin())
+    assert w.diff()[k] >= 0, (f"W(s) must grow with s (audio that matches its video is less likely "
+                              f"a faulty positive): yours gives W({s[k]:.3f}) = {w[k]:.4f} > "
+                              f"W({s[k + 1]:.3f}) = {w[k + 1]:.4f} ({given})")
+    assert w.min() >= w_min - 1e-6 and w.max() <= 1 + 1e-6, (
+        f"W(s) must stay within [w_min, 1] = [0.25, 1]: yours spans [{w.min():.4f}, {w.max():.4f}]")
+    assert w[0] < w_min + 1e-3, (f"far below the mid-point (s = -1, 11σ below it) W(s) should be "
+                                 f"w_min = 0.25 to 3 decimals: yours {w[0]:.4f}")
+    assert w[-1] > 1 - 1e-3, f"far above the mid-point (s = 1) W(s) should be 1 to 3 decimals: yours {w[-1]:.4f}"
+    expect_close(faulty_positive_weights(mid + kappa * sigma, mu, sigma, delta, kappa, w_min),
+                 w_min + (1 - w_min) / (1 + math.exp(-1)),
+                 f"W(s) one κσ above the mid-point, at s = 0.15 ({given})")
     above, below = mid + 0.5 * sigma, mid - 0.5 * sigma
     for k_sharp, k_soft in [(0.1, 0.5), (0.5, 2.0)]:
-        assert (faulty_positive_weights(above, mu, sigma, delta, k_sharp, w_min)
-                > faulty_positive_weights(above, mu, sigma, delta, k_soft, w_min))
-        assert (faulty_positive_weights(below, mu, sigma, delta, k_sharp, w_min)
-                < faulty_positive_weights(below, mu, sigma, delta, k_soft, w_min))
+        sharp = faulty_positive_weights(torch.stack([below, above]), mu, sigma, delta, k_sharp, w_min)
+        soft = faulty_positive_weights(torch.stack([below, above]), mu, sigma, delta, k_soft, w_min)
+        assert sharp[1] > soft[1] and sharp[0] < soft[0], (
+            f"a smaller κ must make the step sharper: half a σ above the mid-point W should be higher "
+            f"with κ = {k_sharp} than with κ = {k_soft}, half a σ below lower; yours "
+            f"{sharp[1]:.4f} vs {soft[1]:.4f} above, {sharp[0]:.4f} vs {soft[0]:.4f} below")
 
 
 def test_weights_come_from_bank_scores():
@@ -239,9 +270,13 @@ def test_weights_come_from_bank_scores():
 def test_soft_targets_mix_the_one_hot_and_S():
     """T(j|i) = (1 - λ)·1[j = i] + λ·S(j|i), the positive in column 0: one row worked by hand."""
     S = torch.tensor([[0.5, 0.3, 0.2]])
-    torch.testing.assert_close(soft_targets(S, 0.4), torch.tensor([[0.6 + 0.2, 0.12, 0.08]]))
-    torch.testing.assert_close(soft_targets(S, 0.0), torch.tensor([[1.0, 0.0, 0.0]]))  # xID
-    torch.testing.assert_close(soft_targets(S, 1.0), S)                                # S alone
+    row = "S(·|i) = (0.5, 0.3, 0.2) over the candidates (i, j_1, j_2)"
+    expect_close(soft_targets(S, 0.4), [[0.6 + 0.2, 0.12, 0.08]], f"T(·|i) for {row} and λ = 0.4")
+    expect_close(soft_targets(S, 0.0), [[1.0, 0.0, 0.0]], f"T(·|i) for {row} and λ = 0: xID's one-hot")
+    expect_close(soft_targets(S, 1.0), S, f"T(·|i) for {row} and λ = 1: S itself")
+    two = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    expect_close(soft_targets(two, 0.4), [[0.8, 0.12, 0.08], [0.64, 0.04, 0.32]],
+                 "T for two rows at λ = 0.4, each row's positive in column 0")
 
 
 def test_soft_cross_entropy_by_hand():
@@ -250,10 +285,20 @@ def test_soft_cross_entropy_by_hand():
     logits = torch.tensor([[math.log(2.0), 0.0, 0.0]])                   # P = (1/2, 1/4, 1/4)
     T = torch.tensor([[0.5, 0.5, 0.0]])
     expected = -(0.5 * math.log(0.5) + 0.5 * math.log(0.25))
-    torch.testing.assert_close(soft_cross_entropy(logits, T), torch.tensor([expected]))
+    expect_close(soft_cross_entropy(logits, T), [expected],
+                 "the loss of a row with logits (ln 2, 0, 0), so P(·|i) = (1/2, 1/4, 1/4), and "
+                 "T(·|i) = (1/2, 1/2, 0); one value per row")
     mask = torch.tensor([[False, True]])                                 # the last candidate is out
     expected_masked = -(0.5 * math.log(2 / 3) + 0.5 * math.log(1 / 3))   # P = (2/3, 1/3, 0)
-    torch.testing.assert_close(soft_cross_entropy(logits, T, mask), torch.tensor([expected_masked]))
+    expect_close(soft_cross_entropy(logits, T, mask), [expected_masked],
+                 "the same row with its last negative masked (the row's own instance drawn as a "
+                 "negative is no candidate, so P(·|i) = (2/3, 1/3, 0))")
+    T_on_masked = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    two = torch.cat([logits, torch.tensor([[0.0, 5.0, -80.0]])])
+    out = soft_cross_entropy(two, T_on_masked, torch.tensor([[False, True], [False, True]]))
+    assert torch.isfinite(out).all(), (
+        "a masked candidate has P = 0 and log P = -inf; with T = 0 there it must cost 0, not "
+        f"0·(-inf) = nan: yours gives {show(out)} for two rows with their last negative masked")
 
 
 def test_class_oracle_spreads_lambda_over_the_own_class():
@@ -316,20 +361,25 @@ def test_gradients_reach_embeddings_not_banks_or_weights():
 
 def test_bank_update_momentum_unit_norm_only_batch_slots():
     """v̄_i <- normalize(m·v̄_i + (1-m)·v_i), same for ā; s_i follows; other slots unchanged."""
-    bank = MemoryBank(N, D, momentum=0.5, seed=3)
-    before_v, before_a = bank.v_bar.clone(), bank.a_bar.clone()
-    v, a = batch(B=len(INDEX), d=D)
-    bank.update(INDEX, v, a)
-    torch.testing.assert_close(bank.v_bar[INDEX],
-                               F.normalize(0.5 * before_v[INDEX] + 0.5 * v.detach(), dim=1))
-    torch.testing.assert_close(bank.a_bar[INDEX],
-                               F.normalize(0.5 * before_a[INDEX] + 0.5 * a.detach(), dim=1))
-    torch.testing.assert_close(bank.v_bar.norm(dim=1), torch.ones(N))
-    others = torch.ones(N, dtype=torch.bool)
-    others[INDEX] = False
-    assert (torch.equal(bank.v_bar[others], before_v[others])
-            and torch.equal(bank.a_bar[others], before_a[others]))
-    torch.testing.assert_close(bank.s, (bank.v_bar * bank.a_bar).sum(1))
+    for m in (0.5, 0.9):
+        bank = MemoryBank(N, D, momentum=m, seed=3)
+        before_v, before_a = bank.v_bar.clone(), bank.a_bar.clone()
+        v, a = batch(B=len(INDEX), d=D)
+        bank.update(INDEX, v, a)
+        for name, bar, before, new in (("v̄", bank.v_bar, before_v, v), ("ā", bank.a_bar, before_a, a)):
+            expect_close(bar.norm(dim=1), torch.ones(N), f"the lengths of all {N} {name} slots: unit vectors")
+            expect_close(bar[INDEX[0]], F.normalize(m * before[INDEX[0]] + (1 - m) * new[0].detach(), dim=0),
+                         f"{name}_3 after the momentum update with m = {m} (METHOD.md), its {D} entries")
+            expect_close(bar[INDEX], F.normalize(m * before[INDEX] + (1 - m) * new.detach(), dim=1),
+                         f"{name} at the batch's {len(INDEX)} slots after the update with m = {m}")
+        others = torch.ones(N, dtype=torch.bool)
+        others[INDEX] = False
+        assert (torch.equal(bank.v_bar[others], before_v[others])
+                and torch.equal(bank.a_bar[others], before_a[others])), (
+            f"only the batch's slots {INDEX.tolist()} may move; yours changed "
+            f"{sorted(set((bank.v_bar != before_v).any(1).nonzero().flatten().tolist()) - set(INDEX.tolist()))}")
+        expect_close(bank.s, (bank.v_bar * bank.a_bar).sum(1),
+                     "the scores s_i = v̄_i·ā_i after the update, all N slots (W(s) reads them)")
 
 
 def test_bank_rejects_out_of_range_index():
@@ -337,8 +387,13 @@ def test_bank_rejects_out_of_range_index():
     bank = MemoryBank(N, D)
     v, a = batch(B=2, d=D)
     for bad in ([0, N], [-1, 0]):
-        with pytest.raises(IndexError, match="out of range"):
+        try:
             bank.update(torch.tensor(bad), v, a)
+        except IndexError as err:
+            assert "out of range" in str(err), f"the IndexError should say the index is out of range: {err}"
+        else:
+            pytest.fail(f"the bank update of slots {bad} must raise IndexError (self.check_index): the "
+                        f"bank has {N} slots, and a wrong index is a bug upstream, never wrapped around")
     crit = RobustXIDLoss(N, D, num_negatives=K)
     with pytest.raises(IndexError, match="40 slots"):
         crit(v, a, torch.tensor([1, N]))

@@ -89,6 +89,16 @@ def main():
         for b, i in enumerate(INDEX.tolist()):
             print(row(f"{strategy:9s} S_v(j|{i})", S_v[b]))
     S_v, S_a = softening_scores("cycle", v_pos, a_pos, v_neg, a_neg, TAU_S)
+    print("  cycle's two factors for S_v, each a softmax over the candidates C_i (the backward one over the v̄'s):")
+    factors = []
+    for b, i in enumerate(INDEX.tolist()):
+        C = [i] + NEGATIVES.tolist()
+        forward = (A_BAR[C] @ V_BAR[i] / TAU_S).softmax(0)                                   # P(ā_j|v̄_i)
+        back = torch.stack([(V_BAR[C] @ A_BAR[j] / TAU_S).softmax(0)[0] for j in C])         # P(v̄_i|ā_j)
+        factors.append((forward, back))
+        print(row(f"P(ā_j|v̄_{i})", forward))
+        print(row(f"P(v̄_{i}|ā_j)", back))
+        print(row("product / its sum = S_v(j|" + str(i) + ")", forward * back / (forward * back).sum()))
     T_v, T_a = soft_targets(S_v, LAM), soft_targets(S_a, LAM)
     print(f"  targets with cycle, T(j|i) = (1 - λ)·1[j = i] + λ·S(j|i), λ = {LAM}:")
     for b, i in enumerate(INDEX.tolist()):
@@ -111,7 +121,7 @@ def main():
         print(f"  slot {i}: v̄ = ({crit.bank.v_bar[i, 0]:+.3f}, {crit.bank.v_bar[i, 1]:+.3f})  "
               f"ā = ({crit.bank.a_bar[i, 0]:+.3f}, {crit.bank.a_bar[i, 1]:+.3f})  s = {crit.bank.s[i]:+.3f}")
     return {"logits_v": logits_v, "P_v": logits_v.softmax(1), "s": s, "mu": mu, "sigma": sigma, "w": w,
-            "S_v": S_v, "T_v": T_v, "loss_rows_xid": xid_rows, "loss_rows_soft": soft_rows, "by_hand": by_hand,
+            "S_v": S_v, "cycle_factors": factors, "T_v": T_v, "loss_rows_xid": xid_rows, "loss_rows_soft": soft_rows, "by_hand": by_hand,
             "trained": trained, "bank_after": (crit.bank.v_bar.clone(), crit.bank.a_bar.clone())}
 
 

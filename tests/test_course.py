@@ -1,7 +1,8 @@
-"""The course's machinery: exercises that are graded by exactly the tests they name, and a worked
-example whose numbers can be checked on paper."""
-import hashlib
+"""The course's machinery: the student edition holds no answers and blanks exactly the exercises,
+each exercise is graded by checks that need its function alone, the grader's messages say what is
+wrong in the paper's terms, and the worked example's numbers can be checked on paper."""
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,40 +13,127 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "course"))
 import exercises  # noqa: E402
 import worked_example  # noqa: E402
 
-
-def test_the_solution_passes_every_graded_test():
-    """losses.py as it is fails none of test_losses.py (nor, so, any exercise's tests)."""
-    assert exercises.failing_tests(exercises.SOLUTION.read_text()) == []
+ROOT = exercises.ROOT
 
 
-@pytest.mark.parametrize("exercise", exercises.EXERCISES, ids=lambda e: f"exercise{e.number}")
-def test_a_blanked_function_fails_exactly_the_tests_named_for_it(exercise):
-    """With one body removed, the tests that fail are the exercise's list, no more and no fewer:
-    the list is what grades the exercise."""
-    source = exercises.blanked(exercises.SOLUTION.read_text(), exercise.function, exercise.number)
-    assert f'raise NotImplementedError("exercise {exercise.number}' in source
-    assert exercises.failing_tests(source) == sorted(exercise.tests)
+@pytest.fixture(scope="module")
+def student_edition(tmp_path_factory):
+    dest = tmp_path_factory.mktemp("handout") / "robust-xid"
+    exercises.main(["handout", str(dest)])
+    return dest
 
 
-def test_make_then_grade_and_the_solution_is_never_touched(tmp_path, capsys):
-    """make writes the file with all five bodies gone (and will not overwrite it); an answer to
-    exercise 1 passes exercise 1; losses.py is byte for byte what it was."""
-    before = hashlib.sha256(exercises.SOLUTION.read_bytes()).hexdigest()
-    mine = tmp_path / "my_losses.py"
-    exercises.main(["make", "--file", str(mine)])
-    text = mine.read_text()
-    assert all(f"exercise {e.number}: write {e.function}" in text for e in exercises.EXERCISES)
-    with pytest.raises(SystemExit, match="exists"):
-        exercises.main(["make", "--file", str(mine)])
-    assert exercises.grade(mine, {1}) == 0                                  # still blank: fails
-    answer = exercises.spliced(text, exercises.SOLUTION.read_text(), "faulty_positive_weights")
-    mine.write_text(answer)                                                 # a student's correct W(s)
-    assert exercises.grade(mine, {1}) == 1
-    assert "exercise 1 (faulty_positive_weights" in capsys.readouterr().out
-    mine.write_text(answer.replace("def soft_cross_entropy(logits, targets, mask=None):", "def soft_cross_entropy(logits,"))
-    assert exercises.grade(mine, {1, 3}) == 0                               # a file that does not parse: each says so
-    assert capsys.readouterr().out.count("does not parse: line") == 2
-    assert hashlib.sha256(exercises.SOLUTION.read_bytes()).hexdigest() == before
+def with_solution(edition, exercise):
+    """The edition's file with one function taken from the solution (the whole def)."""
+    def span(src):
+        fn, _, end = exercises.function_span(src, exercise.function)
+        return min([d.lineno for d in fn.decorator_list] + [fn.lineno]), end
+    solution, student = (ROOT / exercise.file).read_text(), (edition / exercise.file).read_text()
+    (s0, s1), (t0, t1) = span(solution), span(student)
+    sol, stu = solution.splitlines(keepends=True), student.splitlines(keepends=True)
+    return "".join(stu[:t0 - 1] + sol[s0 - 1:s1] + stu[t1:])
+
+
+def grade(edition, *numbers):
+    return subprocess.run([sys.executable, "course/exercises.py", "grade", *map(str, numbers)], cwd=edition,
+                          capture_output=True, text=True, timeout=600).stdout
+
+
+def test_the_student_edition_has_no_answers(student_edition):
+    """No teacher's edition, no measured findings, no answers section; the exercises' bodies are
+    gone, the W(s), T(j|i) and bank formulas are out of their docstrings; no link dangles."""
+    files = {str(p.relative_to(student_edition)) for p in student_edition.rglob("*") if p.is_file()}
+    assert not {"course/TEACHER.md", "RESULTS.md", "tests/test_course.py"} & files
+    assert not any(f.startswith("figures/fig") for f in files)
+    assert "figures/embedded_clip.png" in files                                  # the README shows it
+    for e in exercises.EXERCISES:
+        assert f'raise NotImplementedError("exercise {e.number}: write {e.function}")' in (student_edition / e.file).read_text()
+    losses = (student_edition / "losses.py").read_text()
+    assert "torch.sigmoid(" not in losses and "(1 - lam) *" not in losses
+    for doc in (student_edition / "losses.py", student_edition / "course/derivations.py"):
+        text = doc.read_text()
+        assert "math.log(1 + k)" not in text and "1 - q / 2" not in text
+    for md in (p for p in files if p.endswith(".md")):
+        text = (student_edition / md).read_text()
+        assert "](RESULTS.md" not in text and "TEACHER.md)" not in text, md
+        assert "Answers to the labs" not in text, md
+    readme = (student_edition / "README.md").read_text()
+    assert exercises.FINDINGS in readme and "fig1_delta_sweep" not in readme
+
+
+def test_a_blank_edition_grades_every_exercise_not_written(student_edition):
+    out = grade(student_edition)
+    assert out.count("FAIL") == len(exercises.EXERCISES) and out.count("not written yet") == len(exercises.EXERCISES)
+    assert f"0 of {len(exercises.EXERCISES)} exercises pass" in out
+
+
+@pytest.mark.parametrize("parity", [1, 0], ids=["odd-written", "even-written"])
+def test_each_exercise_is_graded_by_checks_that_need_it_alone(student_edition, tmp_path, parity):
+    """With half the exercises written (the solution's functions: the odd ones, or the even ones)
+    and the other half blank, the written ones' checks pass and the blank ones' fail: so a student
+    can do them in any order (two editions rather than eight keep this test short)."""
+    import shutil
+    edition = tmp_path / "half"
+    shutil.copytree(student_edition, edition)
+    written = [e for e in exercises.EXERCISES if e.number % 2 == parity]
+    for e in written:
+        (edition / e.file).write_text(with_solution(edition, e))
+    results = exercises.run_checks([c for e in exercises.EXERCISES for c in e.checks], root=edition)
+    for e in exercises.EXERCISES:
+        for c in e.checks:
+            assert c in results, f"{c} was not run: the check's id is wrong"
+            assert (results[c] is None) == (e in written), (c, results[c])
+
+
+WRONG = {  # one plausible mistake per exercise, and what the grader must say about it
+    1: ("return w_min + (1 - w_min) * torch.sigmoid(-(s - (mu + delta * sigma)) / (kappa * sigma))",
+        "W(s) must grow with s"),
+    2: ("return lam * one_hot_targets(S) + (1 - lam) * S", "λ = 0.4: expected [0.8, 0.12, 0.08], yours [0.7, 0.18, 0.12]"),
+    3: ("return -(targets * logits.log_softmax(1)).sum(1)", "P(·|i) = (2/3, 1/3, 0)): expected [0.752], yours [1.0397]"),
+    4: ("return _masked_log_softmax(2 * _masked_log_softmax(candidate_logits(x_pos, y_pos, y_neg) / tau_s, mask), mask).exp()",
+        "cycle strategy, τ_s = 0.07, row 0 (instance 3) over its 13 candidates: expected [0.9863"),
+    5: ("self.check_index(index); self.v_bar[index] = m * self.v_bar[index] + (1 - m) * v; "
+        "self.a_bar[index] = m * self.a_bar[index] + (1 - m) * a; self.s[index] = (self.v_bar[index] * self.a_bar[index]).sum(1)",
+        "slots: unit vectors"),
+    6: ("return row_loss / w.sum()", "where L = 8: expected [-1.0, 1.0], yours [3.0, 5.0]"),
+    7: ("return math.log(k) if k else 0.0", "drawn 2 times among the K = 12 negatives"),
+    8: ("return 1 - q", "gives AUC 0.950; yours 0.900"),
+}
+
+
+def test_the_grader_says_what_is_wrong_in_the_papers_terms(student_edition, tmp_path):
+    """A wrong answer to each exercise: FAIL, with the check's own sentence (expected against yours),
+    never pytest's introspection."""
+    import shutil
+    edition = tmp_path / "wrong"
+    shutil.copytree(student_edition, edition)
+    for e in exercises.EXERCISES:
+        path = edition / e.file
+        text = path.read_text()
+        stub = f'raise NotImplementedError("exercise {e.number}: write {e.function}")'
+        path.write_text(text.replace(stub, WRONG[e.number][0]))
+    out = grade(edition)
+    assert "0 of 8 exercises pass" in out, out
+    for number, (_, said) in WRONG.items():
+        block = out.split(f"exercise {number} (")[1].split("\nexercise ")[0]
+        assert "FAIL" in block and said in block, (number, block)
+        assert "assert " not in block and "AssertionError" not in block, block
+
+
+def test_a_file_that_does_not_parse_is_named_for_each_of_its_exercises(student_edition, tmp_path):
+    import shutil
+    edition = tmp_path / "broken"
+    shutil.copytree(student_edition, edition)
+    path = edition / "course/derivations.py"
+    path.write_text(path.read_text().replace("def weight_gradient(row_loss, w):", "def weight_gradient(row_loss,"))
+    out = grade(edition, 6, 7)
+    assert out.count("course/derivations.py does not parse: line") == 2, out
+
+
+def test_the_teachers_edition_grades_its_solutions():
+    out = grade(ROOT)
+    assert "teacher's edition" in out and f"{len(exercises.EXERCISES)} of {len(exercises.EXERCISES)} exercises pass" in out
+    assert "train.py now trains with your functions" in out
 
 
 def test_the_worked_example_is_paper_arithmetic(capsys):
@@ -68,8 +156,10 @@ def test_the_worked_example_is_paper_arithmetic(capsys):
     for mode in ("xid", "weighted", "soft", "robust"):
         assert r["trained"][mode].item() == pytest.approx(r["by_hand"][mode].item(), rel=1e-6)
     torch.testing.assert_close(r["T_v"].sum(1), torch.ones(2))
-
-
+    for b, (forward, back) in enumerate(r["cycle_factors"]):                # the cycle's S_v, by its factors
+        torch.testing.assert_close(forward * back / (forward * back).sum(), r["S_v"][b])
+    z_back = sum(math.exp(c) for c in [0.6, 0.8, 0.96, 0.28])             # ā_1 against v̄_0, v̄_1, v̄_3, v̄_4
+    assert r["cycle_factors"][0][1][1].item() == pytest.approx(math.exp(0.6) / z_back, rel=1e-5)
 def guide_commands(script):
     """The argument lists of every `python SCRIPT ...` (or torchrun) line in COURSE.md's bash blocks,
     with the loop variable of lab 5 set to 0."""

@@ -4,6 +4,7 @@ Paper scale (METHOD.md, from AVID): R(2+1)D-18 video encoder (torchvision), a 2-
 log spectrogram (7x7 stride-2 stem, four blocks of two 3x3 convs, 64-128-256-512, global max pool),
 MLP heads 512 -> 512 -> 128. `small` versions of both run the method on a laptop CPU.
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.video import r2plus1d_18
@@ -112,16 +113,26 @@ class AVModel(nn.Module):
         self.audio = AUDIO_ENCODERS[audio_arch]()
         self.video_head = projection_head(self.video.dim, self.video.dim, dim, centred_heads)
         self.audio_head = projection_head(self.audio.dim, self.audio.dim, dim, centred_heads)
+        self.video_format = torch.contiguous_format
+
+    def use_channels_last(self):
+        """The video encoder's weights and inputs in the channels-last 3-D layout (N, T, H, W, C in
+        memory), the one cuDNN's fastest bf16 convolutions read. What is computed does not change
+        (the last digits may, as with any change of kernel)."""
+        self.video_format = torch.channels_last_3d
+        self.video.to(memory_format=self.video_format)
+        return self
 
     def video_features(self, video):
         """Features for evaluation, from the last layer's map (B, C, T', H', W'): "pooled" (B, C),
         the global average, and "map" (B, C*16), pooled to 1x4x4 and flattened (the supplement's
         4x4x512 map at paper scale)."""
-        fmap = self.video.feature_map(video)
+        fmap = self.video.feature_map(video.contiguous(memory_format=self.video_format))
         return {"pooled": fmap.mean(dim=(2, 3, 4)),
                 "map": F.adaptive_avg_pool3d(fmap, (1, 4, 4)).flatten(1)}
 
     def forward(self, video, audio):
+        video = video.contiguous(memory_format=self.video_format)
         pooled = self.video.feature_map(video).mean(dim=(2, 3, 4))          # (B, C)
         v = F.normalize(self.video_head(pooled), dim=1)                     # (B, 128)
         a = F.normalize(self.audio_head(self.audio(audio)), dim=1)          # (B, 128)

@@ -12,6 +12,9 @@ sweep resumes where it stopped), then draws mean ± standard error (ddof 1) over
 """
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -160,6 +163,9 @@ def sweep(kind, args):
                 if not finished_results(run_dir, flags, args)]
     print(f"sweep {kind}: {len(points)} points, {len(points) - len(to_train)} already done, "
           f"{len(to_train)} to train and evaluate", flush=True)
+    if getattr(args, "jobs", 1) > 1 and to_train:
+        run_points_at_once(kind, [(d, f) for _, d, f in points if d in to_train], args)
+        to_train = []  # their results are complete now: the loop below reads them
     table, trained, t0 = {}, 0, time.perf_counter()
     for k, (key, run_dir, flags) in enumerate(points):
         if run_dir in to_train:
@@ -172,6 +178,49 @@ def sweep(kind, args):
         trained += run_dir in to_train
     print(f"sweep {kind}: done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     return table
+
+
+def run_points_at_once(kind, todo, args):
+    """Train and evaluate the points in args.jobs processes at once, each point a process of its
+    own (`python -c` calling train_and_evaluate_point; its output in RUN/sweep.log). On one GPU
+    the small encoders leave most of it idle, so points share it; on a CPU the cores are split
+    between them (OMP_NUM_THREADS). A point that fails stops the sweep, named with its log."""
+    jobs = args.jobs
+    threads = max(1, data.available_cores() // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    keep = {k: getattr(args, k) for k in ("epochs", "warmup_epochs", "workers", "embedded_root",
+                                          "eval_clips", "ft_repeats")}
+    code = ("import argparse, json, pathlib, sys; import plots; a = json.loads(sys.argv[1]); "
+            "plots.train_and_evaluate_point(pathlib.Path(a['run']), a['flags'], argparse.Namespace(**a['args']))")
+    waiting, running, done, t0 = list(todo), [], 0, time.perf_counter()
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            run_dir, flags = waiting.pop(0)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log = open(run_dir / "sweep.log", "w")
+            proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(
+                {"run": str(run_dir), "flags": flags, "args": keep})], cwd=Path(__file__).resolve().parent,
+                env=env, stdout=log, stderr=subprocess.STDOUT)
+            running.append((proc, run_dir, log))
+            print(f"sweep {kind}: started {run_dir.name} ({len(running)} running, {len(waiting)} "
+                  f"waiting, {jobs} at once, {threads} threads each)", flush=True)
+        time.sleep(0.5)
+        for proc, run_dir, log in [r for r in running if r[0].poll() is not None]:
+            running.remove((proc, run_dir, log))
+            log.close()
+            if proc.returncode != 0:
+                for other, _, other_log in running:
+                    other.terminate()
+                    other.wait()
+                    other_log.close()
+                tail = (run_dir / "sweep.log").read_text()[-2000:]
+                raise SystemExit(f"sweep {kind}: {run_dir.name} failed (exit {proc.returncode}); "
+                                 f"its output is in {run_dir / 'sweep.log'}:\n{tail}")
+            done += 1
+            left = len(waiting) + len(running)
+            eta = (time.perf_counter() - t0) / done * left / 60
+            print(f"sweep {kind}: {run_dir.name} done, {done} of {len(todo)}, about {eta:.0f} min left",
+                  flush=True)
 
 
 def mean_and_spread(ys):
@@ -529,7 +578,11 @@ def main(argv=None):
         s.add_argument("--warmup-epochs", type=int, default=3, help="plain-xID epochs first")
         s.add_argument("--runs", default="runs/sweeps", help="where the runs of the sweep live")
         s.add_argument("--embedded-root", default="data/embedded", help="the embedded dataset")
-        s.add_argument("--workers", type=int, default=2, help="data-loading processes")
+        s.add_argument("--workers", type=int, default=2, help="data-loading processes (per point)")
+        s.add_argument("--jobs", type=int, default=1,
+                       help="points trained at once, each in a process of its own: on one GPU "
+                            "4-8 (the small encoders use a sliver of it), with --workers such that "
+                            "jobs x workers is about the cores; on 2 CPU cores 1")
         s.add_argument("--eval-clips", type=int, default=3, help="clips per video in evaluation "
                        "(protocol: 10; 3 keeps a sweep's evaluation short on 2 CPU cores)")
         s.add_argument("--ft-repeats", type=int, default=2, help="fine-tunings averaged per point "
@@ -584,6 +637,8 @@ def main(argv=None):
     if getattr(args, "quick", False):  # the quick grid as defaults: every flag given still wins
         sweeps[args.cmd].set_defaults(**QUICK_SETTINGS[args.cmd])
         args = p.parse_args(argv)
+    if getattr(args, "jobs", 1) < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.cmd == "delta":
         draw_delta(sweep("delta", args), args, args.out)
     elif args.cmd == "lambda":

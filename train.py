@@ -45,7 +45,7 @@ BANK_FILL_DRAWS = 10**6
 # The flags a resumed run may change (the held-out split only serves the end-of-run summary);
 # every other one must be the run's own: one recipe a run.
 RESUMABLE_FLAGS = ("epochs", "workers", "device", "amp", "out", "resume", "log_every", "no_eval",
-                   "val_csv", "val_split")
+                   "val_csv", "val_split", "compile", "channels_last", "cudnn_benchmark", "fused_adam")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,11 +295,11 @@ def build_run(parser, args, rank, world, device, log, out, write, lock):
     ckpt = runs.load_checkpoint(out / "checkpoint.pt") if args.resume else None
     if ckpt is not None:  # before the listing, which takes long on Kinetics
         for flag, value in vars(args).items():
-            if flag not in ckpt["args"]:
+            if flag not in ckpt["args"] and flag not in RESUMABLE_FLAGS:
                 parser.error(f"--resume: the run was saved by a train.py without --"
                              f"{flag.replace('_', '-')}; this one cannot continue it (start it "
                              f"again in another --out)")
-            was = ckpt["args"][flag]
+            was = ckpt["args"].get(flag)
             if flag not in RESUMABLE_FLAGS + ("class_names",) and was != value:
                 parser.error(f"--resume: the run was trained with --{flag.replace('_', '-')} "
                              + ("left out" if was is None else str(was)) + f", not {value}; "
@@ -323,6 +323,9 @@ def build_run(parser, args, rank, world, device, log, out, write, lock):
                         prefetch_factor=4 if args.workers else None)
     torch.manual_seed(args.seed)
     model = AVModel(args.video_arch, args.audio_arch, centred_heads=args.centred_heads).to(device)
+    if args.channels_last:
+        model.use_channels_last()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     criterion = RobustXIDLoss(len(videos), 128, args.mode, K, args.tau, args.bank_momentum,
                               args.delta, args.kappa, args.w_min, args.lam, args.strategy,
                               args.tau_s, seed=args.seed).to(device)
@@ -336,13 +339,16 @@ def build_run(parser, args, rank, world, device, log, out, write, lock):
             parser.error("--oracle-targets class needs every training video's class, and some "
                          "have none")
         criterion.set_class_oracle(labels)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                 fused=args.fused_adam or None)
     amp = args.amp if args.amp != "auto" else (
         "off" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     # DDP wraps the model before the checkpoint is loaded: every rank loads the same file
     ddp = (DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
            if world > 1 else model)
+    if args.compile:  # the forward (and its backward) compiled; model keeps the weights to save
+        ddp = torch.compile(ddp)
     run = Run(rank=rank, world=world, device=device, log=log, out=out, videos=videos,
               classes=classes, pairs=pairs, injected=injected, labels=labels,
               natural=embedded_dataset.natural_faulty_flags(videos), spec=spec, loader=loader,
@@ -548,6 +554,18 @@ def get_args(argv=None):
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="mixed precision: auto = bf16 on a GPU that has it, else fp16; CPU: off")
+    g = p.add_argument_group("speed (none changes what is computed; tools/gpu_check.py measures each)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward and backward: faster steps after minutes of "
+                        "compiling (a GPU run of hours; not worth it for a CPU run of minutes)")
+    g.add_argument("--channels-last", action="store_true",
+                   help="the video encoder in the channels-last 3-D layout (cuDNN's fast bf16 "
+                        "convolutions on a GPU)")
+    g.add_argument("--cudnn-benchmark", action="store_true",
+                   help="cuDNN times its convolution algorithms on the first steps and keeps the "
+                        "fastest (the clips' shape never changes)")
+    g.add_argument("--fused-adam", action="store_true",
+                   help="Adam's update of all parameters in a few fused kernels per step")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="the run folder")
     g.add_argument("--resume", action="store_true", help="continue the run in --out")

@@ -7,8 +7,6 @@ answer in a form the tests can check (`python course/exercises.py grade 6 7 8`).
 """
 import math
 
-import torch
-
 
 def weight_gradient(row_loss, w):
     """Exercise 6. The weighted loss of a batch is L = Σ_i w_i ℓ_i / Σ_i w_i (RobustXIDLoss, with

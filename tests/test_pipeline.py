@@ -1135,3 +1135,16 @@ def test_weighted_xid_normalises_over_the_whole_batch_with_several_processes(tmp
     per_share = [crit(v[s], a[s], index[s], negatives=negatives)[0] for s in (slice(0, 6),
                                                                               slice(6, 8))]
     assert abs(float(sum(per_share) / 2 - whole)) > 1e-2  # the test can tell the two apart
+
+
+def test_a_parallel_sweep_stops_at_a_failed_point_and_names_its_log(embedded, tmp_path, capsys):
+    """--jobs 2: each point a process with its own log; one whose train.py fails stops the sweep,
+    the other is stopped too, and the error names the failed point's log. (The parallel sweep's
+    successful path runs in tools/gpu_check.py --small: test_real_data.py.)"""
+    args = argparse.Namespace(epochs=1, warmup_epochs=1, eval_clips=1, seeds=[0], lams=[2.0, 0.0],
+                              runs=str(tmp_path), embedded_root=str(embedded), workers=0, ft_repeats=1,
+                              oracle=False, jobs=2)                         # λ = 2 is outside [0, 1]
+    with pytest.raises(SystemExit, match=r"lam_2_seed0 failed \(exit 2\); its output is in .*sweep.log"):
+        plots.sweep("lambda", args)
+    assert "started lam_0_seed0 (2 running, 0 waiting, 2 at once" in capsys.readouterr().out
+    assert "--lam" in (tmp_path / "lambda" / "lam_2_seed0" / "sweep.log").read_text()

@@ -618,16 +618,25 @@ def test_bench_compares_a_youtube_like_source_with_its_prepared_copy(tmp_path, c
 
 
 def test_the_gpu_check_runs_its_steps_on_the_cpu_at_small_settings(tmp_path, capsys):
-    """gpu_check.py --small: source -> prepare -> bench_step.py for the four modes -> a run stopped
-    after one epoch and resumed; every target printed with ok or MISSED (the timings are the CPU's)."""
-    result = gpu_check.main(["--small", "--root", str(tmp_path), "--files", "8", "--workers", "1"])
+    """gpu_check.py --small: source -> prepare -> the levers one by one (FLOPs counted for each) ->
+    xid and robust -> a run stopped after one epoch and resumed -> the λ sweep with 2 points at
+    once; every target printed with ok or MISSED, each from its number (the timings are the CPU's)."""
+    result = gpu_check.main(["--small", "--root", str(tmp_path), "--files", "8", "--workers", "1",
+                             "--no-compile"])
     said = capsys.readouterr().out
-    assert set(result["step"]) == {"xid", "weighted", "soft", "robust"} and result["epochs"] == [1, 2]
+    assert [name for name, _, _ in result["levers"]] == ["baseline", "cuDNN autotuning", "channels-last 3-D",
+                                                          "fused Adam", "batch 128"]
+    assert all(r["flops"] > 0 and r["clips_per_s"] > 0 for _, r, _ in result["levers"])
+    assert set(result["step"]) == {"xid", "robust"} and result["epochs"] == [1, 2]
     assert set(result["times"]["robust"]) == {"data", "transforms", "forward", "loss", "backward", "bank"}
     ratio, worst = result["step"]["robust"] / result["step"]["xid"], max(result["wait"].values())
-    assert [ok for _, ok in result["checks"]] == [worst < 0.10, ratio <= 1.10, True]   # each target from its number
-    assert f"({ratio:.2f}x)" in said and f"(worst {worst:.1%})" in said
-    assert said.count("ok    ") + said.count("MISSED") == 3 and "ok      the resumed run logged epochs [1, 2]" in said
+    assert [ok for _, ok in result["checks"]] == [result["clips_per_s"]["xid"] >= 1000, worst < 0.05,
+                                                  ratio <= 1.10, True, result["figures_min"] <= 15]
+    assert f"({ratio:.2f}x)" in said and f"(worst {worst:.1%})" in said and "kept: " in said
+    assert said.count("ok    ") + said.count("MISSED") == 5 and "ok      the resumed run logged epochs [1, 2]" in said
+    for lam in ("0", "1"):                                                  # the parallel sweep's points
+        assert "ucf" in json.loads((tmp_path / "sweep" / "lambda" / f"lam_{lam}_seed0" / "results.json").read_text())
+    assert (tmp_path / "sweep_figure.png").exists() and "2 points in" in said
 
 
 def _twice_but_die_on_3(x):

@@ -8,8 +8,11 @@ The parts are those of train.py's loop, in its order, each ended by a device syn
 for the loader and the copy to the device), transforms (jitter, normalisation, log-mel), forward,
 loss, backward (with the optimiser's step) and bank update. Prints medians over --steps steps
 after 5 untimed ones, the share of the total time spent waiting for data (overall, and in each
-half of the steps: an epoch's start, with its empty loader queue, shows in one half only), and
-the peak memory.
+half of the steps: an epoch's start, with its empty loader queue, shows in one half only), the
+peak memory, and the model FLOPs utilisation: the FLOPs of one forward and backward of the encoders
+are counted once by torch.utils.flop_counter (convolutions and matrix products, 2 per
+multiply-add), divided by the median step, and by the GPU's peak (--peak-tflops, or the datasheet's
+dense bf16 figure for the GPUs in PEAK_TFLOPS).
 """
 import argparse
 import resource
@@ -25,6 +28,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's mo
 import train  # noqa: E402
 
 PARTS = ("data", "transforms", "forward", "loss", "backward", "bank")
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), matched to
+# torch.cuda.get_device_name(); another GPU needs --peak-tflops.
+PEAK_TFLOPS = {"H200 NVL": 836.0, "H200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
+               "A100": 312.0}
+
+
+def count_flops(run, batch):
+    """FLOPs of one forward and backward of the encoders on this batch's shape (the loss and the
+    transforms are left out: a few MFLOPs against GFLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    device = run.device
+    video, audio = batch["video"].to(device), batch["audio"].to(device)
+    video, audio = run.transforms.video(video, batch["jitter"]), run.transforms.audio(audio)
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            v, a = run.model(video, audio)
+        (v.float().sum() + a.float().sum()).backward()
+    run.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def peak_tflops(device, given):
+    if given:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 def bench(run, args, steps):
@@ -75,8 +106,9 @@ def bench(run, args, steps):
     return times
 
 
-def report(times, run, args):
-    """Print the medians and the data wait; return them as a dict (tools/gpu_check.py reads it)."""
+def report(times, run, args, flops=None, peak=None):
+    """Print the medians, the data wait and the utilisation; return them as a dict
+    (tools/gpu_check.py reads it)."""
     med = {k: float(np.median(v)) for k, v in times.items()}
     step = sum(med.values())
     total = lambda s=slice(None): sum(sum(v[s]) for v in times.values())  # noqa: E731
@@ -93,26 +125,40 @@ def report(times, run, args):
           f"step {1e3 * step:.1f} ms (medians; data wait of the total time {wait_of_total:.3f}: "
           f"{halves[0]:.3f} in the first half of the steps, {halves[1]:.3f} in the second)")
     print("  " + "  ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items()))
+    achieved = flops / step / 1e12 if flops else None
+    mfu = achieved / peak if achieved and peak else None
+    if flops:
+        print(f"  model FLOPs a step {flops / 1e9:.1f} GFLOP (forward + backward, counted); "
+              f"achieved {1e3 * achieved:.1f} GFLOP/s"
+              + (f", model FLOPs utilisation {mfu:.1%} of {peak:g} TFLOP/s" if mfu else
+                 " (no peak known for this device: --peak-tflops)"))
     if run.device.type == "cuda":
         print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     else:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(f"  peak process memory (RSS) {rss:.2f} GiB")
-    return {"median": med, "data_wait_of_total": wait_of_total, "data_wait_halves": halves}
+    return {"median": med, "data_wait_of_total": wait_of_total, "data_wait_halves": halves,
+            "clips_per_s": batch / step, "flops": flops, "tflops": achieved, "mfu": mfu,
+            "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda"
+                                else None)}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--steps", type=int, default=30, help="steps timed, after 5 untimed ones")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak")
     own, rest = p.parse_known_args(argv)
     if {"-h", "--help"} & set(rest):  # this tool's own words first, then train.py's flags
-        print(__doc__ + "\n--steps N   steps timed, after 5 untimed ones (default 30)\n")
+        print(__doc__ + "\n--steps N   steps timed, after 5 untimed ones (default 30)"
+              "\n--peak-tflops X   the device's peak TFLOP/s for the utilisation\n")
     if own.steps < 1:
         p.error(f"--steps must be >= 1, got {own.steps}")
     with tempfile.TemporaryDirectory() as out:  # train.py's checks want a run folder (left empty)
         parser, args = train.get_args(["--out", out, "--no-eval", *rest])
         run = train.set_up(parser, args, write=False)
-        return report(bench(run, args, own.steps), run, args)
+        times = bench(run, args, own.steps)
+        flops = count_flops(run, next(iter(run.loader)))
+        return report(times, run, args, flops, peak_tflops(run.device, own.peak_tflops))
 
 
 if __name__ == "__main__":

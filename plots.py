@@ -163,6 +163,7 @@ def sweep(kind, args):
                 if not finished_results(run_dir, flags, args)]
     print(f"sweep {kind}: {len(points)} points, {len(points) - len(to_train)} already done, "
           f"{len(to_train)} to train and evaluate", flush=True)
+    start = time.perf_counter()
     if getattr(args, "jobs", 1) > 1 and to_train:
         run_points_at_once(kind, [(d, f) for _, d, f in points if d in to_train], args)
         to_train = []  # their results are complete now: the loop below reads them
@@ -176,51 +177,61 @@ def sweep(kind, args):
                   flush=True)
         table[key] = train_and_evaluate_point(run_dir, flags, args)
         trained += run_dir in to_train
-    print(f"sweep {kind}: done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+    print(f"sweep {kind}: done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return table
 
 
 def run_points_at_once(kind, todo, args):
     """Train and evaluate the points in args.jobs processes at once, each point a process of its
-    own (`python -c` calling train_and_evaluate_point; its output in RUN/sweep.log). On one GPU
-    the small encoders leave most of it idle, so points share it; on a CPU the cores are split
-    between them (OMP_NUM_THREADS). A point that fails stops the sweep, named with its log."""
+    own (`python -c` calling train_and_evaluate_point; its output appended to RUN/sweep.log). On one
+    GPU the small encoders leave most of it idle, so points share it; on a CPU the cores are split
+    between them (OMP_NUM_THREADS). A point that fails stops the sweep, named with its log; the
+    sweep stopped (Ctrl-C, an error) stops the points it started."""
     jobs = args.jobs
-    threads = max(1, data.available_cores() // jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    keep = {k: getattr(args, k) for k in ("epochs", "warmup_epochs", "workers", "embedded_root",
-                                          "eval_clips", "ft_repeats")}
+    threads = max(1, data.available_cores() // (jobs * (1 + args.workers)))
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    keep = {k: getattr(args, k) for k in ("epochs", "warmup_epochs", "workers", "eval_clips", "ft_repeats")}
+    keep["embedded_root"] = str(Path(args.embedded_root).resolve())  # the children may start elsewhere
     code = ("import argparse, json, pathlib, sys; import plots; a = json.loads(sys.argv[1]); "
             "plots.train_and_evaluate_point(pathlib.Path(a['run']), a['flags'], argparse.Namespace(**a['args']))")
-    waiting, running, done, t0 = list(todo), [], 0, time.perf_counter()
-    while waiting or running:
-        while waiting and len(running) < jobs:
-            run_dir, flags = waiting.pop(0)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            log = open(run_dir / "sweep.log", "w")
-            proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(
-                {"run": str(run_dir), "flags": flags, "args": keep})], cwd=Path(__file__).resolve().parent,
-                env=env, stdout=log, stderr=subprocess.STDOUT)
-            running.append((proc, run_dir, log))
-            print(f"sweep {kind}: started {run_dir.name} ({len(running)} running, {len(waiting)} "
-                  f"waiting, {jobs} at once, {threads} threads each)", flush=True)
-        time.sleep(0.5)
-        for proc, run_dir, log in [r for r in running if r[0].poll() is not None]:
-            running.remove((proc, run_dir, log))
+    waiting, running, took = list(todo), [], []
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                run_dir, flags = waiting.pop(0)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                log = open(run_dir / "sweep.log", "a")
+                proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(
+                    {"run": str(run_dir.resolve()), "flags": flags, "args": keep})], env=env, stdout=log,
+                    stderr=subprocess.STDOUT)
+                running.append((proc, run_dir, log, time.perf_counter()))
+                print(f"sweep {kind}: started {run_dir.name} ({len(running)} running, {len(waiting)} "
+                      f"waiting, {jobs} at once, {threads} threads each)", flush=True)
+            time.sleep(0.5)
+            for item in [r for r in running if r[0].poll() is not None]:
+                proc, run_dir, log, started = item
+                running.remove(item)
+                log.close()
+                if proc.returncode != 0:
+                    tail = (run_dir / "sweep.log").read_text()[-2000:]
+                    raise SystemExit(f"sweep {kind}: {run_dir.name} failed (exit {proc.returncode}); "
+                                     f"its output is in {run_dir / 'sweep.log'}:\n{tail}")
+                took.append(time.perf_counter() - started)
+                # what is left: the waiting points in rounds of `jobs`, and the running ones half done
+                left = np.mean(took) * (len(waiting) / jobs + 0.5 * bool(running))
+                print(f"sweep {kind}: {run_dir.name} done in {took[-1] / 60:.1f} min, {len(took)} of "
+                      f"{len(todo)}, about {left / 60:.0f} min left", flush=True)
+    finally:
+        for proc, _, log, _ in running:  # stopped early: no point may train on without the sweep
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             log.close()
-            if proc.returncode != 0:
-                for other, _, other_log in running:
-                    other.terminate()
-                    other.wait()
-                    other_log.close()
-                tail = (run_dir / "sweep.log").read_text()[-2000:]
-                raise SystemExit(f"sweep {kind}: {run_dir.name} failed (exit {proc.returncode}); "
-                                 f"its output is in {run_dir / 'sweep.log'}:\n{tail}")
-            done += 1
-            left = len(waiting) + len(running)
-            eta = (time.perf_counter() - t0) / done * left / 60
-            print(f"sweep {kind}: {run_dir.name} done, {done} of {len(todo)}, about {eta:.0f} min left",
-                  flush=True)
 
 
 def mean_and_spread(ys):

@@ -225,8 +225,10 @@ def test_weight_function_shape():
     mu, sigma, delta, kappa, w_min = torch.tensor(0.3), torch.tensor(0.1), -2.0, 0.5, 0.25
     given = "μ = 0.3, σ = 0.1, δ = -2, κ = 0.5, w_min = 0.25"
     mid = mu + delta * sigma
-    expect_close(faulty_positive_weights(mid, mu, sigma, delta, kappa, w_min), (1 + w_min) / 2,
-                 f"W(s) at its mid-point s = μ + δσ = 0.1 ({given}) should be (1 + w_min)/2")
+    for d, wm in [(-2.0, 0.25), (-1.0, 0.25), (0.0, 0.1), (1.0, 0.5)]:
+        expect_close(faulty_positive_weights(mu + d * sigma, mu, sigma, d, kappa, wm), (1 + wm) / 2,
+                     f"W(s) at its mid-point s = μ + δσ = {float(mu + d * sigma):.1f} (μ = 0.3, σ = 0.1, "
+                     f"δ = {d:g}, w_min = {wm}) should be (1 + w_min)/2")
     s = torch.linspace(-1, 1, 2001)
     w = faulty_positive_weights(s, mu, sigma, delta, kappa, w_min)
     assert isinstance(w, torch.Tensor) and w.shape == s.shape, (
@@ -271,9 +273,12 @@ def test_soft_targets_mix_the_one_hot_and_S():
     """T(j|i) = (1 - λ)·1[j = i] + λ·S(j|i), the positive in column 0: one row worked by hand."""
     S = torch.tensor([[0.5, 0.3, 0.2]])
     row = "S(·|i) = (0.5, 0.3, 0.2) over the candidates (i, j_1, j_2)"
-    expect_close(soft_targets(S, 0.4), [[0.6 + 0.2, 0.12, 0.08]], f"T(·|i) for {row} and λ = 0.4")
+    T = soft_targets(S, 0.4)
+    assert torch.equal(S, torch.tensor([[0.5, 0.3, 0.2]])), (
+        f"soft_targets must leave S as it was (the loss reads the scores again): yours changed it to {show(S)}")
+    expect_close(T, [[0.6 + 0.2, 0.12, 0.08]], f"T(·|i) for {row} and λ = 0.4")
     expect_close(soft_targets(S, 0.0), [[1.0, 0.0, 0.0]], f"T(·|i) for {row} and λ = 0: xID's one-hot")
-    expect_close(soft_targets(S, 1.0), S, f"T(·|i) for {row} and λ = 1: S itself")
+    expect_close(soft_targets(S, 1.0), [[0.5, 0.3, 0.2]], f"T(·|i) for {row} and λ = 1: S itself")
     two = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
     expect_close(soft_targets(two, 0.4), [[0.8, 0.12, 0.08], [0.64, 0.04, 0.32]],
                  "T for two rows at λ = 0.4, each row's positive in column 0")
@@ -360,17 +365,28 @@ def test_gradients_reach_embeddings_not_banks_or_weights():
 
 
 def test_bank_update_momentum_unit_norm_only_batch_slots():
-    """v̄_i <- normalize(m·v̄_i + (1-m)·v_i), same for ā; s_i follows; other slots unchanged."""
-    for m in (0.5, 0.9):
-        bank = MemoryBank(N, D, momentum=m, seed=3)
-        before_v, before_a = bank.v_bar.clone(), bank.a_bar.clone()
-        v, a = batch(B=len(INDEX), d=D)
-        bank.update(INDEX, v, a)
-        for name, bar, before, new in (("v̄", bank.v_bar, before_v, v), ("ā", bank.a_bar, before_a, a)):
+    """v̄_i <- normalize(m·v̄_i + (1-m)·v_i), same for ā, with the m given (train.py fills the bank
+    with m = 0, whatever the bank's momentum); s_i follows; other slots unchanged. Worked by hand:
+    v̄_i = e_0 moved towards v_i = e_1, ā_i = e_1 towards a_i = e_0."""
+    e0, e1 = torch.eye(D)[0], torch.eye(D)[1]
+    by_hand = {0.0: (0.0, 1.0), 0.3: (0.3939193, 0.9191450), 0.5: (0.7071068, 0.7071068),
+               0.9: (0.9938837, 0.1104315)}                      # normalize(m, 1 - m), by hand
+    for m, (x, y) in by_hand.items():
+        bank = MemoryBank(N, D, momentum=0.5, seed=3)
+        bank.v_bar[INDEX], bank.a_bar[INDEX] = e0, e1
+        bank.s.copy_((bank.v_bar * bank.a_bar).sum(1))
+        before_v, before_a, before_s = bank.v_bar.clone(), bank.a_bar.clone(), bank.s.clone()
+        v, a = e1.repeat(len(INDEX), 1), e0.repeat(len(INDEX), 1)
+        if m == 0.5:
+            bank.update(INDEX, v, a)                             # the bank's own momentum, 0.5
+        else:
+            bank.move_slots(INDEX, v, a, m)
+        for name, bar, expected in (("v̄", bank.v_bar, x * e0 + y * e1), ("ā", bank.a_bar, y * e0 + x * e1)):
             expect_close(bar.norm(dim=1), torch.ones(N), f"the lengths of all {N} {name} slots: unit vectors")
-            expect_close(bar[INDEX[0]], F.normalize(m * before[INDEX[0]] + (1 - m) * new[0].detach(), dim=0),
-                         f"{name}_3 after the momentum update with m = {m} (METHOD.md), its {D} entries")
-            expect_close(bar[INDEX], F.normalize(m * before[INDEX] + (1 - m) * new.detach(), dim=1),
+            expect_close(bar[INDEX[0]][:2], expected[:2],
+                         f"{name}_3's first two entries after moving {'e_0 towards e_1' if name == 'v̄' else 'e_1 towards e_0'} "
+                         f"with m = {m}")
+            expect_close(bar[INDEX], expected.repeat(len(INDEX), 1),
                          f"{name} at the batch's {len(INDEX)} slots after the update with m = {m}")
         others = torch.ones(N, dtype=torch.bool)
         others[INDEX] = False
@@ -378,8 +394,9 @@ def test_bank_update_momentum_unit_norm_only_batch_slots():
                 and torch.equal(bank.a_bar[others], before_a[others])), (
             f"only the batch's slots {INDEX.tolist()} may move; yours changed "
             f"{sorted(set((bank.v_bar != before_v).any(1).nonzero().flatten().tolist()) - set(INDEX.tolist()))}")
-        expect_close(bank.s, (bank.v_bar * bank.a_bar).sum(1),
-                     "the scores s_i = v̄_i·ā_i after the update, all N slots (W(s) reads them)")
+        expect_close(bank.s[INDEX], torch.full((len(INDEX),), 2 * x * y),
+                     f"the scores s_i = v̄_i·ā_i of the moved slots (m = {m}; W(s) reads them)")
+        assert torch.equal(bank.s[others], before_s[others]), "the scores of slots that did not move must not change"
 
 
 def test_bank_rejects_out_of_range_index():

@@ -45,7 +45,7 @@ BANK_FILL_DRAWS = 10**6
 # The flags a resumed run may change (the held-out split only serves the end-of-run summary);
 # every other one must be the run's own: one recipe a run.
 RESUMABLE_FLAGS = ("epochs", "workers", "device", "amp", "out", "resume", "log_every", "no_eval",
-                   "val_csv", "val_split", "compile", "channels_last", "cudnn_benchmark", "fused_adam")
+                   "val_csv", "val_split", "compile", "cudnn_benchmark")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,7 +554,8 @@ def get_args(argv=None):
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="mixed precision: auto = bf16 on a GPU that has it, else fp16; CPU: off")
-    g = p.add_argument_group("speed (none changes what is computed; tools/gpu_check.py measures each)")
+    g = p.add_argument_group("speed (what is computed stays, its last digits may not; tools/gpu_check.py "
+                             "measures each)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the forward and backward: faster steps after minutes of "
                         "compiling (a GPU run of hours; not worth it for a CPU run of minutes)")

@@ -19,13 +19,16 @@ def weight_gradient(row_loss, w):
 
 
 def own_instance_floor(k):
-    """Exercise 7. Row i's candidates are its positive ā_i and K negatives. Suppose the slot ā_i was
-    drawn k times among the negatives and is not masked, so those k candidates have exactly the
-    positive's logit. What is the lowest value -log P(ā_i | v_i) can take, whatever the encoders
-    learn? Return it for an integer k >= 0.
+    """Exercise 7. Row i's candidates are its positive ā_i and K negatives. Suppose the slot ā_i is
+    among the negatives k times and is not masked, so those k candidates have exactly the
+    positive's logit (sample_negatives draws distinct slots, so here k is 0 or 1; drawing with
+    replacement, or a video that is in the dataset twice, gives more). As the model becomes perfect
+    (the positive's logit far above every other candidate's), what value does -log P(ā_i | v_i)
+    approach? Return it for an integer k >= 0.
 
-    Then answer: what does the gradient of that row do to v_i when k > 0, and why does losses.py
-    mask such negatives (`mask` in RobustXIDLoss.forward)?"""
+    Then answer: how does the row's gradient with respect to v_i compare with the gradient of the
+    same row with the copies masked, and why does losses.py mask them (`mask` in
+    RobustXIDLoss.forward)?"""
     return math.log(1 + k)
 
 

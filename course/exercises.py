@@ -19,6 +19,8 @@ put together. In the teacher's edition it grades the solutions, which pass.
 """
 import argparse
 import ast
+import contextlib
+import io
 import itertools
 import os
 import re
@@ -26,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import NamedTuple
@@ -78,7 +81,17 @@ EXERCISES = [
     cost nothing. Returns (B,). _masked_log_softmax above gives log P.''',
              checks=[L + "test_soft_cross_entropy_by_hand"]),
     Exercise(4, "losses.py", "_cycle_scores", "S(j|i) ∝ P(ā_j|v̄_i)·P(v̄_i|ā_j), the cycle-consistent scores",
-             "",  # the formula is the paper's; the exercise is its two normalisers over the candidates
+             '''Exercise 4: the cycle-consistent softening scores of one direction, S_x(j|i) ∝ P(y_j | x_i) ·
+    P(x_i | y_j): j is a target when the cycle x_i -> y_j -> x_i closes (METHOD.md, "Soft-xID").
+
+    x_pos, y_pos: (B, d) the rows' own bank entries; x_neg, y_neg: (K, d) the negatives'; tau_s: τ_s.
+    Both factors are over the candidates C_i of the row: P(y_j | x_i) a softmax over the y's of C_i,
+    P(x_i | y_j) a softmax over the x's of C_i, {x_i} ∪ the negatives (x_i counted once, also when
+    it is one of the negatives). lse_neg (K,): lse_neg[n] = log Σ_m exp(y_n·x_m / τ_s) over the
+    negatives m, the same for every row (computed once by the caller). mask (B, K) or None: True
+    where a negative is the row's own instance, no candidate: its S is exactly 0. Returns S (B, 1+K),
+    each row summing to 1, the positive in column 0. candidate_logits and _masked_log_softmax above
+    help; the checks compare your S with test_losses.py's loop ref_softening.''',
              checks=[L + t for t in each("test_softening_scores_match_loop", ["0.07", "0.5"], ["cycle"])]),
     Exercise(5, "losses.py", "MemoryBank.move_slots", "the memory banks' momentum update",
              '''Exercise 5: after a step, move the slots in index towards the new embeddings v, a (B, d)
@@ -91,7 +104,7 @@ EXERCISES = [
     Exercise(7, "course/derivations.py", "own_instance_floor", "a row's own instance among its negatives", "",
              checks=[D + t for t in each("test_own_instance_floor_is_the_limit_of_a_perfect_model", ["0", "1", "2", "5"])]),
     Exercise(8, "course/derivations.py", "blind_share_auc", "how far detection goes when some faulty pairs look clean", "",
-             checks=[D + t for t in each("test_blind_share_auc_matches_a_simulated_detector", ["0.0", "0.1", "0.3", "1.0"])]),
+             checks=[D + t for t in each("test_blind_share_auc_matches_a_simulated_detector", ["0.0", "0.1", "0.3", "0.5", "1.0"])]),
 ]
 WHOLE = ["test_losses.py", "course/test_derivations.py"]  # what `grade` runs once every exercise passes
 
@@ -128,8 +141,10 @@ def blanked(source, exercise):
     stub = [f'{indent}raise NotImplementedError("exercise {exercise.number}: write {exercise.function}")\n']
     doc_first = fn.body[0].lineno if start > fn.body[0].lineno else start
     head = lines[:doc_first - 1] if exercise.task else lines[:start - 1]
-    if exercise.task:
-        stub = [f'{indent}"""{exercise.task}"""\n'] + stub
+    if exercise.task:  # the task's lines after the first at the body's indentation
+        first, _, rest = exercise.task.partition("\n")
+        doc = first + "\n" + textwrap.indent(textwrap.dedent(rest), indent) if rest else first
+        stub = [f'{indent}"""{doc}"""\n'] + stub
     return "".join(head + stub + lines[end:])
 
 
@@ -148,6 +163,11 @@ def student_markdown(text, name):
     README's findings become the question the labs ask."""
     text = re.sub(r"\[([^\]]*)\]\((?:RESULTS\.md|course/TEACHER\.md|TEACHER\.md)(?:#[^)]*)?\)",
                   r"\1 (teacher's edition)", text)
+    if name == "README.md":
+        title, _, rest = text.partition("\n")
+        text = (title + "\n\n**The student edition.** `python train.py`, the labs and the tests need the "
+                "functions of exercises 1-5 of [COURSE.md](COURSE.md), which are yours to write; "
+                "`python course/exercises.py grade` says which pass.\n" + rest)
     if name == "README.md" and FINDINGS in text:
         head, rest = text.split(FINDINGS, 1)
         tail = rest[rest.index("\n## "):] if "\n## " in rest else "\n"
@@ -179,6 +199,13 @@ def handout(dest):
             if e.file == name:
                 source = blanked(source, e)
         (dest / name).write_text(source)
+    # the worked example runs the exercises' functions: the edition gets what it prints now
+    sys.path.insert(0, str(ROOT / "course"))
+    import worked_example
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        worked_example.main()
+    (dest / "course" / "worked_example.txt").write_text(printed.getvalue())
     print(f"wrote the student edition to {dest}: {len(files)} files.\n"
           f"Blank, for the students to write: "
           + "; ".join(f"{e.number}. {e.file}: {e.function}" for e in EXERCISES) + ".\n"
@@ -191,8 +218,17 @@ def handout(dest):
 # The grader
 # ----------------------------------------------------------------------------------------------
 def run_checks(ids, root=ROOT, timeout=600):
-    """Run pytest on the given ids in the project's folder; {id: None if passed, else the message
-    of its failure} for every id pytest reported."""
+    """Run pytest on the given ids in the project's folder, one process per test file (a file that
+    does not import then fails its own checks, not the others'); {id: None if passed, else the
+    message of its failure} for every id."""
+    results = {}
+    for name in dict.fromkeys(i.split("::")[0] for i in ids):
+        mine = [i for i in ids if i.split("::")[0] == name]
+        results.update(run_file_checks(name, mine, root, timeout))
+    return results
+
+
+def run_file_checks(name, ids, root, timeout):
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
         try:
@@ -200,17 +236,20 @@ def run_checks(ids, root=ROOT, timeout=600):
                                    f"--junitxml={report}", *ids], cwd=root, capture_output=True, text=True,
                                   timeout=timeout, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
         except subprocess.TimeoutExpired:
-            return {i: f"the checks did not finish within {timeout} s (an endless loop?)" for i in ids}
-        if not report.exists():
-            raise RuntimeError(f"pytest could not run the checks (exit {proc.returncode}):\n"
-                               f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            return {i: f"{name}'s checks did not finish within {timeout} s (an endless loop?)" for i in ids}
         results = {}
-        for case in ET.parse(report).iter("testcase"):
-            path = case.get("classname", "").replace(".", "/")
-            key = f"{path}.py::{case.get('name')}"
-            bad = case.find("failure")
-            bad = bad if bad is not None else case.find("error")
-            results[key] = None if bad is None else explain(bad.get("message") or bad.text or "")
+        if report.exists():
+            for case in ET.parse(report).iter("testcase"):
+                key = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
+                bad = case.find("failure")
+                bad = bad if bad is not None else case.find("error")
+                results[key] = None if bad is None else explain(bad.get("message") or bad.text or "")
+        missing = [i for i in ids if ("::" in i and i not in results) or (i == name and not results)]
+        if missing:  # pytest could not collect them: say why
+            said = [line[4:] for line in proc.stdout.splitlines() if line.startswith("E   ")]
+            why = "\n      ".join(said[-6:]) or (proc.stdout + proc.stderr)[-1500:]
+            for i in missing:
+                results[i] = f"{name} could not be run, so its checks were not: \n      {why}"
         return results
 
 

@@ -50,9 +50,10 @@ def test_the_student_edition_has_no_answers(student_edition):
         assert f'raise NotImplementedError("exercise {e.number}: write {e.function}")' in (student_edition / e.file).read_text()
     losses = (student_edition / "losses.py").read_text()
     assert "torch.sigmoid(" not in losses and "(1 - lam) *" not in losses
-    for doc in (student_edition / "losses.py", student_edition / "course/derivations.py"):
-        text = doc.read_text()
-        assert "math.log(1 + k)" not in text and "1 - q / 2" not in text
+    for doc in ("losses.py", "course/derivations.py", "test_losses.py", "course/test_derivations.py"):
+        text = (student_edition / doc).read_text()
+        assert "math.log(1 + k)" not in text and "1 - q / 2" not in text and "(1 - m) *" not in text, doc
+    assert "which are yours to write" in (student_edition / "README.md").read_text()
     for md in (p for p in files if p.endswith(".md")):
         text = (student_edition / md).read_text()
         assert "](RESULTS.md" not in text and "TEACHER.md)" not in text, md
@@ -160,6 +161,8 @@ def test_the_worked_example_is_paper_arithmetic(capsys):
         torch.testing.assert_close(forward * back / (forward * back).sum(), r["S_v"][b])
     z_back = sum(math.exp(c) for c in [0.6, 0.8, 0.96, 0.28])             # ā_1 against v̄_0, v̄_1, v̄_3, v̄_4
     assert r["cycle_factors"][0][1][1].item() == pytest.approx(math.exp(0.6) / z_back, rel=1e-5)
+
+
 def guide_commands(script):
     """The argument lists of every `python SCRIPT ...` (or torchrun) line in COURSE.md's bash blocks,
     with the loop variable of lab 5 set to 0."""

@@ -13,8 +13,8 @@
    files are 32 batches of 64): each epoch starts with the loader's queue empty;
 3. xid against robust with the kept levers: Robust-xID's extra work (weights, soft targets);
 4. a 2-epoch run on the prepared files, stopped after its first epoch and resumed (--resume);
-5. the λ sweep of plots.py on a reduced grid (3 points, 24 epochs, the embedded data) with its
-   points trained at once (--jobs), and the time Figures 1 and 2 would take at that pace.
+5. the λ sweep of plots.py, its first --jobs points trained at once with the figures' recipe and
+   evaluation (the embedded data), and the time Figures 1 and 2 would take at that pace.
 It ends with the targets, each marked ok or MISSED: at least 1,000 clips/s, data wait below 5%,
 robust at most 1.10x xid's step, the resumed run's epochs 1 and 2, Figures 1 and 2 within 15 min.
 """
@@ -46,7 +46,6 @@ SMALL = ["--frames", "4", "--fps", "8", "--crop", "32", "--audio-seconds", "1",
 LEVERS = [("cuDNN autotuning", ["--cudnn-benchmark"]), ("channels-last 3-D", ["--channels-last"]),
           ("fused Adam", ["--fused-adam"]), ("torch.compile", ["--compile"]),
           ("batch 128", ["--batch-size", "128"])]
-FIGURE_POINTS = 39 + 27  # plots.py delta and lambda with their default grids, seeds and oracles
 
 
 def main(argv=None):
@@ -97,7 +96,10 @@ def main(argv=None):
     print(f"\n== 2. the levers, {steps} steps each, xID")
 
     def bench(flags, mode="xid"):
-        result = bench_step.main([*common, "--mode", mode, *flags, "--steps", str(steps)])
+        # the timed steps (and 5 untimed ones) inside one epoch: each starts with an empty queue
+        batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else (8 if args.small else 64)
+        within = max(1, min(steps, files // batch - 6))
+        result = bench_step.main([*common, "--mode", mode, *flags, "--steps", str(within)])
         gc.collect()  # the run's model, optimiser and banks would count in the next one's memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -144,7 +146,7 @@ def main(argv=None):
     epochs = [r["epoch"] for r in runs.epoch_records(out)]
 
     jobs = args.jobs or (2 if args.small else 6)
-    print(f"\n== 5. the λ sweep on a reduced grid, {jobs} points at once")
+    print(f"\n== 5. the λ sweep's first {jobs} points at once, with the figures' recipe and evaluation")
     sweep_root = root / "sweep"
     if sweep_root.exists():
         shutil.rmtree(sweep_root)
@@ -152,20 +154,23 @@ def main(argv=None):
         embedded = embedded_dataset.make(root / "embedded_small", log=lambda *a: None, seed=0, per_class=5,
                                          downstream_per_class=6, faulty_share=0.2, size=32, fps=8,
                                          seconds=2.0, rate=16000)
-        grid = ["--lams", "0", "1", "--epochs", "1", "--warmup-epochs", "1", "--eval-clips", "1"]
+        grid = ["--epochs", "1", "--warmup-epochs", "1", "--eval-clips", "1", "--ft-repeats", "1"]
     else:
         embedded = root / "embedded"
         embedded_dataset.ensure(embedded)
-        grid = ["--lams", "0", "0.5", "1"]
+        grid = []  # the figures' own: 24 epochs, 3 clips, 2 fine-tunings
+    lams = ["0", "0.25", "0.5", "0.75", "1"][:jobs]
+    seeds = ["0", "1"][:max(1, math.ceil(jobs / len(lams)))]
+    points = len(lams) * len(seeds)
     t0 = time.perf_counter()
-    plots.main(["lambda", "--seeds", "0", *grid, "--no-oracle", "--ft-repeats", "1", "--jobs", str(jobs),
+    plots.main(["lambda", "--seeds", *seeds, "--lams", *lams, "--no-oracle", *grid, "--jobs", str(jobs),
                 "--workers", str(max(1, args.workers // jobs)), "--runs", str(sweep_root),
                 "--embedded-root", str(embedded), "--out", str(root / "sweep_figure")])
-    points = 2 if args.small else 3
     sweep_min = (time.perf_counter() - t0) / 60
-    figures_min = sweep_min * math.ceil(FIGURE_POINTS / jobs) / math.ceil(points / jobs)
-    print(f"{points} points in {sweep_min:.1f} min with {jobs} at once: Figures 1 and 2 "
-          f"({FIGURE_POINTS} points) would take about {figures_min:.0f} min at this pace")
+    rounds = math.ceil(39 / jobs) + math.ceil(27 / jobs)  # the two sweeps run one after the other
+    figures_min = sweep_min / math.ceil(points / jobs) * rounds
+    print(f"{points} points in {sweep_min:.1f} min with {jobs} at once: Figures 1 and 2 (39 and 27 "
+          f"points, {rounds} rounds of {jobs}) would take about {figures_min:.0f} min at this pace")
 
     worst = max(wait.values())
     checks = [(f"at least 1,000 clips/s at the paper's clip shape ({fastest['xid']:.0f} with the kept levers)",

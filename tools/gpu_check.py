@@ -1,6 +1,6 @@
 """The CUDA path at the paper's scale, checked in one go: run it whenever a GPU is at hand.
 
-    python tools/gpu_check.py              # on a GPU machine with 16 cores (about 8 minutes)
+    python tools/gpu_check.py              # on a GPU machine with 16 cores
     python tools/gpu_check.py --no-compile # without the torch.compile lever (minutes less)
     python tools/gpu_check.py --small      # the same steps at small settings, on any CPU (tested)
 

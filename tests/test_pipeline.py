@@ -168,6 +168,18 @@ def test_batch_transforms_jitter_each_clip_with_its_factors_and_normalise():
     torch.testing.assert_close(data.BatchTransforms(SPEC, train=False).video(clips), expected)
 
 
+def test_the_log_mel_is_torchaudios_mel_spectrogram():
+    """data.MelPower takes |STFT|² as re² + im² (no square root): the same spectrogram as torchaudio's
+    MelSpectrogram with AVID's 40-ms window and 10-ms hop, to float rounding."""
+    import torchaudio
+    wave = torch.randn(3, 1, 24000, generator=torch.Generator().manual_seed(0))
+    for rate, n_mels in ((16000, 40), (24000, 64)):
+        ours = data.mel_spectrogram(rate, n_mels)(wave[..., :rate])
+        ref = torchaudio.transforms.MelSpectrogram(rate, n_fft=rate // 25, hop_length=rate // 100,
+                                                   n_mels=n_mels)(wave[..., :rate])
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_a_clip_is_fixed_by_seed_epoch_and_index_in_any_worker(embedded):
     """AVClips[(epoch, i)] draws start, crop, flip, volume and jitter from (seed, epoch, i): the
     same key gives the same clip, another epoch another clip, and a loader gives the same batches

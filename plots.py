@@ -163,11 +163,11 @@ def sweep(kind, args):
                 if not finished_results(run_dir, flags, args)]
     print(f"sweep {kind}: {len(points)} points, {len(points) - len(to_train)} already done, "
           f"{len(to_train)} to train and evaluate", flush=True)
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     if getattr(args, "jobs", 1) > 1 and to_train:
         run_points_at_once(kind, [(d, f) for _, d, f in points if d in to_train], args)
         to_train = []  # their results are complete now: the loop below reads them
-    table, trained, t0 = {}, 0, time.perf_counter()
+    table, trained = {}, 0
     for k, (key, run_dir, flags) in enumerate(points):
         if run_dir in to_train:
             left = len(to_train) - trained
@@ -177,7 +177,7 @@ def sweep(kind, args):
                   flush=True)
         table[key] = train_and_evaluate_point(run_dir, flags, args)
         trained += run_dir in to_train
-    print(f"sweep {kind}: done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    print(f"sweep {kind}: done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     return table
 
 

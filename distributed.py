@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-import data
+import listings
 
 
 def setup(device_flag):
@@ -58,8 +58,8 @@ def shared_by_ranks(fn, rank, world):
 
     def probe_share(paths, need_audio, min_seconds):
         # the machine's cores are shared by the ranks on it
-        cores = max(1, data.available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-        mine = data.probe_all(paths[rank::world], need_audio, min_seconds, quiet=rank != 0,
+        cores = max(1, listings.available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        mine = listings.probe_all(paths[rank::world], need_audio, min_seconds, quiet=rank != 0,
                               workers=cores)
         shares = [None] * world
         dist.all_gather_object(shares, mine)

@@ -1,9 +1,9 @@
 """The embedded dataset: a small synthetic audio-visual world written to disk as plain video files.
 
 It stands in for Kinetics, UCF101 and HMDB51 on a machine that has none of them, so that
-`python train.py` runs the whole method, through the same loading code (`data.py`) that reads the
-real datasets. A shape bounces between the walls of a dark frame; every time it hits a wall the
-audio has a click and a decaying tone:
+`python train.py` runs the whole method, through the same loading code (`listings.py`, `data.py`)
+that reads the real datasets. A shape bounces between the walls of a dark frame; every time it hits
+a wall the audio has a click and a decaying tone:
 - the class is in both streams: shape and direction of motion in the picture, pitch and timbre in
   the sound (10 pre-training classes); the colour is drawn per clip, a nuisance as in real video;
 - the instance is in both streams too: the moments of the wall hits (cross-modal instance detail);
@@ -19,7 +19,8 @@ audio has a click and a decaying tone:
 
     python embedded_dataset.py       # write it to data/embedded (train.py does on first use)
 
-Nothing in data.py depends on this file; this file uses data.py's listings, as any dataset would.
+Nothing in data.py or listings.py depends on this file; this file uses listings.py, as any dataset
+would.
 """
 import argparse
 import csv
@@ -33,7 +34,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from data import hmdb51, kinetics_folder, ucf101
+from listings import hmdb51, kinetics_folder, ucf101
 from runs import atomic_write, progress
 
 # ----------------------------------------------------------------------------------------------

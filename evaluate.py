@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 import data
+import listings
 import distributed
 import embedded_dataset
 import runs
@@ -270,7 +271,7 @@ def evaluate_downstream(name, model, listing, spec, args, device, log):
     """Retrieval (test queries, train gallery), linear probe and fine-tuning on one labelled set."""
     (train_v, classes), (test_v, _) = listing("train"), listing("test")
     (train_v, broken_train), (test_v, broken_test) = (
-        data.scan(vs, spec, name=f"{name} [{split}]", log=log)
+        listings.scan(vs, spec, name=f"{name} [{split}]", log=log)
         for vs, split in ((train_v, "train"), (test_v, "test")))
     broken = broken_train + broken_test
     for path, reason in broken[:20]:
@@ -400,7 +401,7 @@ def retrieval_on_pretraining_set(model, run_args, classes, train_v, spec, args, 
     classes), and the top-4 retrievals of one query per class with a frame of each video (Figure 4).
     Empty when the held-out split is not there."""
     try:
-        val_v, _, _ = data.pretraining_split(pretraining_root(run_args), run_args["val_split"],
+        val_v, _, _ = listings.pretraining_split(pretraining_root(run_args), run_args["val_split"],
                                              spec, run_args.get("val_csv") or run_args["csv"],
                                              seed=run_args["seed"], classes=classes, log=log)
     except (FileNotFoundError, ValueError) as e:  # no such split, nothing usable in it, a bad CSV
@@ -545,10 +546,10 @@ def main(argv=None):
     embedded = Path(run_args["embedded_root"])
     if not (args.ucf_root and args.hmdb_root):
         embedded_dataset.ensure(embedded, log=log)
-    sets = {"ucf": (lambda split: data.ucf101(args.ucf_root, args.ucf_splits, args.fold, split))
+    sets = {"ucf": (lambda split: listings.ucf101(args.ucf_root, args.ucf_splits, args.fold, split))
                    if args.ucf_root else
                    (lambda split: embedded_dataset.splits(embedded)["ucf"](split, args.fold)),
-            "hmdb": (lambda split: data.hmdb51(args.hmdb_root, args.hmdb_splits, args.fold, split))
+            "hmdb": (lambda split: listings.hmdb51(args.hmdb_root, args.hmdb_splits, args.fold, split))
                     if args.hmdb_root else
                     (lambda split: embedded_dataset.splits(embedded)["hmdb"](split, args.fold))}
     results = {}

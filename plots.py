@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import listings  # noqa: E402
 import embedded_dataset  # noqa: E402
 import evaluate  # noqa: E402
 import runs  # noqa: E402
@@ -188,7 +189,7 @@ def run_points_at_once(kind, todo, args):
     between them (OMP_NUM_THREADS). A point that fails stops the sweep, named with its log; the
     sweep stopped (Ctrl-C, an error) stops the points it started."""
     jobs = args.jobs
-    threads = max(1, data.available_cores() // (jobs * (1 + args.workers)))
+    threads = max(1, listings.available_cores() // (jobs * (1 + args.workers)))
     here = Path(__file__).resolve().parent
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import data
+import listings
 import distributed
 import embedded_dataset
 import evaluate
@@ -418,7 +419,7 @@ def list_and_scan(args, split, spec, log, rank=0, world=1, classes=None):
     subset = args.subset if split == args.split else None
 
     def listing(probe_many):
-        return data.pretraining_split(root, split, spec, csv_path,
+        return listings.pretraining_split(root, split, spec, csv_path,
                                       args.class_names if classes is None else None, subset,
                                       args.seed, classes=classes, probe_many=probe_many, log=log)
     return distributed.shared_by_ranks(listing, rank, world)
@@ -622,7 +623,7 @@ def check_args(p, args):
     for flag in ("csv", "val_csv"):  # now, not after training (the summary reads --val-csv)
         if getattr(args, flag):
             try:
-                data.check_csv_columns(getattr(args, flag))
+                listings.check_csv_columns(getattr(args, flag))
             except ValueError as e:
                 p.error(f"--{flag.replace('_', '-')}: {e}")
     for flag in ("data_root", "embedded_root", "csv", "val_csv", "classes"):

@@ -16,6 +16,7 @@ import torch
 from torchvision.transforms import v2
 
 import data
+import listings
 import embedded_dataset
 import evaluate
 import losses
@@ -106,7 +107,7 @@ def test_embedded_layout_and_split_files_parse(embedded):
     splits = embedded_dataset.splits(embedded)
     train, classes = splits["kinetics"]("train")
     assert len(classes) == 10 and len(train) == 10 * 4          # 80% of 5 per class
-    via_csv, csv_classes = data.kinetics_csv(embedded / "kinetics" / "kinetics_embedded.csv", embedded / "kinetics", "train")
+    via_csv, csv_classes = listings.kinetics_csv(embedded / "kinetics" / "kinetics_embedded.csv", embedded / "kinetics", "train")
     assert via_csv == train and csv_classes == classes
     ids = [r["youtube_id"] for r in csv.DictReader(open(embedded / "kinetics" / "kinetics_embedded.csv"))]
     assert len(ids) == len(set(ids)) == 10 * 5
@@ -132,7 +133,7 @@ def test_natural_faulty_positives_are_marked(embedded):
 def test_clips_have_documented_shapes(embedded):
     """Loader items: video uint8 (3, T, H, W), waveform (1, S); eval: n clips of each. BatchTransforms
     turns a batch into the model's inputs: float video, log-mel (1, F, S) at 100 frames/s."""
-    videos, _ = data.scan(embedded_dataset.splits(embedded)["kinetics"]("train")[0][:3], SPEC, log=lambda *a: None)
+    videos, _ = listings.scan(embedded_dataset.splits(embedded)["kinetics"]("train")[0][:3], SPEC, log=lambda *a: None)
     item = data.AVClips(videos, SPEC, train=True)[1]
     assert item["video"].shape == (3, 4, 24, 24) and item["video"].dtype == torch.uint8
     assert item["jitter"].shape == (3,) and ((0.6 <= item["jitter"]) & (item["jitter"] <= 1.4)).all()
@@ -184,7 +185,7 @@ def test_a_clip_is_fixed_by_seed_epoch_and_index_in_any_worker(embedded):
     """AVClips[(epoch, i)] draws start, crop, flip, volume and jitter from (seed, epoch, i): the
     same key gives the same clip, another epoch another clip, and a loader gives the same batches
     with 0 or 2 persistent workers, epoch after epoch (what makes a resumed run the same run)."""
-    videos, _ = data.scan(embedded_dataset.splits(embedded)["kinetics"]("train")[0][:12], SPEC,
+    videos, _ = listings.scan(embedded_dataset.splits(embedded)["kinetics"]("train")[0][:12], SPEC,
                           log=lambda *a: None)
     ds = data.AVClips(videos, SPEC, train=True, seed=3)
     a, b, other = ds[(2, 5)], ds[(2, 5)], ds[(3, 5)]
@@ -291,7 +292,7 @@ def test_injection_exact_count_no_self_pairs_seeded():
 
 def test_injected_item_carries_the_donor_audio(embedded):
     """An injected instance keeps its own video and gets its donor's audio, and says so."""
-    videos, _ = data.scan(embedded_dataset.splits(embedded)["kinetics"]("val")[0][:4], SPEC, log=lambda *a: None)
+    videos, _ = listings.scan(embedded_dataset.splits(embedded)["kinetics"]("val")[0][:4], SPEC, log=lambda *a: None)
     src = torch.tensor([2, 1, 2, 3])
     own = data.AVClips(videos, SPEC, train=False, num_clips=1)
     swapped = data.AVClips(videos, SPEC, train=False, num_clips=1, audio_source=src)
@@ -304,17 +305,17 @@ def test_subset_class_list_and_balance(embedded):
     """--classes keeps the named classes, relabelled 0..C-1 in sorted name order; --subset draws a
     class-balanced, seeded subset."""
     videos, classes = embedded_dataset.splits(embedded)["kinetics"]("train")
-    sub, sub_classes = data.keep_classes(videos, classes, ["square_vertical", "circle_horizontal"])
+    sub, sub_classes = listings.keep_classes(videos, classes, ["square_vertical", "circle_horizontal"])
     assert sub_classes == ["circle_horizontal", "square_vertical"] and len(sub) == 8
     named = {v.path: classes[v.label] for v in videos if classes[v.label] in sub_classes}
     assert {v.path: sub_classes[v.label] for v in sub} == named
     assert [v.label for v in sub].count(0) == 4
-    sub = data.balanced_subset(videos, len(classes), 20, seed=1)
+    sub = listings.balanced_subset(videos, len(classes), 20, seed=1)
     counts = np.bincount([v.label for v in sub], minlength=10)
     assert len(sub) == 20 and counts.max() - counts.min() <= 1
-    assert sub == data.balanced_subset(videos, len(classes), 20, seed=1)
+    assert sub == listings.balanced_subset(videos, len(classes), 20, seed=1)
     with pytest.raises(ValueError, match="--classes"):
-        data.keep_classes(videos, classes, ["no_such_class"])
+        listings.keep_classes(videos, classes, ["no_such_class"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,7 +336,7 @@ def test_scan_names_every_broken_file(embedded, tmp_path):
         make(tmp_path / name)
     videos = [Video(str(tmp_path / n)) for n in sorted(files)] + [Video(str(good)), Video(str(tmp_path / "gone.mp4"))]
     lines = []
-    usable, broken = data.scan(videos, SPEC, tmp_path / "cache.json", log=lines.append)
+    usable, broken = listings.scan(videos, SPEC, tmp_path / "cache.json", log=lines.append)
     reasons = {Path(p).name: r for p, r in broken}
     assert [v.path for v in usable] == [str(good)]
     assert reasons["zero.mp4"] == "zero bytes"
@@ -347,13 +348,13 @@ def test_scan_names_every_broken_file(embedded, tmp_path):
     assert reasons["gone.mp4"] == "missing file"
     assert "1 usable, 7 broken" in lines[0]
     # without audio required, the video-only file is usable
-    assert any(v.path.endswith("no_audio.mp4") for v in data.scan(videos, ClipSpec(need_audio=False, frames=4, fps=4.0),
+    assert any(v.path.endswith("no_audio.mp4") for v in listings.scan(videos, ClipSpec(need_audio=False, frames=4, fps=4.0),
                                                                  log=lambda *a: None)[0])
     # the cache is used, and invalidated when a file changes
     cache = json.loads((tmp_path / "cache.json").read_text())
     assert cache[str(tmp_path / "zero.mp4")]["reason"] == "zero bytes"
     write_av(tmp_path / "zero.mp4")
-    usable, _ = data.scan(videos, SPEC, tmp_path / "cache.json", log=lambda *a: None)
+    usable, _ = listings.scan(videos, SPEC, tmp_path / "cache.json", log=lambda *a: None)
     assert str(tmp_path / "zero.mp4") in [v.path for v in usable]
 
 
@@ -361,7 +362,7 @@ def test_no_usable_file_is_a_clear_error(tmp_path):
     """A scan that keeps nothing stops with the dataset's name instead of training on nothing."""
     (tmp_path / "a.mp4").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="no usable video in mydata"):
-        data.scan([Video(str(tmp_path / "a.mp4"))], SPEC, name="mydata", log=lambda *a: None)
+        listings.scan([Video(str(tmp_path / "a.mp4"))], SPEC, name="mydata", log=lambda *a: None)
 
 
 @pytest.mark.parametrize("name, kwargs", [
@@ -375,7 +376,7 @@ def test_no_usable_file_is_a_clear_error(tmp_path):
 def test_unusual_but_valid_files_work(tmp_path, name, kwargs):
     """Other containers and codecs, any rate and channel count, odd sizes, a late start, low fps."""
     path = write_av(tmp_path / name, **kwargs)
-    usable, broken = data.scan([Video(path)], SPEC, log=lambda *a: None)
+    usable, broken = listings.scan([Video(path)], SPEC, log=lambda *a: None)
     assert not broken and usable[0].duration >= 1.9
     item = data.AVClips(usable, SPEC, train=True)[0]
     assert "error" not in item
@@ -394,7 +395,7 @@ def test_low_fps_repeats_frames(tmp_path):
 def test_file_failing_after_scan_is_reported_not_replaced(embedded, tmp_path):
     """A clip that breaks while loading comes back named in batch["errors"]; no other instance takes
     its place (its bank slot would be corrupted)."""
-    videos, _ = data.scan(embedded_dataset.splits(embedded)["kinetics"]("val")[0][:3], SPEC, log=lambda *a: None)
+    videos, _ = listings.scan(embedded_dataset.splits(embedded)["kinetics"]("val")[0][:3], SPEC, log=lambda *a: None)
     broken = tmp_path / "was_fine.mp4"
     broken.write_bytes(Path(videos[1].path).read_bytes())
     videos[1] = Video(str(broken), videos[1].label, videos[1].duration)

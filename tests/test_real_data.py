@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 import bench_decoding
 import bench_step
 import data
+import listings
 import evaluate
 import gpu_check
 import plots
@@ -168,9 +169,9 @@ def tree(folder):
 def test_every_file_of_a_download_is_used_or_named(download):
     """Any container FFmpeg reads is used, whatever its extension (.mpg, .m4v, .MP4, an unknown
     .vid); every other file of a class folder is named with a reason; hidden files are not videos."""
-    videos, classes = data.kinetics_folder(download / "kinetics", "train")
+    videos, classes = listings.kinetics_folder(download / "kinetics", "train")
     assert classes == sorted(GOOD)
-    usable, broken = data.scan(videos, SPEC, log=lambda *a: None)
+    usable, broken = listings.scan(videos, SPEC, log=lambda *a: None)
     assert sorted(Path(v.path).name for v in usable) == sorted(n for files in GOOD.values() for n, _ in files)
     reasons = {(Path(p).parent.name, Path(p).name): r for p, r in broken}
     assert set(reasons) == set(BROKEN)
@@ -182,15 +183,15 @@ def test_every_file_of_a_download_is_used_or_named(download):
 def test_csv_finds_clips_in_any_container_and_names_missing_rows(download):
     """The official CSV gives a file name without its container; a clip stored as .mkv or .webm is
     found, and a row whose clip was never downloaded is named as missing."""
-    videos, classes = data.kinetics_csv(download / "train.csv", download / "kinetics", "train")
+    videos, classes = listings.kinetics_csv(download / "train.csv", download / "kinetics", "train")
     assert classes == sorted(GOOD)
     names = {Path(v.path).name for v in videos}
     assert {clip_name(2, ".mkv"), clip_name(3, ".webm"), clip_name(12, ".mpg"), clip_name(23, ".vid")} <= names
-    usable, broken = data.scan(videos, SPEC, log=lambda *a: None)
+    usable, broken = listings.scan(videos, SPEC, log=lambda *a: None)
     assert len(usable) == 16
     assert (str(download / "kinetics" / "train" / "zumba" / MISSING_ROW[1]), "missing file") in broken
-    with pytest.raises(data.SplitNotFound, match="no row with split == 'val'"):
-        data.kinetics_csv(download / "train.csv", download / "kinetics", "val")
+    with pytest.raises(listings.SplitNotFound, match="no row with split == 'val'"):
+        listings.kinetics_csv(download / "train.csv", download / "kinetics", "val")
 
 
 def test_csv_prefers_the_video_to_a_thumbnail_or_extracted_audio(download, tmp_path):
@@ -204,7 +205,7 @@ def test_csv_prefers_the_video_to_a_thumbnail_or_extracted_audio(download, tmp_p
     (root / "train" / "zumba" / clip_name(7, ".wav")).write_bytes(b"RIFF....WAVE")
     table = tmp_path / "train.csv"
     table.write_text("\ufefflabel,youtube_id,time_start,time_end,split\nzumba,yt000000007,70,80,train\n", encoding="utf-8")
-    videos, _ = data.kinetics_csv(table, root, "train")
+    videos, _ = listings.kinetics_csv(table, root, "train")
     assert [v.path for v in videos] == [clip]
 
 
@@ -212,7 +213,7 @@ def test_csv_without_a_column_is_named(download, tmp_path, capsys):
     bad = tmp_path / "train.csv"
     bad.write_text("label,youtube_id,time_start,split\nabseiling,yt000000000,0,train\n")
     with pytest.raises(ValueError, match=re.escape(f"{bad}: no column time_end")):
-        data.kinetics_csv(bad, download / "kinetics", "train")
+        listings.kinetics_csv(bad, download / "kinetics", "train")
     with pytest.raises(SystemExit):
         run_train(download, tmp_path / "run", "--csv", str(bad))
     assert "no column time_end" in capsys.readouterr().err
@@ -222,10 +223,10 @@ def test_csv_without_a_column_is_named(download, tmp_path, capsys):
 def test_held_out_labels_follow_the_training_classes(download):
     """A held-out split missing a class (zumba) or with one more (yoga): label c still means the
     training split's class c, and the extra class is left out with a message."""
-    _, classes = data.kinetics_folder(download / "kinetics", "train")
+    _, classes = listings.kinetics_folder(download / "kinetics", "train")
     said = []
-    for val, _ in (data.kinetics_folder(download / "kinetics", "val", classes, log=said.append),
-                   data.kinetics_csv(download / "validate.csv", download / "kinetics", "val", classes, log=said.append)):
+    for val, _ in (listings.kinetics_folder(download / "kinetics", "val", classes, log=said.append),
+                   listings.kinetics_csv(download / "validate.csv", download / "kinetics", "val", classes, log=said.append)):
         assert {Path(v.path).parent.name for v in val} == {"abseiling", "playing guitar", FOOTBALL}
         assert all(classes[v.label] == Path(v.path).parent.name for v in val)
     assert len(said) == 2 and all("yoga" in s and "left out" in s for s in said)
@@ -234,7 +235,7 @@ def test_held_out_labels_follow_the_training_classes(download):
 def test_subset_is_drawn_from_the_usable_videos(download):
     """--subset draws from what the scan kept: broken files do not unbalance the classes."""
     for seed in range(4):
-        usable, classes, _ = data.pretraining_split(download / "kinetics", "train", SPEC, subset=8, seed=seed,
+        usable, classes, _ = listings.pretraining_split(download / "kinetics", "train", SPEC, subset=8, seed=seed,
                                                     log=lambda *a: None)
         assert np.bincount([v.label for v in usable], minlength=4).tolist() == [2, 2, 2, 2]
 
@@ -335,7 +336,7 @@ def test_two_processes_end_to_end_name_every_decode_error(download, tmp_path):
     scan and were damaged after it (size and mtime kept, so the scan's cache still vouches for them)."""
     root = tmp_path / "download"
     shutil.copytree(download / "kinetics", root / "kinetics")
-    usable, _, _ = data.pretraining_split(root / "kinetics", "train", SPEC, log=lambda *a: None)  # fills the cache
+    usable, _, _ = listings.pretraining_split(root / "kinetics", "train", SPEC, log=lambda *a: None)  # fills the cache
     on_rank_1 = set()
     for epoch in (0, 1):  # DistributedSampler's order: randperm(N) seeded with seed + epoch, rank r takes r::2
         order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(0 + epoch)).tolist()
@@ -599,10 +600,10 @@ def test_prepare_refuses_to_continue_at_another_scale(download, prepared, capsys
 
 
 def test_the_parallel_scan_finds_what_the_sequential_one_finds(download):
-    """data.probe_all over processes gives the same (duration, reason) per file, in order."""
-    paths = [str(p) for p in data.video_files(download / "kinetics" / "train", recursive=True)]
+    """listings.probe_all over processes gives the same (duration, reason) per file, in order."""
+    paths = [str(p) for p in listings.video_files(download / "kinetics" / "train", recursive=True)]
     assert len(paths) >= 16
-    assert data.probe_all(paths, True, 1.0, quiet=True, workers=2) == data.probe_all(paths, True, 1.0, quiet=True, workers=1)
+    assert listings.probe_all(paths, True, 1.0, quiet=True, workers=2) == listings.probe_all(paths, True, 1.0, quiet=True, workers=1)
 
 
 def test_bench_compares_a_youtube_like_source_with_its_prepared_copy(tmp_path, capsys):
@@ -646,15 +647,15 @@ def _twice_but_die_on_3(x):
 
 
 def test_a_worker_that_dies_takes_only_its_own_file_with_it():
-    """data.in_processes (prepare's and the scan's pool): a dead worker does not end the run; the
+    """listings.in_processes (prepare's and the scan's pool): a dead worker does not end the run; the
     files it may have been on are retried one by one, and only the one that kills again is named."""
-    got = dict(data.in_processes(_twice_but_die_on_3, range(10), 2, crashed=lambda x: "crashed"))
+    got = dict(listings.in_processes(_twice_but_die_on_3, range(10), 2, crashed=lambda x: "crashed"))
     assert got == {**{x: 2 * x for x in range(10) if x != 3}, 3: "crashed"}
 
 
 def test_prepare_follows_linked_folders_and_names_a_name_clash(download, tmp_path):
     """A class folder that is a symbolic link is prepared like any other; two containers of one name
-    become one .mp4: the one data.kinetics_csv reads (a video extension, then the last name), the
+    become one .mp4: the one listings.kinetics_csv reads (a video extension, then the last name), the
     other named."""
     src, elsewhere = tmp_path / "src", tmp_path / "elsewhere" / "linked class"
     (src / "train" / "a").mkdir(parents=True)
@@ -668,8 +669,8 @@ def test_prepare_follows_linked_folders_and_names_a_name_clash(download, tmp_pat
     assert (tmp_path / "dst" / "train" / "b" / "y.mp4").exists() and (tmp_path / "dst" / "train" / "a" / "x.mp4").exists()
     assert [(Path(p).name, r.split(",")[0]) for p, r in result["failed"]] == [("x.mkv", "same name as x.webm")]
     (src / "train.csv").write_text("label,youtube_id,time_start,time_end,split\n")  # what kinetics_csv would read:
-    assert data.kinetics_csv.__doc__ and sorted(data.video_files(src / "train" / "a"),  # the same file
-                                                key=lambda f: (f.suffix.lower() in data.VIDEO_EXTENSIONS, f.name))[-1].name == "x.webm"
+    assert listings.kinetics_csv.__doc__ and sorted(listings.video_files(src / "train" / "a"),  # the same file
+                                                key=lambda f: (f.suffix.lower() in listings.VIDEO_EXTENSIONS, f.name))[-1].name == "x.webm"
 
 
 def test_prepare_copies_a_leftover_that_sorts_before_every_video_of_its_folder(download, tmp_path):
@@ -704,7 +705,7 @@ def test_a_failed_prepare_releases_its_lock_and_spares_other_programs_temporary_
         prepare.prepare(tmp_path / "src", dst, workers=1, log=lambda *a: None)  # keep an open lock
     monkeypatch.undo()
     (dst / "train" / "a").mkdir(parents=True)
-    others = dst / "train" / ".scan-cache-train.json.tmp4242"           # data.py's atomic write
+    others = dst / "train" / ".scan-cache-train.json.tmp4242"           # listings.py's atomic write
     own = dst / "train" / "a" / f".x.mp4{prepare.TMP_MARK}4242"         # a killed prepare's
     others.write_text("{}")
     own.write_bytes(b"half")

@@ -25,8 +25,9 @@ import torch
 from av.video.frame import PictureType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
-import data  # noqa: E402
-from data import AVClips, ClipSpec, collate_clips, kinetics_folder, scan  # noqa: E402
+import listings  # noqa: E402
+from data import AVClips, ClipSpec, collate_clips  # noqa: E402
+from listings import kinetics_folder, scan  # noqa: E402
 from prepare import prepare  # noqa: E402
 from runs import progress  # noqa: E402
 
@@ -73,7 +74,7 @@ def write_youtube_like(root, files=8, seconds=10.0, width=1280, height=720, work
     todo = [p for p in paths if not p.exists()]
     for p in todo:
         p.parent.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(workers or data.available_cores()) as pool:
+    with ProcessPoolExecutor(workers or listings.available_cores()) as pool:
         jobs = [pool.submit(_write_youtube_like_file, p, seconds, width, height, k)
                 for k, p in enumerate(todo)]
         for job in progress(as_completed(jobs), total=len(jobs),
@@ -186,7 +187,7 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=10.0, help="length of each YouTube-like file")
     p.add_argument("--resolution", default="1280x720", help="WxH of the YouTube-like files")
     p.add_argument("--clips", type=int, default=20, help="random clips timed per tree")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, data.available_cores()],
+    p.add_argument("--workers", type=int, nargs="+", default=[1, listings.available_cores()],
                    help="loader worker counts to time on the prepared copy")
     args = p.parse_args(argv)
     try:

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 import bench_decoding  # noqa: E402
 import bench_step  # noqa: E402
-import data  # noqa: E402
+import listings  # noqa: E402
 import embedded_dataset  # noqa: E402
 import plots  # noqa: E402
 import prepare  # noqa: E402
@@ -60,7 +60,7 @@ def main(argv=None):
     p.add_argument("--bench-steps", type=int, default=None,
                    help="steps timed per mode, after 5 warm-up steps "
                         "(default 25: within one epoch; --small: 2)")
-    p.add_argument("--workers", type=int, default=data.available_cores(),
+    p.add_argument("--workers", type=int, default=listings.available_cores(),
                    help="loader workers (default: all cores)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="try the torch.compile lever (it compiles for a minute or two)")

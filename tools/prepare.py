@@ -22,7 +22,7 @@ What changes in a prepared file, and why the method does not notice:
   the picture at 112 px keeps what the clip shows) and AAC at 96 kbit/s, plenty for 12 kHz of band.
 Timestamps are kept, so sound and picture stay aligned as in the source.
 The layout is kept: DST/<split>/<class>/<name>.mp4 for every SRC/<split>/<class>/<name>.<any ext>,
-and every metadata file (split lists, CSVs) copied as is; the listings in data.py find a prepared
+and every metadata file (split lists, CSVs) copied as is; the listings in listings.py find a prepared
 `v_x.mp4` where a split file names `v_x.avi`.
 """
 import argparse
@@ -42,8 +42,8 @@ import numpy as np
 from av.video.frame import PictureType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
-import data  # noqa: E402
-from data import METADATA_EXTENSIONS, VIDEO_EXTENSIONS, in_processes, probe  # noqa: E402
+import listings  # noqa: E402
+from listings import METADATA_EXTENSIONS, VIDEO_EXTENSIONS, in_processes, probe  # noqa: E402
 from runs import progress  # noqa: E402
 
 
@@ -213,7 +213,7 @@ def plan(src, dst, only=None):
     metadata [(source, destination)], clashes [(source, the source prepared in its place)]).
     Metadata is what has a metadata extension (.txt, .csv, .json, .md); every other file is tried as
     a video. Two videos of one name in different containers (a.mkv, a.webm) would both become a.mp4:
-    the one data.kinetics_csv would read wins (a known video extension, then the last name), so the
+    the one listings.kinetics_csv would read wins (a known video extension, then the last name), so the
     source and its copy train on the same file; the other is named."""
     src, dst = Path(src), Path(dst)
     videos, metadata, by_out = [], [], {}
@@ -306,7 +306,7 @@ def _prepare_locked(src, dst, scale, workers, only, log):
     failed = [(str(s), f"same name as {o.name}, which is prepared in its place (one .mp4 per name)")
               for s, o in clashes]
     prepared = no_audio = 0
-    start, workers = time.perf_counter(), workers or data.available_cores()
+    start, workers = time.perf_counter(), workers or listings.available_cores()
     jobs = [(s, d, scale) for s, d in todo]
     crashed = lambda job: ("cannot transcode: FFmpeg crashed on it "
                            "(the worker process died)", False)

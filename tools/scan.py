@@ -3,7 +3,7 @@
     python tools/scan.py /data/k400/train                 # writes ROOT/broken.txt
     python tools/scan.py /data/UCF-101 --no-audio --broken-list ucf_broken.txt
 
-The scan of data.py that train.py runs on its split (give --min-seconds the clip's length: 2 for
+The scan of listings.py that train.py runs on its split (give --min-seconds the clip's length: 2 for
 the paper's, whose audio is 2 s; the default is train.py's CPU clip): it opens every file once (over
 this process's cores), prints counts per reason (missing, zero bytes, cannot open / corrupt, no video
 stream, no audio stream, too short for one clip) and caches what it found in ROOT/.scan-cache.json,
@@ -15,7 +15,8 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
-from data import ClipSpec, Video, probe_all, scan, video_files  # noqa: E402
+from data import ClipSpec, Video  # noqa: E402
+from listings import probe_all, scan, video_files  # noqa: E402
 
 
 def main(argv=None):

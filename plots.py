@@ -447,12 +447,17 @@ def chance_loss(run):
 
 def run_line(run, ep, chance, below=0.3):
     """One run in a line: the epoch its loss first fell `below` under chance (where it left the
-    plateau), the last epoch's loss and detection, and its transfer where evaluate.py ran."""
-    left = next((r["epoch"] for r in ep if r["loss"] < chance - below), None)
+    plateau), the last epoch's loss and detection, and its transfer where evaluate.py ran. With
+    injected pairs the loss read is the clean pairs' own: the injected pairs' loss rises above
+    chance as the clean half is learned, so the mean can hide the plateau's end."""
+    clean = "loss_clean_pairs" in ep[-1]
+    key, name = ("loss_clean_pairs", "clean pairs' loss") if clean else ("loss", "loss")
+    left = next((r["epoch"] for r in ep if r[key] < chance - below), None)
     last = ep[-1]
-    line = (f"{run}: loss {below} below chance from epoch "
+    line = (f"{run}: {name} {below} below chance from epoch "
             f"{left if left else f'- (not in {len(ep)})'}, epoch {last['epoch']} loss "
-            f"{last['loss']:.3f} (chance {chance:.2f})")
+            f"{last['loss']:.3f}" + (f" (clean pairs {last[key]:.3f})" if clean else "")
+            + f" (chance {chance:.2f})")
     for key in ("injected_auc", "natural_auc"):
         if key in last:
             line += f", {key.split('_')[0]} AUC {last[key]:.2f}"

@@ -492,8 +492,10 @@ def get_args(argv=None):
                    help="λ in [0, 1]: soft-target mixing; the supplement's best is 0.25-0.5")
     g.add_argument("--strategy", choices=STRATEGIES, default="cycle", help="the scores S(j|i)")
     g.add_argument("--tau", type=float, default=0.2,
-                   help="τ > 0: temperature of P(ā_j | v_i); 0.2 on the small embedded runs, the "
-                        "paper's 0.07 in configs/paper.txt (METHOD.md, deviations)")
+                   help="τ > 0: temperature of P(ā_j | v_i); default 0.2, chosen on the embedded "
+                        "data, where 0.07 can leave pre-training at chance's loss with injected "
+                        "pairs (METHOD.md, deviations); the paper's 0.07 on Kinetics "
+                        "(configs/paper.txt)")
     g.add_argument("--tau-s", type=float, default=0.07, help="τ_s > 0: temperature of S(j|i)")
     g.add_argument("--num-negatives", type=int, default=None,
                    help="K, negatives per step; default 1024 (the paper's), or N/2 on fewer videos")

@@ -1018,8 +1018,8 @@ def test_quick_sweep_uses_its_small_grid_except_where_a_flag_is_given(monkeypatc
 def test_curves_overlays_groups_of_runs_and_names_a_run_without_a_log(tmp_path, capsys):
     """plots.py curves LABEL=RUN,... draws each run's per-epoch loss (with the chance level
     2 ln(K+1), K as train.py chose it) and detection AUC, and prints for each run the epoch its loss
-    first fell 0.3 below chance (10.67 at epoch 1 here, 10.97 - 0.3 = 10.67); a folder without
-    log.jsonl is named."""
+    first fell 0.3 below chance (10.67 at epoch 1 here, 10.97 - 0.3 = 10.67), the clean pairs' loss
+    where pairs were injected; a folder without log.jsonl is named."""
     runs = []
     for k in range(2):
         run = tmp_path / f"run{k}"
@@ -1039,6 +1039,14 @@ def test_curves_overlays_groups_of_runs_and_names_a_run_without_a_log(tmp_path, 
     assert (tmp_path / "fig.png").stat().st_size > 5000 and pytest.approx(2 * np.log(241)) in drawn
     said = capsys.readouterr().out
     assert f"a: {runs[0]}: loss 0.3 below chance from epoch 1, epoch 3 loss 10.000 (chance 10.97), natural AUC 0.80" in said
+    # with injected pairs the line reads the clean pairs' own loss: here it leaves at epoch 2,
+    # while the mean (held up by the injected half) never does
+    (Path(runs[1]) / "log.jsonl").write_text("".join(json.dumps(
+        {"kind": "epoch", "epoch": e, "loss": 11.0, "loss_clean_pairs": 11 - e / 4}) + "\n" for e in (1, 2, 3)))
+    plots.main(["curves", f"b={runs[1]}", "--out", str(tmp_path / "fig2")])
+    said = capsys.readouterr().out
+    assert (f"b: {runs[1]}: clean pairs' loss 0.3 below chance from epoch 2, epoch 3 loss 11.000 "
+            "(clean pairs 10.250) (chance 10.97)") in said
     with pytest.raises(SystemExit):
         plots.main(["curves", f"a={tmp_path / 'nothing'}"])
     assert "none in" in capsys.readouterr().err

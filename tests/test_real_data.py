@@ -705,7 +705,7 @@ def test_a_failed_prepare_releases_its_lock_and_spares_other_programs_temporary_
         prepare.prepare(tmp_path / "src", dst, workers=1, log=lambda *a: None)  # keep an open lock
     monkeypatch.undo()
     (dst / "train" / "a").mkdir(parents=True)
-    others = dst / "train" / ".scan-cache-train.json.tmp4242"           # listings.py's atomic write
+    others = dst / "train" / ".scan-cache-train.json.tmp4242"           # runs.atomic_write, as listings.scan calls it
     own = dst / "train" / "a" / f".x.mp4{prepare.TMP_MARK}4242"         # a killed prepare's
     others.write_text("{}")
     own.write_bytes(b"half")

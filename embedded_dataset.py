@@ -162,54 +162,85 @@ def write_av_file(path, frames, wave, fps, rate):
 
 
 def make(root="data/embedded", seed=0, per_class=60, downstream_per_class=30, faulty_share=0.1,
-         size=64, fps=16, seconds=3.0, rate=16000, hum=HUM, log=print):
+         size=64, fps=16, seconds=3.0, rate=16000, hum=HUM, downstream=True, log=print):
     """Write the embedded dataset under root: kinetics/{train,val}/<class>/<id>.mp4 (+ the
     official-style CSV and annotations.csv marking natural faulty positives), ucf/ and hmdb/ with
     split files. Every clip is drawn from one generator seeded with `seed`, in a fixed order: same
-    seed, same data."""
-    root, t0 = Path(root), time.time()
+    seed, same data. downstream=False writes the pre-training set alone, which is all train.py
+    reads; write_downstream adds the stand-ins later from the generator's state saved in
+    embedded.json, to the same files as one call would have written."""
+    root = Path(root)
     marker = root / "embedded.json"
     if root.is_dir() and any(root.iterdir()) and not marker.exists():
         raise ValueError(f"embedded_dataset.py: {root} is not empty and holds no embedded.json "
                          f"(not an embedded dataset); give an empty or new --embedded-root")
     # what another VERSION wrote goes first (its classes may have other names); the marker says
-    # "incomplete" until the last file is written, so an interrupted run is made again
+    # which parts are complete, so an interrupted part is made again
     for generated in ("kinetics", "ucf", "hmdb"):
         shutil.rmtree(root / generated, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write(marker, json.dumps({"version": VERSION, "complete": False}))
+    params = dict(version=VERSION, seed=seed, per_class=per_class,
+                  downstream_per_class=downstream_per_class, faulty_share=faulty_share, size=size,
+                  fps=fps, seconds=seconds, rate=rate, hum=hum)
+    atomic_write(marker, json.dumps({**params, "parts": [], "complete": False}))
     rng = np.random.default_rng(seed)
-    events_of, pending = {}, []
-    total = (len(KINETICS_CLASSES) * per_class
-             + (len(UCF_CLASSES) + len(HMDB_CLASSES)) * downstream_per_class)
-    # clips are drawn here, one after the other from the one generator (so the seed fixes the data);
-    # encoding them, half of the work, goes to processes (deterministic: constant quantiser)
+    events = _write_part(root, "kinetics", rng, params, log)
+    atomic_write(root / "events.json", json.dumps(events))
+    atomic_write(marker, json.dumps({**params, "parts": ["kinetics"], "complete": False,
+                                     "generator_after_kinetics": rng.bit_generator.state}, indent=1))
+    return write_downstream(root, log) if downstream else root
+
+
+def write_downstream(root, log=print):
+    """The UCF and HMDB stand-ins of a dataset whose pre-training set make() wrote, drawn on from
+    where the pre-training set left the generator."""
+    root, marker = Path(root), Path(root) / "embedded.json"
+    made = json.loads(marker.read_text())
+    rng = np.random.default_rng()
+    rng.bit_generator.state = made.pop("generator_after_kinetics")
+    for generated in ("ucf", "hmdb"):
+        shutil.rmtree(root / generated, ignore_errors=True)
+    events = _write_part(root, "downstream", rng, made, log)
+    events = {**json.loads((root / "events.json").read_text()), **events}
+    atomic_write(root / "events.json", json.dumps(events))
+    made.update(parts=["kinetics", "downstream"], complete=True)
+    atomic_write(marker, json.dumps(made, indent=1))  # written last: marks a complete set
+    return root
+
+
+def _write_part(root, part, rng, params, log):
+    """Draw the clips of one part ("kinetics", or "downstream": ucf/ and hmdb/) one after the other
+    from rng (so the seed fixes the data) and encode them in processes, half of the work
+    (deterministic: constant quantiser). Returns each clip's wall-hit times."""
+    t0, events_of, pending = time.time(), {}, []
+    p = params
+    total = (len(KINETICS_CLASSES) * p["per_class"] if part == "kinetics" else
+             (len(UCF_CLASSES) + len(HMDB_CLASSES)) * p["downstream_per_class"])
+    what = "pre-training set" if part == "kinetics" else "downstream stand-ins"
     workers = max(1, len(os.sched_getaffinity(0)))
     with ProcessPoolExecutor(workers) as pool, progress(
-            total=total, desc="writing the embedded dataset", unit="clip") as bar:
+            total=total, desc=f"writing the embedded {what}", unit="clip") as bar:
         def clip(rel, shape, colour, motion, speed, pitch, timbre, audio_kind="events"):
             frames, wave, events = _render_clip(rng, shape, colour, motion, SPEEDS[speed], pitch,
-                                                timbre, audio_kind, size, fps, seconds, rate, hum)
-            pending.append(pool.submit(write_av_file, root / rel, frames, wave, fps, rate))
+                                                timbre, audio_kind, p["size"], p["fps"],
+                                                p["seconds"], p["rate"], p["hum"])
+            pending.append(pool.submit(write_av_file, root / rel, frames, wave, p["fps"], p["rate"]))
             events_of[rel] = [round(float(e), 4) for e in events]
             while len(pending) > 4 * workers or (pending and pending[0].done()):  # bounded memory
                 pending.pop(0).result()
                 bar.update()
 
-        _write_pretraining_set(root, clip, rng, per_class, faulty_share, seconds)
-        _write_ucf_stand_in(root, clip, rng, downstream_per_class)
-        _write_hmdb_stand_in(root, clip, rng, downstream_per_class, seed)
+        if part == "kinetics":
+            _write_pretraining_set(root, clip, rng, p["per_class"], p["faulty_share"], p["seconds"])
+        else:
+            _write_ucf_stand_in(root, clip, rng, p["downstream_per_class"])
+            _write_hmdb_stand_in(root, clip, rng, p["downstream_per_class"], p["seed"])
         for job in pending:
             job.result()
             bar.update()
-    atomic_write(root / "events.json", json.dumps(events_of))
-    params = dict(version=VERSION, complete=True, seed=seed, per_class=per_class,
-                  downstream_per_class=downstream_per_class, faulty_share=faulty_share, size=size,
-                  fps=fps, seconds=seconds, rate=rate, hum=hum)
-    atomic_write(marker, json.dumps(params, indent=1))  # written last: marks a complete set
-    log(f"wrote the embedded dataset to {root} in {time.time() - t0:.1f}s "
-        f"({len(events_of)} clips, {size}px, {fps} fps, {rate} Hz)")
-    return root
+    log(f"wrote the embedded {what} to {root} in {time.time() - t0:.1f}s ({len(events_of)} "
+        f"clips, {p['size']}px, {p['fps']} fps, {p['rate']} Hz)")
+    return events_of
 
 
 def _write_pretraining_set(root, clip, rng, per_class, faulty_share, seconds):
@@ -278,18 +309,24 @@ def _write_hmdb_stand_in(root, clip, rng, per_class, seed):
                 "".join(f"{n} {2 if k in test else 1}\n" for k, n in enumerate(names)))
 
 
-def ensure(root="data/embedded", log=print):
-    """The embedded dataset under root, generated on first use; a partial one (embedded.json says
-    incomplete) or one from another version of the generator is made again. A complete one made
-    with other parameters (python embedded_dataset.py --hum 0.05 --embedded-root X) is used as it
-    is: it was made on purpose."""
+def ensure(root="data/embedded", downstream=True, log=print):
+    """The embedded dataset under root, generated on first use: the pre-training set, and with
+    downstream=True the UCF and HMDB stand-ins too (train.py needs only the first; evaluate.py
+    adds the rest). A partial part or one from another version of the generator is made again. A
+    complete one made with other parameters (python embedded_dataset.py --hum 0.05
+    --embedded-root X) is used as it is: it was made on purpose."""
     marker = Path(root) / "embedded.json"
     made = json.loads(marker.read_text()) if marker.exists() else {}
     if made.get("version") == VERSION and made.get("complete"):
         return Path(root)
+    if made.get("version") == VERSION and "kinetics" in made.get("parts", []):
+        if downstream:
+            log(f"writing the embedded dataset's downstream stand-ins in {root} (first use)")
+            write_downstream(root, log)
+        return Path(root)
     log(f"generating the embedded dataset in {root} "
         f"({'first use' if not made else 'it was incomplete or older'})")
-    return make(root, log=log)
+    return make(root, downstream=downstream, log=log)
 
 
 def splits(root):

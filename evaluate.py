@@ -544,8 +544,11 @@ def main(argv=None):
     spec = data.ClipSpec(frames=run_args["frames"], fps=run_args["fps"], size=run_args["crop"],
                          need_audio=False)
     embedded = Path(run_args["embedded_root"])
-    if not (args.ucf_root and args.hmdb_root):
-        embedded_dataset.ensure(embedded, log=log)
+    # the embedded data this evaluation reads, written on first use: the UCF / HMDB stand-ins that
+    # stand in for sets not given, and the pre-training set of a run trained on it
+    stand_ins = [n for n in ("ucf", "hmdb") if n not in args.skip and not getattr(args, f"{n}_root")]
+    if stand_ins or ("pretrain" not in args.skip and not run_args.get("data_root")):
+        embedded_dataset.ensure(embedded, downstream=bool(stand_ins), log=log)
     sets = {"ucf": (lambda split: listings.ucf101(args.ucf_root, args.ucf_splits, args.fold, split))
                    if args.ucf_root else
                    (lambda split: embedded_dataset.splits(embedded)["ucf"](split, args.fold)),

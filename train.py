@@ -382,7 +382,7 @@ def load_data(parser, args, rank, world, log):
     """The clip spec, the usable videos (bank slot order), K, and the seeded injection."""
     if not args.data_root:
         if rank == 0:
-            embedded_dataset.ensure(args.embedded_root, log=log)
+            embedded_dataset.ensure(args.embedded_root, downstream=False, log=log)
         if world > 1:
             dist.barrier()
     spec = data.ClipSpec(frames=args.frames, fps=args.fps, size=args.crop,

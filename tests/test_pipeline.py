@@ -83,6 +83,27 @@ def test_the_embedded_dataset_is_deterministic(embedded, tmp_path):
     assert json.loads((embedded / "events.json").read_text()) == json.loads((again / "events.json").read_text())
 
 
+def test_the_embedded_dataset_written_in_two_parts_is_the_same_data(embedded, tmp_path):
+    """train.py writes only the pre-training set (ensure(downstream=False)); evaluate.py adds the
+    stand-ins later, drawn on from the generator's state saved in embedded.json: the same files
+    as one call, byte for byte, and the same events.json."""
+    staged = tmp_path / "staged"
+    embedded_dataset.make(staged, log=lambda *a: None, downstream=False, **TINY)
+    made = json.loads((staged / "embedded.json").read_text())
+    assert made["parts"] == ["kinetics"] and not made["complete"] and not (staged / "ucf").exists()
+    assert embedded_dataset.ensure(staged, downstream=False, log=lambda *a: None) == staged
+    assert not (staged / "ucf").exists()                             # train.py's call adds nothing
+    said = []
+    embedded_dataset.ensure(staged, log=said.append)                # evaluate.py's adds the rest
+    assert "downstream stand-ins" in said[0]
+    assert json.loads((staged / "embedded.json").read_text())["complete"] is True
+    for rel in ["kinetics/train/circle_horizontal/emb000000_000000_000002.mp4",
+                "ucf/videos/SquareVertical/v_SquareVertical_g01_c01.mp4",
+                "hmdb/videos/ring_fast/ring_fast_005.mp4", "hmdb/testTrainMulti_7030_splits/ring_fast_test_split1.txt"]:
+        assert (staged / rel).read_bytes() == (embedded / rel).read_bytes(), rel
+    assert json.loads((staged / "events.json").read_text()) == json.loads((embedded / "events.json").read_text())
+
+
 def test_remaking_the_embedded_dataset_leaves_nothing_stale_and_spares_other_folders(tmp_path):
     """An older embedded set is replaced whole (old class folders would become extra classes); a
     non-empty folder that is not an embedded set is refused, never emptied."""

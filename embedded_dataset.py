@@ -17,13 +17,15 @@ a wall the audio has a click and a decaying tone:
 - two downstream sets, ucf/ (shape x direction, 18 classes, UCF101's split files) and hmdb/
   (shape x speed, 12 classes, HMDB51's split files), with any colour and any pitch.
 
-    python embedded_dataset.py       # write it to data/embedded (train.py does on first use)
+    python embedded_dataset.py       # write it all to data/embedded; on first use train.py
+                                     # writes the pre-training set, evaluate.py the stand-ins
 
 Nothing in data.py or listings.py depends on this file; this file uses listings.py, as any dataset
 would.
 """
 import argparse
 import csv
+import fcntl
 import json
 import os
 import shutil
@@ -60,6 +62,7 @@ UCF_CLASSES = [(s, m) for s in SHAPES for m in ("horizontal", "vertical", "diago
 HMDB_CLASSES = [(s, sp) for s in SHAPES for sp in ("slow", "fast")]
 VERSION = 5  # bump when the generator changes: existing copies are then regenerated
 HUM = 0.0  # the recording's hum (amplitude), off by default; a new default needs a new VERSION
+LOCK = ".writing.lock"  # held while a part is written, so that two first uses do not both write
 SPEEDS = {"normal": (35.0, 80.0), "slow": (20.0, 35.0), "fast": (80.0, 120.0)}  # pixels/s at 64 px
 
 
@@ -171,7 +174,7 @@ def make(root="data/embedded", seed=0, per_class=60, downstream_per_class=30, fa
     embedded.json, to the same files as one call would have written."""
     root = Path(root)
     marker = root / "embedded.json"
-    if root.is_dir() and any(root.iterdir()) and not marker.exists():
+    if root.is_dir() and any(f.name != LOCK for f in root.iterdir()) and not marker.exists():
         raise ValueError(f"embedded_dataset.py: {root} is not empty and holds no embedded.json "
                          f"(not an embedded dataset); give an empty or new --embedded-root")
     # what another VERSION wrote goes first (its classes may have other names); the marker says
@@ -315,18 +318,22 @@ def ensure(root="data/embedded", downstream=True, log=print):
     adds the rest). A partial part or one from another version of the generator is made again. A
     complete one made with other parameters (python embedded_dataset.py --hum 0.05
     --embedded-root X) is used as it is: it was made on purpose."""
-    marker = Path(root) / "embedded.json"
-    made = json.loads(marker.read_text()) if marker.exists() else {}
-    if made.get("version") == VERSION and made.get("complete"):
-        return Path(root)
-    if made.get("version") == VERSION and "kinetics" in made.get("parts", []):
-        if downstream:
-            log(f"writing the embedded dataset's downstream stand-ins in {root} (first use)")
-            write_downstream(root, log)
-        return Path(root)
-    log(f"generating the embedded dataset in {root} "
-        f"({'first use' if not made else 'it was incomplete or older'})")
-    return make(root, downstream=downstream, log=log)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two first uses at once: the second waits, then reads
+        marker = root / "embedded.json"
+        made = json.loads(marker.read_text()) if marker.exists() else {}
+        if made.get("version") == VERSION and made.get("complete"):
+            return root
+        if made.get("version") == VERSION and "kinetics" in made.get("parts", []):
+            if downstream:
+                log(f"writing the embedded dataset's downstream stand-ins in {root}")
+                write_downstream(root, log)
+            return root
+        log(f"generating the embedded dataset in {root} "
+            f"({'first use' if not made else 'it was incomplete or older'})")
+        return make(root, downstream=downstream, log=log)
 
 
 def splits(root):

@@ -689,7 +689,8 @@ def main(argv=None):
         print(f"of the target mass moved off the positives, {share:.0%} lands on candidates of "
               f"the row's own class")
     else:
-        embedded_dataset.ensure(args.embedded_root)
+        embedded_dataset.ensure(args.embedded_root,
+                                downstream=not args.clip.startswith("kinetics/"))
         embedded_clip(args.embedded_root, args.clip, args.out)
 
 

@@ -86,22 +86,30 @@ def test_the_embedded_dataset_is_deterministic(embedded, tmp_path):
 def test_the_embedded_dataset_written_in_two_parts_is_the_same_data(embedded, tmp_path):
     """train.py writes only the pre-training set (ensure(downstream=False)); evaluate.py adds the
     stand-ins later, drawn on from the generator's state saved in embedded.json: the same files
-    as one call, byte for byte, and the same events.json."""
+    as one call, byte for byte, and the same events.json; a second part cut short is written
+    again, and a complete set from before the parts were recorded is used as it is."""
     staged = tmp_path / "staged"
     embedded_dataset.make(staged, log=lambda *a: None, downstream=False, **TINY)
     made = json.loads((staged / "embedded.json").read_text())
     assert made["parts"] == ["kinetics"] and not made["complete"] and not (staged / "ucf").exists()
     assert embedded_dataset.ensure(staged, downstream=False, log=lambda *a: None) == staged
     assert not (staged / "ucf").exists()                             # train.py's call adds nothing
+    (staged / "ucf" / "videos").mkdir(parents=True)                  # a second part cut short
+    (staged / "ucf" / "videos" / "half_written.mp4").write_bytes(b"\0" * 10)
     said = []
     embedded_dataset.ensure(staged, log=said.append)                # evaluate.py's adds the rest
     assert "downstream stand-ins" in said[0]
+    assert not (staged / "ucf" / "videos" / "half_written.mp4").exists()
     assert json.loads((staged / "embedded.json").read_text())["complete"] is True
     for rel in ["kinetics/train/circle_horizontal/emb000000_000000_000002.mp4",
                 "ucf/videos/SquareVertical/v_SquareVertical_g01_c01.mp4",
                 "hmdb/videos/ring_fast/ring_fast_005.mp4", "hmdb/testTrainMulti_7030_splits/ring_fast_test_split1.txt"]:
         assert (staged / rel).read_bytes() == (embedded / rel).read_bytes(), rel
     assert json.loads((staged / "events.json").read_text()) == json.loads((embedded / "events.json").read_text())
+    # a dataset written in one part before parts were recorded is complete as it stands
+    (staged / "embedded.json").write_text(json.dumps({"version": embedded_dataset.VERSION, "complete": True}))
+    said.clear()
+    assert embedded_dataset.ensure(staged, log=said.append) == staged and said == []
 
 
 def test_remaking_the_embedded_dataset_leaves_nothing_stale_and_spares_other_folders(tmp_path):

@@ -189,8 +189,9 @@ def make(root="data/embedded", seed=0, per_class=60, downstream_per_class=30, fa
     rng = np.random.default_rng(seed)
     events = _write_part(root, "kinetics", rng, params, log)
     atomic_write(root / "events.json", json.dumps(events))
+    state = rng.bit_generator.state  # where the stand-ins' draws start (write_downstream)
     atomic_write(marker, json.dumps({**params, "parts": ["kinetics"], "complete": False,
-                                     "generator_after_kinetics": rng.bit_generator.state}, indent=1))
+                                     "generator_after_kinetics": state}, indent=1))
     return write_downstream(root, log) if downstream else root
 
 
@@ -227,7 +228,8 @@ def _write_part(root, part, rng, params, log):
             frames, wave, events = _render_clip(rng, shape, colour, motion, SPEEDS[speed], pitch,
                                                 timbre, audio_kind, p["size"], p["fps"],
                                                 p["seconds"], p["rate"], p["hum"])
-            pending.append(pool.submit(write_av_file, root / rel, frames, wave, p["fps"], p["rate"]))
+            pending.append(pool.submit(write_av_file, root / rel, frames, wave, p["fps"],
+                                       p["rate"]))
             events_of[rel] = [round(float(e), 4) for e in events]
             while len(pending) > 4 * workers or (pending and pending[0].done()):  # bounded memory
                 pending.pop(0).result()

@@ -22,9 +22,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 import data
-import listings
 import distributed
 import embedded_dataset
+import listings
 import runs
 from losses import faulty_positive_weights, gather_from_all_ranks
 from model import AVModel
@@ -402,8 +402,8 @@ def retrieval_on_pretraining_set(model, run_args, classes, train_v, spec, args, 
     Empty when the held-out split is not there."""
     try:
         val_v, _, _ = listings.pretraining_split(pretraining_root(run_args), run_args["val_split"],
-                                             spec, run_args.get("val_csv") or run_args["csv"],
-                                             seed=run_args["seed"], classes=classes, log=log)
+                                                 spec, run_args.get("val_csv") or run_args["csv"],
+                                                 seed=run_args["seed"], classes=classes, log=log)
     except (FileNotFoundError, ValueError) as e:  # no such split, nothing usable in it, a bad CSV
         log(f"pre-training set: no held-out videos, so no retrieval, per-class R@1 or Figure 4 "
             f"({e})")
@@ -546,7 +546,8 @@ def main(argv=None):
     embedded = Path(run_args["embedded_root"])
     # the embedded data this evaluation reads, written on first use: the UCF / HMDB stand-ins that
     # stand in for sets not given, and the pre-training set of a run trained on it
-    stand_ins = [n for n in ("ucf", "hmdb") if n not in args.skip and not getattr(args, f"{n}_root")]
+    stand_ins = [n for n in ("ucf", "hmdb")
+                 if n not in args.skip and not getattr(args, f"{n}_root")]
     if stand_ins or ("pretrain" not in args.skip and not run_args.get("data_root")):
         embedded_dataset.ensure(embedded, downstream=bool(stand_ins), log=log)
     sets = {"ucf": (lambda split: listings.ucf101(args.ucf_root, args.ucf_splits, args.fold, split))

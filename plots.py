@@ -26,9 +26,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
-import listings  # noqa: E402
 import embedded_dataset  # noqa: E402
 import evaluate  # noqa: E402
+import listings  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 from losses import STRATEGIES, faulty_positive_weights, soft_targets, softening_scores  # noqa: E402

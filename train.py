@@ -29,10 +29,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import data
-import listings
 import distributed
 import embedded_dataset
 import evaluate
+import listings
 import runs
 from losses import MODES, STRATEGIES, RobustXIDLoss, check_num_negatives, mean_over_ranks
 from model import AUDIO_ENCODERS, VIDEO_ENCODERS, AVModel
@@ -420,8 +420,9 @@ def list_and_scan(args, split, spec, log, rank=0, world=1, classes=None):
 
     def listing(probe_many):
         return listings.pretraining_split(root, split, spec, csv_path,
-                                      args.class_names if classes is None else None, subset,
-                                      args.seed, classes=classes, probe_many=probe_many, log=log)
+                                          args.class_names if classes is None else None, subset,
+                                          args.seed, classes=classes, probe_many=probe_many,
+                                          log=log)
     return distributed.shared_by_ranks(listing, rank, world)
 
 

@@ -16,9 +16,9 @@ import torch
 from torchvision.transforms import v2
 
 import data
-import listings
 import embedded_dataset
 import evaluate
+import listings
 import losses
 import model
 import plots

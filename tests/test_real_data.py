@@ -22,9 +22,9 @@ from torchvision.transforms import v2
 import bench_decoding
 import bench_step
 import data
-import listings
 import evaluate
 import gpu_check
+import listings
 import plots
 import prepare
 import runs
@@ -236,7 +236,7 @@ def test_subset_is_drawn_from_the_usable_videos(download):
     """--subset draws from what the scan kept: broken files do not unbalance the classes."""
     for seed in range(4):
         usable, classes, _ = listings.pretraining_split(download / "kinetics", "train", SPEC, subset=8, seed=seed,
-                                                    log=lambda *a: None)
+                                                        log=lambda *a: None)
         assert np.bincount([v.label for v in usable], minlength=4).tolist() == [2, 2, 2, 2]
 
 

@@ -98,7 +98,8 @@ EXERCISES = [
     with momentum m (METHOD.md, "Notation"). m = 0 writes v and a as they are; every slot
     stays a unit vector; afterwards self.s holds v̄_i·ā_i for the slots moved. Call
     self.check_index(index) first: a wrong index is a bug upstream and must raise, never wrap.''',
-             checks=[L + "test_bank_update_momentum_unit_norm_only_batch_slots"]),
+             checks=[L + "test_bank_update_momentum_unit_norm_only_batch_slots",
+                     L + "test_bank_rejects_out_of_range_index"]),
     Exercise(6, "course/derivations.py", "weight_gradient", "∂L/∂w_i: why the weights are not learned", "",
              checks=[D + "test_weight_gradient_matches_autograd", D + "test_weight_gradient_of_two_rows_by_hand"]),
     Exercise(7, "course/derivations.py", "own_instance_floor", "a row's own instance among its negatives", "",
@@ -176,6 +177,22 @@ def student_markdown(text, name):
     return text
 
 
+def broken_links(docs, files):
+    """(document, target) for each relative link of the student documents whose target the edition
+    lacks: a picture the guide shows must travel with it."""
+    have = set(files)
+    missing = []
+    for doc, text in docs.items():
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            path = target.split("#")[0]
+            if not path or re.match(r"[a-z]+:", path):  # an anchor in the same page, or a URL
+                continue
+            path = os.path.normpath(os.path.join(os.path.dirname(doc), path))
+            if path not in have and not any(f.startswith(path + "/") for f in have):
+                missing.append((doc, target))
+    return missing
+
+
 def handout(dest):
     dest = Path(dest).resolve()
     if dest == ROOT or ROOT in dest.parents:
@@ -187,6 +204,11 @@ def handout(dest):
     shown = set(re.findall(r"\]\(((?:figures|course)/[^)#\s]+)\)", "".join(docs.values())))
     # RESULTS.md's figures are measured findings: only the pictures a student document shows go
     files = [f for f in files if not f.startswith("figures/") or f in shown]
+    missing = broken_links(docs, files)
+    if missing:
+        raise SystemExit("the student edition would link to files it does not have (it copies what "
+                         "`git ls-files` lists: add and commit them first):\n"
+                         + "\n".join(f"  {doc}: {target}" for doc, target in missing))
     for f in files:
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         if f in docs:
@@ -206,6 +228,12 @@ def handout(dest):
     with contextlib.redirect_stdout(printed):
         worked_example.main()
     (dest / "course" / "worked_example.txt").write_text(printed.getvalue())
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                             capture_output=True, text=True).stdout.splitlines()
+    if changed:  # the edition holds them as they are on disk, which no commit records
+        print(f"note: {len(changed)} tracked files differ from the last commit "
+              f"({', '.join(c[3:] for c in changed[:5])}{', ...' if len(changed) > 5 else ''}); "
+              f"the edition has them as they are on disk.")
     print(f"wrote the student edition to {dest}: {len(files)} files.\n"
           f"Blank, for the students to write: "
           + "; ".join(f"{e.number}. {e.file}: {e.function}" for e in EXERCISES) + ".\n"

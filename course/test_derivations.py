@@ -1,5 +1,8 @@
 """The derivation exercises of course/derivations.py, each checked against a computation that does
-not use the derived formula: autograd, a loss evaluated at its limit, a simulated detector."""
+not use the derived formula: autograd, a loss evaluated at its limit, a simulated detector.
+
+A failing check says which way the student's value is off and what to check on paper, never the
+value the derivation must reach: that value is the exercise."""
 import math
 
 import pytest
@@ -20,9 +23,11 @@ def test_weight_gradient_matches_autograd():
             f"∂L/∂w_i for a batch of {B}: expected one value per row, shape ({B},); yours "
             f"{getattr(yours, 'shape', yours)}")
         assert torch.allclose(yours.double(), w.grad, rtol=1e-6, atol=1e-9), (
-            f"∂L/∂w_i, batch of {B}, ℓ = {[round(x, 3) for x in row_loss[:3].tolist()]}..., "
-            f"w = {[round(x, 3) for x in w[:3].tolist()]}...: autograd gives "
-            f"{[round(x, 5) for x in w.grad[:3].tolist()]}..., yours {[round(x, 5) for x in yours[:3].tolist()]}...")
+            f"∂L/∂w_i, batch of {B}: yours {[round(x, 5) for x in yours[:3].tolist()]}... is not what "
+            f"autograd gets from L = Σ_i w_i ℓ_i / Σ_i w_i. Both the numerator and the denominator "
+            f"depend on w_i (the quotient rule); and Σ_i w_i ∂L/∂w_i must be 0, since scaling every "
+            f"weight by the same factor leaves L unchanged (yours: "
+            f"{float((w.detach() * yours.double()).sum()):.4g})")
 
 
 def test_weight_gradient_of_two_rows_by_hand():
@@ -30,8 +35,10 @@ def test_weight_gradient_of_two_rows_by_hand():
     yours = weight_gradient(torch.tensor([6.0, 10.0]), torch.tensor([1.0, 1.0]))
     expected = torch.tensor([-1.0, 1.0])
     assert torch.allclose(torch.as_tensor(yours, dtype=torch.float32), expected), (
-        f"∂L/∂w for ℓ = (6, 10), w = (1, 1), where L = 8: expected [-1.0, 1.0], yours "
-        f"{[round(float(x), 4) for x in torch.as_tensor(yours).flatten()]}")
+        f"∂L/∂w for ℓ = (6, 10), w = (1, 1), where L = 8: yours "
+        f"{[round(float(x), 4) for x in torch.as_tensor(yours).flatten()]}. Check it on paper: "
+        f"raising w_2 moves L towards ℓ_2 = 10, raising w_1 towards ℓ_1 = 6, so the two must have "
+        f"opposite signs")
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 5])
@@ -45,8 +52,10 @@ def test_own_instance_floor_is_the_limit_of_a_perfect_model(k):
     yours = own_instance_floor(k)
     assert math.isclose(float(yours), limit, rel_tol=1e-6, abs_tol=1e-9), (
         f"with ā_i drawn {k} times among the K = {K} negatives, a model that puts the positive "
-        f"{2 * margin:.0f} logits above every other candidate has row loss {limit:.4f}; yours says "
-        f"the floor is {float(yours):.4f}")
+        f"{2 * margin:.0f} logits above every other candidate has a row loss "
+        f"{'above' if limit > float(yours) else 'below'} the floor yours gives, "
+        f"{float(yours):.4f}. Check on paper which candidates keep probability as the others' "
+        f"fall to 0, and what P(ā_i | v_i) tends to")
 
 
 def simulated_auc(q, n=4000, seed=0):
@@ -68,6 +77,10 @@ def test_blind_share_auc_matches_a_simulated_detector(q):
     the sampling error is below 0.005)."""
     measured = simulated_auc(q)
     yours = float(blind_share_auc(q))
+    ends = {0.0: "q = 0 is a perfect detector: AUC 1", 1.0: "q = 1 is a detector that sees nothing: AUC 0.5"}
     assert abs(yours - measured) < 0.005, (
         f"a detector blind to a share q = {q} of the faulty pairs (scored like clean ones) and perfect "
-        f"on the rest: counting its 4000 x 4000 (faulty, clean) pairs gives AUC {measured:.3f}; yours {yours:.3f}")
+        f"on the rest: counting its 4000 x 4000 (faulty, clean) pairs gives an AUC "
+        f"{'above' if measured > yours else 'below'} yours, {yours:.3f}. "
+        + ends.get(q, "Check on paper q = 0 and q = 1 first, then the chance that a random faulty "
+                      "pair scores below a random clean one, ties counted half"))

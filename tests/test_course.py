@@ -96,9 +96,9 @@ WRONG = {  # one plausible mistake per exercise, and what the grader must say ab
     5: ("self.check_index(index); self.v_bar[index] = m * self.v_bar[index] + (1 - m) * v; "
         "self.a_bar[index] = m * self.a_bar[index] + (1 - m) * a; self.s[index] = (self.v_bar[index] * self.a_bar[index]).sum(1)",
         "slots: unit vectors"),
-    6: ("return row_loss / w.sum()", "where L = 8: expected [-1.0, 1.0], yours [3.0, 5.0]"),
-    7: ("return math.log(k) if k else 0.0", "drawn 2 times among the K = 12 negatives"),
-    8: ("return 1 - q", "gives AUC 0.950; yours 0.900"),
+    6: ("return row_loss / w.sum()", "where L = 8: yours [3.0, 5.0]"),
+    7: ("return math.log(k) if k else 0.0", "drawn 2 times among the K = 12 negatives, a model that puts the positive 120 logits above every other candidate has a row loss above the floor yours gives, 0.6931"),
+    8: ("return 1 - q", "gives an AUC above yours, 0.900"),
 }
 
 
@@ -119,6 +119,19 @@ def test_the_grader_says_what_is_wrong_in_the_papers_terms(student_edition, tmp_
         block = out.split(f"exercise {number} (")[1].split("\nexercise ")[0]
         assert "FAIL" in block and said in block, (number, block)
         assert "assert " not in block and "AssertionError" not in block, block
+    # a derivation's result is the exercise: its value is never printed (ℓ = (6, 10) gives
+    # ∂L/∂w = (-1, 1); ln(1 + 2) = 1.0986; 1 - 0.1/2 = 0.950)
+    for number, value in {6: "[-1.0, 1.0]", 7: "1.0986", 8: "0.950"}.items():
+        assert value not in out.split(f"exercise {number} (")[1].split("\nexercise ")[0], number
+
+
+def test_the_handout_refuses_a_link_to_a_file_it_would_not_have():
+    """A picture the guide shows travels with it: an uncommitted one is named, not silently lost."""
+    docs = {"COURSE.md": "![a](course/figures/new.png) [b](METHOD.md#notation) [c](https://x.org) "
+                         "[d](tests) [e](#lab-1)",
+            "course/NOTES.md": "[f](../METHOD.md) [g](figures/old.png)"}
+    files = ["METHOD.md", "tests/test_pipeline.py", "course/figures/old.png"]
+    assert exercises.broken_links(docs, files) == [("COURSE.md", "course/figures/new.png")]
 
 
 def test_a_file_that_does_not_parse_is_named_for_each_of_its_exercises(student_edition, tmp_path):

@@ -135,7 +135,8 @@ def report(times, run, args, flops=None, peak=None):
     if run.device.type == "cuda":
         print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     else:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        # ru_maxrss is in KiB on Linux, in bytes on macOS
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**(30 if sys.platform == "darwin" else 20)
         print(f"  peak process memory (RSS) {rss:.2f} GiB")
     return {"median": med, "data_wait_of_total": wait_of_total, "data_wait_halves": halves,
             "clips_per_s": batch / step, "flops": flops, "tflops": achieved, "mfu": mfu,
